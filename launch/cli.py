@@ -1,0 +1,116 @@
+"""The ``kdflow`` command: ``kdflow VERB [hydra overrides...]``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from methods.errors import ConfigError
+
+USAGE_EXAMPLES = """examples:
+  kdflow run                                   the demo study (digits; KD, FitNet, CRD)
+  kdflow run study=cifar100_baselines study.datasets.cifar100.root=/data/cifar
+  kdflow run study.methods.kd.temperature=2 study.seeds=[0,1,2]
+  kdflow status                                the jobs of the study and their states
+  kdflow report                                the results table, CSV and plots
+  kdflow run --cfg                             print the composed config and exit
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdflow", description="Knowledge-distillation studies: teachers, students, tables.",
+        epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, text in (("run", "validate the study, then run every unfinished job and report"),
+                       ("status", "show each job of the study: state, attempts, last metric"),
+                       ("report", "write the study's table (markdown, CSV) and plots")):
+        sub = verbs.add_parser(verb, help=text, description=text)
+        sub.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. study=demo a.b=1")
+        sub.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    return parser
+
+
+class Session:
+    """The composed config of one command and the paths and graph derived from it."""
+
+    def __init__(self, overrides: List[str]) -> None:
+        from launch.compose import compose_config
+        from orchestrator.store import JobStore
+        from orchestrator.study import expand_study
+        from orchestrator.tracking import resolve_tracking_uri
+        from omegaconf import OmegaConf
+
+        self.cfg = compose_config(overrides)
+        self.plain = OmegaConf.to_container(self.cfg, resolve=True)
+        self.output_dir = str(Path(self.plain["output_dir"]).resolve())
+        self.graph = expand_study(self.plain["study"])
+        self.store = JobStore(Path(self.output_dir) / "jobs")
+        self.tracking_uri = resolve_tracking_uri(self.plain.get("tracking_uri"), self.output_dir)
+
+    @property
+    def report_dir(self) -> Path:
+        return Path(self.output_dir) / "reports" / self.graph.study
+
+
+def _run(session: Session) -> int:
+    from launch.local import run_local
+    from orchestrator.report import write_report
+    from orchestrator.runner import RunOptions
+    from orchestrator.tracking import ensure_experiment
+
+    launcher = session.plain["launcher"]
+    jobs = session.graph.jobs
+    print(f"study {session.graph.study}: {len(jobs)} jobs "
+          f"({sum(j.stage == 'teacher' for j in jobs)} teachers), outputs in {session.output_dir}")
+    ensure_experiment(session.tracking_uri, session.graph.study)
+    options = RunOptions(tracking_uri=session.tracking_uri, experiment=session.graph.study,
+                         progress=bool(session.plain.get("progress", True)))
+    summary = run_local(session.graph, session.output_dir, options, launcher.get("workers"))
+    print(summary.render())
+    print(write_report(session.graph, session.store, session.report_dir))
+    print(f"report: {session.report_dir}/report.md (.csv, accuracy.png, curves.png)")
+    return 0 if summary.ok else 1
+
+
+def _status(session: Session) -> int:
+    from orchestrator.status import status_table
+
+    print(status_table(session.graph, session.store))
+    return 0
+
+
+def _report(session: Session) -> int:
+    from orchestrator.report import write_report
+
+    print(write_report(session.graph, session.store, session.report_dir))
+    print(f"written to {session.report_dir}")
+    return 0
+
+
+VERBS = {"run": _run, "status": _status, "report": _report}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("KDFLOW_LOG", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        session = Session(args.overrides)
+        if args.cfg:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(session.cfg))
+            return 0
+        return VERBS[args.verb](session)
+    except ConfigError as err:
+        print(f"kdflow: error: {err}", file=sys.stderr)
+        print("No job was started.", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

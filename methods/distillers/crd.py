@@ -1,0 +1,211 @@
+"""Contrastive Representation Distillation with a memory bank (Tian et al., ICLR 2020).
+
+Follows methods.md 1.3 and RepDistiller ``crd/``: both pooled embeddings go through a trainable
+``Linear + L2-norm`` head, each side is contrasted against the other side's memory bank at its
+own index (positive, column 0) and at ``K`` indices of samples from other classes (negatives),
+and the NCE loss of Eq. 18 is applied with a normaliser ``Z`` fixed at the first training step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.config import require_non_negative, require_positive
+from methods.distillers.base import DataInfo, Distiller, LossTerms, register_distiller
+from methods.distillers.kd import check_same_classes, kd_loss
+from methods.errors import ConfigError
+from methods.features import TapShapes
+from methods.models.base import probe_taps
+
+NCE_EPS = 1e-7
+"""Added to the NCE denominators, as RepDistiller's ``ContrastLoss`` does."""
+
+
+def contrast_scores(memory: torch.Tensor, idx: torch.Tensor, v: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """Unnormalised scores ``exp(<memory[idx[i, k]], v[i]> / temperature)``.
+
+    memory: (N, D) bank; idx: (B, K+1) int64 rows of ``memory``; v: (B, D) embeddings.
+    Returns (B, K+1) scores in at least float32, computed outside autocast (fp16 would
+    overflow at ``exp(1/0.07)``). Gradients flow into ``v`` only.
+    """
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    with torch.autocast(device_type=v.device.type, enabled=False):
+        weights = memory[idx].detach().to(dtype)
+        dots = torch.bmm(weights, v.to(dtype).unsqueeze(2)).squeeze(2)
+        return torch.exp(dots / temperature)
+
+
+def crd_nce_loss(scores: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """NCE loss of CRD's Eq. 18 with a uniform noise distribution ``Pn = 1/N``.
+
+    scores: (B, K+1) normalised scores ``P`` (already divided by ``Z``), column 0 the positive.
+    Returns ``-(1/B) sum_i [log(P_i0/(P_i0 + K/N)) + sum_k log((K/N)/(P_ik + K/N))]``.
+    """
+    k_pn = (scores.shape[1] - 1) / num_samples
+    log_pos = torch.log(scores[:, 0] / (scores[:, 0] + k_pn + NCE_EPS))
+    log_neg = torch.log(k_pn / (scores[:, 1:] + k_pn + NCE_EPS))
+    return -(log_pos.sum() + log_neg.sum()) / scores.shape[0]
+
+
+def sample_other_class(anchor_labels: torch.Tensor, num_negatives: int, order: torch.Tensor,
+                       class_start: torch.Tensor, class_count: torch.Tensor) -> torch.Tensor:
+    """Draw sample indices uniformly, with replacement, from classes other than the anchor's.
+
+    anchor_labels: (B,) class of each anchor; order: (N,) sample indices sorted by class;
+    class_start / class_count: (num_classes,) where each class's block starts in ``order``
+    and how long it is. Uses the global RNG of ``order``'s device. A class that holds every
+    sample has no other class; its anchors draw from all N samples.
+    Returns (B, num_negatives) int64 sample indices.
+    """
+    n = order.shape[0]
+    count = class_count[anchor_labels]
+    has_others = count < n
+    span = torch.where(has_others, n - count, torch.full_like(count, n))
+    skip_from = torch.where(has_others, class_start[anchor_labels], torch.full_like(count, n))
+    u = torch.rand(anchor_labels.shape[0], num_negatives, device=order.device,
+                   dtype=torch.float64)
+    r = (u * span.unsqueeze(1)).long()
+    r = r + (r >= skip_from.unsqueeze(1)).long() * count.unsqueeze(1)
+    return order[r]
+
+
+@torch.no_grad()
+def momentum_update(memory: torch.Tensor, index: torch.Tensor, v: torch.Tensor,
+                    momentum: float) -> None:
+    """In place: ``memory[index] = normalize(momentum * memory[index] + (1 - momentum) * v)``.
+
+    memory: (N, D); index: (B,) distinct rows; v: (B, D) embeddings (detached here).
+    """
+    mixed = momentum * memory[index] + (1.0 - momentum) * v.detach().to(memory.dtype)
+    memory.index_copy_(0, index, F.normalize(mixed, dim=1))
+
+
+class Embed(nn.Module):
+    """``Linear(dim_in, dim_out)`` followed by L2 normalisation: (B, dim_in) -> (B, dim_out)."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(x), dim=1)
+
+
+@dataclass
+class CRDConfig:
+    """feat_dim: embedding size; num_negatives: K per sample; nce_temperature: score
+    temperature; momentum: memory momentum in [0, 1); ce_weight / kd_weight / crd_weight:
+    term weights (gamma, alpha, beta of methods.md 1.3); kd_temperature: T of the KD term."""
+
+    feat_dim: int = 128
+    num_negatives: int = 16384
+    nce_temperature: float = 0.07
+    momentum: float = 0.5
+    ce_weight: float = 1.0
+    kd_weight: float = 0.0
+    crd_weight: float = 0.8
+    kd_temperature: float = 4.0
+
+    def validate(self) -> None:
+        for name in ("feat_dim", "num_negatives"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {value!r}",
+                                  fix=f"set {name} to a positive integer")
+        require_positive("nce_temperature", self.nce_temperature)
+        if not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
+            raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum!r}",
+                              fix="set momentum to a value in [0, 1), e.g. 0.5")
+        require_non_negative("ce_weight", self.ce_weight)
+        require_non_negative("kd_weight", self.kd_weight)
+        require_positive("crd_weight", self.crd_weight)
+        require_positive("kd_temperature", self.kd_temperature)
+
+
+@register_distiller("crd")
+class CRD(Distiller):
+    """Student trained with ``ce_weight * CE + kd_weight * KD + crd_weight * (L_s + L_t)``.
+
+    Buffers: ``memory_s`` / ``memory_t`` (N, feat_dim) banks of student / teacher embeddings;
+    ``z_s`` / ``z_t`` the fixed normalisers of the student- / teacher-anchored scores (-1 until
+    the first training step); ``order``, ``class_start``, ``class_count`` index the training
+    labels by class for negative sampling (rebuilt from ``DataInfo``, not checkpointed).
+    """
+
+    Config = CRDConfig
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: CRDConfig,
+                 data: DataInfo) -> None:
+        super().__init__(student, teacher, cfg, data)
+        t_shapes = probe_taps(teacher, data.input_shape)
+        s_shapes = probe_taps(student, data.input_shape)
+        self.check_taps(cfg, t_shapes, s_shapes)
+        self.num_samples = data.num_samples
+        self.embed_s = Embed(s_shapes.embedding_dim, cfg.feat_dim)
+        self.embed_t = Embed(t_shapes.embedding_dim, cfg.feat_dim)
+        bound = 1.0 / math.sqrt(cfg.feat_dim / 3)
+        for name in ("memory_s", "memory_t"):
+            bank = torch.rand(data.num_samples, cfg.feat_dim) * (2 * bound) - bound
+            self.register_buffer(name, bank)
+        self.register_buffer("z_s", torch.tensor(-1.0))
+        self.register_buffer("z_t", torch.tensor(-1.0))
+        labels = data.labels.long()
+        if labels.shape != (data.num_samples,):
+            raise ValueError(f"DataInfo.labels has shape {tuple(labels.shape)}, "
+                             f"expected ({data.num_samples},)")
+        count = torch.bincount(labels, minlength=data.num_classes)
+        self.register_buffer("order", torch.argsort(labels, stable=True), persistent=False)
+        self.register_buffer("class_start", torch.cumsum(count, 0) - count, persistent=False)
+        self.register_buffer("class_count", count, persistent=False)
+        self.register_buffer("labels", labels, persistent=False)
+
+    @classmethod
+    def check_taps(cls, cfg: Any, teacher: TapShapes | None, student: TapShapes) -> None:
+        if cfg.kd_weight > 0:
+            check_same_classes(teacher, student)
+
+    def contrast_indices(self, index: torch.Tensor) -> torch.Tensor:
+        """(B,) sample ids -> (B, K+1): the sample itself, then K samples of other classes."""
+        negatives = sample_other_class(self.labels[index], self.cfg.num_negatives, self.order,
+                                       self.class_start, self.class_count)
+        return torch.cat([index.unsqueeze(1), negatives], dim=1)
+
+    def _normalise(self, scores: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Divide (B, K+1) scores by ``z``, fixing ``z = mean(scores) * N`` on first training use."""
+        value = torch.where(z > 0, z, scores.detach().mean() * self.num_samples)
+        if self.training:
+            z.copy_(value)
+        return scores / value
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor,
+                index: torch.Tensor) -> Tuple[torch.Tensor, LossTerms]:
+        """x: (B, C, H, W) images, y: (B,) labels, index: (B,) int64 training-set ids.
+
+        In training mode the memory banks are updated at ``index`` after the scores are taken.
+        """
+        feats_t = self.teacher_features(x)
+        feats = self.student.forward_features(x)
+        v_s = self.embed_s(feats.embedding)
+        v_t = self.embed_t(feats_t.embedding)
+        idx = self.contrast_indices(index)
+        t_mem = contrast_scores(self.memory_t, idx, v_s, self.cfg.nce_temperature)
+        s_mem = contrast_scores(self.memory_s, idx, v_t, self.cfg.nce_temperature)
+        loss_s = crd_nce_loss(self._normalise(t_mem, self.z_s), self.num_samples)
+        loss_t = crd_nce_loss(self._normalise(s_mem, self.z_t), self.num_samples)
+        if self.training:
+            momentum_update(self.memory_s, index, v_s, self.cfg.momentum)
+            momentum_update(self.memory_t, index, v_t, self.cfg.momentum)
+        terms: LossTerms = {}
+        if self.cfg.ce_weight > 0:
+            terms["loss_ce"] = self.cfg.ce_weight * F.cross_entropy(feats.logits, y)
+        if self.cfg.kd_weight > 0:
+            terms["loss_kd"] = self.cfg.kd_weight * kd_loss(feats.logits, feats_t.logits,
+                                                            self.cfg.kd_temperature)
+        terms["loss_crd"] = self.cfg.crd_weight * (loss_s + loss_t)
+        return feats.logits, terms

@@ -1,0 +1,75 @@
+"""Model registry and the base class every zoo model derives from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from methods.features import Features, TapShapes
+from methods.registry import Registry
+
+
+class TappedModel(nn.Module):
+    """A classifier whose ``forward_features`` returns a :class:`Features` record.
+
+    ``forward(x)`` returns only the logits, so a trained student is a plain classifier.
+    """
+
+    def forward_features(self, x: torch.Tensor) -> Features:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).logits
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """How to build one named model, and the recipe facts that belong to the architecture.
+
+    builder:    ``builder(num_classes) -> TappedModel``.
+    family:     architecture family (resnet, wrn, vgg, mobilenetv2, shufflenet, imagenet_resnet...).
+    default_lr: the per-student learning rate of the standard CIFAR recipe (0.01 for the
+                MobileNetV2 and ShuffleNet students, 0.05 otherwise).
+    input_size: the native input side in pixels (32 for the CIFAR zoo, 224 for ImageNet).
+    """
+
+    builder: Callable[[int], TappedModel]
+    family: str
+    default_lr: float = 0.05
+    input_size: int = 32
+
+
+MODELS: Registry[ModelEntry] = Registry("model", "model")
+
+
+def register_model(name: str, family: str, default_lr: float = 0.05,
+                   input_size: int = 32) -> Callable[[Callable[[int], TappedModel]],
+                                                     Callable[[int], TappedModel]]:
+    """Decorator: register ``builder(num_classes)`` under ``name``."""
+
+    def add(builder: Callable[[int], TappedModel]) -> Callable[[int], TappedModel]:
+        MODELS.register(name)(ModelEntry(builder, family, default_lr, input_size))
+        return builder
+
+    return add
+
+
+def build_model(name: str, num_classes: int, field: str = "model") -> TappedModel:
+    """Build the registered model ``name`` with a ``num_classes``-way classifier."""
+    return MODELS.get(name, field).builder(num_classes)
+
+
+def probe_taps(model: TappedModel, input_shape: tuple[int, int, int]) -> TapShapes:
+    """Tap shapes of ``model`` for inputs of shape (C, H, W), from one forward pass of 2 images."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        shapes = TapShapes.of(model.forward_features(torch.zeros(2, *input_shape)))
+    model.train(was_training)
+    return shapes
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,105 @@
+"""ImageNet models from torchvision (random init, never downloaded), with feature taps.
+
+The torchvision submodules are adopted under their own names, so torchvision's state dicts
+load into these models unchanged.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models.resnet import Bottleneck
+
+from methods.features import Features
+from methods.models.base import TappedModel, register_model
+
+# Last feature index of each tap stage of torchvision's MobileNetV2 (24, 32, 96, 320 channels),
+# the same grouping as the CIFAR MobileNetV2.
+MOBILENET_STAGE_ENDS = (3, 6, 13, 17)
+
+
+def _adopt(target: nn.Module, source: nn.Module) -> None:
+    """Register ``source``'s children on ``target`` under the same names."""
+    for name, child in source.named_children():
+        target.add_module(name, child)
+
+
+def _residual_preact(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision BasicBlock/Bottleneck's residual sum before its final ReLU."""
+    out = block.relu(block.bn1(block.conv1(x)))
+    if isinstance(block, Bottleneck):
+        out = block.bn3(block.conv3(block.relu(block.bn2(block.conv2(out)))))
+    else:
+        out = block.bn2(block.conv2(out))
+    shortcut = x if block.downsample is None else block.downsample(x)
+    return out + shortcut
+
+
+class TorchvisionResNet(TappedModel):
+    """torchvision ResNet with taps.
+
+    At 224x224: stem (after conv1-BN-ReLU, before the max-pool) 64@112; stages
+    (64e@56, 128e@28, 256e@14, 512e@7) with e = 1 (BasicBlock) or 4 (Bottleneck);
+    embedding (B, 512e).
+    """
+
+    def __init__(self, net: tvm.ResNet) -> None:
+        super().__init__()
+        _adopt(self, net)
+
+    def forward_features(self, x: torch.Tensor) -> Features:
+        """x: (B, 3, H, W) -> Features with 4 stages (see the class docstring for shapes)."""
+        stem = self.relu(self.bn1(self.conv1(x)))
+        out, stages, preact = self.maxpool(stem), [], []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            out = layer[:-1](out)
+            pre = _residual_preact(layer[-1], out)
+            out = F.relu(pre)
+            stages.append(out)
+            preact.append(pre)
+        embedding = torch.flatten(self.avgpool(out), 1)
+        return Features(self.fc(embedding), stages, preact, embedding, stem)
+
+
+class TorchvisionMobileNetV2(TappedModel):
+    """torchvision MobileNetV2 (width 1) with taps.
+
+    At 224x224: stem 32@112; stages (24@56, 32@28, 96@14, 320@7), linear bottlenecks so
+    ``preact`` is ``stages``; embedding (B, 1280) after the last 1x1 conv and pooling.
+    """
+
+    def __init__(self, net: tvm.MobileNetV2) -> None:
+        super().__init__()
+        _adopt(self, net)
+
+    def forward_features(self, x: torch.Tensor) -> Features:
+        """x: (B, 3, H, W) -> Features with 4 stages (see the class docstring for shapes)."""
+        stem = self.features[0](x)
+        out, stages = stem, []
+        for i in range(1, len(self.features) - 1):
+            out = self.features[i](out)
+            if i in MOBILENET_STAGE_ENDS:
+                stages.append(out)
+        head = self.features[-1](out)
+        embedding = torch.flatten(F.adaptive_avg_pool2d(head, 1), 1)
+        return Features(self.classifier(embedding), stages, list(stages), embedding, stem)
+
+
+def _register_resnet(name: str, factory: Callable[..., tvm.ResNet]) -> None:
+    @register_model(name, family="imagenet_resnet", default_lr=0.05, input_size=224)
+    def build(num_classes: int) -> TappedModel:
+        return TorchvisionResNet(factory(weights=None, num_classes=num_classes))
+
+
+_register_resnet("resnet18", tvm.resnet18)
+_register_resnet("resnet34", tvm.resnet34)
+_register_resnet("resnet50", tvm.resnet50)
+
+
+@register_model("mobilenet_v2", family="imagenet_mobilenetv2", default_lr=0.01, input_size=224)
+def mobilenet_v2(num_classes: int) -> TappedModel:
+    """torchvision ``mobilenet_v2`` (width 1, stride-2 stem), random init."""
+    return TorchvisionMobileNetV2(tvm.mobilenet_v2(weights=None, num_classes=num_classes))

@@ -1,0 +1,93 @@
+"""RepDistiller's CIFAR MobileNetV2, ``mobile_half``: width 0.5, expansion T = 6, stride-2 stem.
+
+Registered as ``MobileNetV2``. The inverted-residual blocks end in a linear (BN) projection, so
+stage outputs carry no final activation and ``stages`` and ``preact`` hold the same tensors.
+Parameter names follow RepDistiller's ``models/mobilenetv2.py``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.features import Features
+from methods.models.base import TappedModel, register_model
+from methods.models.layers import init_weights
+
+# (channels at width 1, repeats, first stride) per block group; the first group has
+# expansion 1, the others the model's expansion T.
+SETTINGS = ((16, 1, 1), (24, 2, 1), (32, 3, 2), (64, 4, 2), (96, 3, 1), (160, 3, 2), (320, 1, 1))
+# Index of the last block group of each tap stage (24, 32, 96 and 320 channels at width 1).
+STAGE_ENDS = (1, 2, 4, 6)
+
+
+def _conv_bn_relu(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(inp, oup, kernel, stride, kernel // 2, bias=False),
+                         nn.BatchNorm2d(oup), nn.ReLU(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand - 3x3 depthwise (stride s) - 1x1 linear projection, residual when shapes match.
+
+    Input (B, inp, H, W) -> (B, oup, H/s, W/s).
+    """
+
+    def __init__(self, inp: int, oup: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = inp * expand
+        self.use_res_connect = stride == 1 and inp == oup
+        self.conv = nn.Sequential(
+            nn.Conv2d(inp, hidden, 1, 1, 0, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, oup, 1, 1, 0, bias=False), nn.BatchNorm2d(oup),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        return x + out if self.use_res_connect else out
+
+
+class MobileNetV2(TappedModel):
+    """MobileNetV2(T, width) for (B, 3, H, W) inputs.
+
+    At 32x32 with width 0.5: stem 16@16, stages (12@16, 16@8, 48@4, 160@2), then a 1x1 conv
+    to 1280 channels whose pooled output is the (B, 1280) embedding.
+    """
+
+    def __init__(self, num_classes: int, expansion: int = 6, width: float = 0.5,
+                 stem_stride: int = 2) -> None:
+        super().__init__()
+        channels = int(32 * width)
+        self.conv1 = _conv_bn_relu(3, channels, 3, stem_stride)
+        self.blocks = nn.ModuleList()
+        for g, (c, n, s) in enumerate(SETTINGS):
+            out_channels = int(c * width)
+            layers = []
+            for i in range(n):
+                layers.append(InvertedResidual(channels, out_channels, s if i == 0 else 1,
+                                               expansion if g else 1))
+                channels = out_channels
+            self.blocks.append(nn.Sequential(*layers))
+        last_channel = int(1280 * width) if width > 1.0 else 1280
+        self.conv2 = _conv_bn_relu(channels, last_channel, 1, 1)
+        self.classifier = nn.Sequential(nn.Linear(last_channel, num_classes))
+        init_weights(self)
+
+    def forward_features(self, x: torch.Tensor) -> Features:
+        """x: (B, 3, H, W) -> Features with 4 stages (see the class docstring for shapes)."""
+        stem = self.conv1(x)
+        out, stages = stem, []
+        for i, group in enumerate(self.blocks):
+            out = group(out)
+            if i in STAGE_ENDS:
+                stages.append(out)
+        embedding = torch.flatten(F.adaptive_avg_pool2d(self.conv2(out), 1), 1)
+        return Features(self.classifier(embedding), stages, list(stages), embedding, stem)
+
+
+@register_model("MobileNetV2", family="mobilenetv2", default_lr=0.01)
+def mobile_half(num_classes: int) -> TappedModel:
+    """RepDistiller's ``mobile_half``: T = 6, width 0.5, stride-2 stem."""
+    return MobileNetV2(num_classes, expansion=6, width=0.5, stem_stride=2)

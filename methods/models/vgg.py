@@ -1,0 +1,85 @@
+"""RepDistiller's CIFAR VGGs with BatchNorm.
+
+vgg8 (cfg S), vgg11 (A), vgg13 (B), vgg16 (D) and vgg19 (E).
+
+Five conv blocks, each conv followed by BN and ReLU. Blocks 0-2 are each followed by a 2x2
+max-pool; the pool after block 3 is applied only to inputs of 64 px or more (RepDistiller skips
+it at 32 px), then global average pooling and a single ``Linear(512, num_classes)``.
+Parameter names follow RepDistiller's ``models/vgg.py``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.features import Features
+from methods.models.base import TappedModel, register_model
+from methods.models.layers import init_weights
+
+CONFIGS: Dict[str, List[List[int]]] = {
+    "S": [[64], [128], [256], [512], [512]],
+    "A": [[64], [128], [256, 256], [512, 512], [512, 512]],
+    "B": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    "D": [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+    "E": [[64, 64], [128, 128], [256, 256, 256, 256], [512, 512, 512, 512],
+          [512, 512, 512, 512]],
+}
+
+
+def _conv_block(in_channels: int, widths: Sequence[int]) -> nn.Sequential:
+    """(conv3x3-BN-ReLU) per width, without the last ReLU, so the block ends pre-activation."""
+    layers: List[nn.Module] = []
+    for width in widths:
+        layers += [nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width),
+                   nn.ReLU(inplace=True)]
+        in_channels = width
+    return nn.Sequential(*layers[:-1])
+
+
+class VGG(TappedModel):
+    """VGG-BN for (B, 3, H, W) inputs.
+
+    At 32x32 the five stages are (64@32, 128@16, 256@8, 512@4, 512@4); the embedding is
+    (B, 512). VGG has no separate stem: ``stem`` is the first stage's output.
+    """
+
+    def __init__(self, cfg: Sequence[Sequence[int]], num_classes: int) -> None:
+        super().__init__()
+        in_channels = [3] + [block[-1] for block in cfg[:-1]]
+        self.block0 = _conv_block(in_channels[0], cfg[0])
+        self.block1 = _conv_block(in_channels[1], cfg[1])
+        self.block2 = _conv_block(in_channels[2], cfg[2])
+        self.block3 = _conv_block(in_channels[3], cfg[3])
+        self.block4 = _conv_block(in_channels[4], cfg[4])
+        self.classifier = nn.Linear(cfg[4][-1], num_classes)
+        init_weights(self)
+
+    def forward_features(self, x: torch.Tensor) -> Features:
+        """x: (B, 3, H, W) -> Features with 5 stages (see the class docstring for shapes)."""
+        pooled_before = (False, True, True, True, x.shape[2] >= 64)
+        blocks = (self.block0, self.block1, self.block2, self.block3, self.block4)
+        stages, preact = [], []
+        out = x
+        for block, pool in zip(blocks, pooled_before):
+            if pool:
+                out = F.max_pool2d(out, 2, 2)
+            pre = block(out)
+            out = F.relu(pre)
+            preact.append(pre)
+            stages.append(out)
+        embedding = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return Features(self.classifier(embedding), stages, preact, embedding, stages[0])
+
+
+def _register(name: str, cfg_key: str) -> None:
+    @register_model(name, family="vgg", default_lr=0.05)
+    def build(num_classes: int) -> TappedModel:
+        return VGG(CONFIGS[cfg_key], num_classes)
+
+
+for _name, _key in (("vgg8", "S"), ("vgg11", "A"), ("vgg13", "B"), ("vgg16", "D"),
+                    ("vgg19", "E")):
+    _register(_name, _key)

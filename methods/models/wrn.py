@@ -1,0 +1,95 @@
+"""Pre-activation WideResNets as in RepDistiller: wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2.
+
+Blocks are BN-ReLU-conv-BN-ReLU-conv with an additive shortcut and no activation after the
+sum, so a stage's output is already its pre-activation: ``stages`` and ``preact`` hold the same
+tensors. Parameter names follow RepDistiller's ``models/wrn.py``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.features import Features
+from methods.models.base import TappedModel, register_model
+from methods.models.layers import init_weights
+
+
+class WideBlock(nn.Module):
+    """Pre-activation basic block.
+
+    Input (B, in_planes, H, W) -> (B, out_planes, H/s, W/s). When the width changes, the
+    1x1 projection shortcut reads the activated input, as in the reference implementation.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        self.convShortcut = None
+        if in_planes != out_planes:
+            self.convShortcut = nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(act))))
+        shortcut = x if self.convShortcut is None else self.convShortcut(act)
+        return shortcut + out
+
+
+class NetworkBlock(nn.Module):
+    """One stage of ``blocks`` WideBlocks; the first one carries the stride and width change."""
+
+    def __init__(self, blocks: int, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(*(
+            WideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+            for i in range(blocks)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class WideResNet(TappedModel):
+    """WRN-depth-widen: widths (16, 16w, 32w, 64w), n = (depth - 4) / 6 blocks per stage.
+
+    At 32x32 the stages are (16w@32, 32w@16, 64w@8); the embedding (B, 64w) is taken after
+    the final BN+ReLU and global average pooling.
+    """
+
+    def __init__(self, depth: int, widen: int, num_classes: int) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = (16, 16 * widen, 32 * widen, 64 * widen)
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.block1 = NetworkBlock(n, widths[0], widths[1], 1)
+        self.block2 = NetworkBlock(n, widths[1], widths[2], 2)
+        self.block3 = NetworkBlock(n, widths[2], widths[3], 2)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.fc = nn.Linear(widths[3], num_classes)
+        init_weights(self)
+
+    def forward_features(self, x: torch.Tensor) -> Features:
+        """x: (B, 3, H, W) -> Features with 3 stages (B, 16w * 2^i, H/2^i, W/2^i)."""
+        stem = self.conv1(x)
+        s1 = self.block1(stem)
+        s2 = self.block2(s1)
+        s3 = self.block3(s2)
+        pooled = F.adaptive_avg_pool2d(F.relu(self.bn1(s3)), 1)
+        embedding = torch.flatten(pooled, 1)
+        stages = [s1, s2, s3]
+        return Features(self.fc(embedding), stages, list(stages), embedding, stem)
+
+
+def _register(depth: int, widen: int) -> None:
+    @register_model(f"wrn_{depth}_{widen}", family="wrn", default_lr=0.05)
+    def build(num_classes: int) -> TappedModel:
+        return WideResNet(depth, widen, num_classes)
+
+
+for _depth, _widen in ((16, 1), (16, 2), (40, 1), (40, 2)):
+    _register(_depth, _widen)

@@ -1,0 +1,1 @@
+"""Study -> job graph, job store, job runner, data loaders, MLflow tracking, reports."""

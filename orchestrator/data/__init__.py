@@ -1,0 +1,42 @@
+"""kdflow's data layer: registered datasets built into deterministic, resumable loaders.
+
+``validate_dataset`` checks a dataset's settings without loading anything (it runs before
+any job is submitted); ``build_data`` loads the dataset and returns its loaders.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from methods.config import parse_config
+from orchestrator.data import cifar, digits, imagefolder, synthetic  # noqa: F401  (registers)
+from orchestrator.data.loaders import Batch, Data, EvalLoader, TrainLoader
+from orchestrator.data.registry import DATASETS, DatasetEntry, register_dataset
+
+__all__ = ["Batch", "Data", "DATASETS", "DatasetEntry", "EvalLoader", "TrainLoader",
+           "build_data", "register_dataset", "validate_dataset"]
+
+
+def validate_dataset(dataset_name: str, settings: Mapping[str, Any] | None, field: str) -> Any:
+    """Parse and check ``settings`` of dataset ``dataset_name``; returns its Config dataclass.
+
+    ``field`` is the settings' dotted path (``study.datasets.cifar100``); errors name fields
+    under it (``study.datasets.cifar100.root``). An unknown name raises ConfigError at
+    ``field`` listing the registered datasets. Only cheap path checks; no data is read.
+    """
+    entry = DATASETS.get(dataset_name, field)
+    return parse_config(entry.Config, settings, field)
+
+
+def build_data(dataset_name: str, settings: Mapping[str, Any] | None, field: str,
+               batch_size: int, seed: int, device: torch.device) -> Data:
+    """Validate ``settings`` and load the dataset as loaders of ``batch_size`` on ``device``.
+
+    ``seed`` fixes the training order and augmentation (per epoch and step); the train/val
+    split itself is fixed by the dataset's own settings.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    cfg = validate_dataset(dataset_name, settings, field)
+    return DATASETS.get(dataset_name, field).build(cfg, batch_size, seed, device)

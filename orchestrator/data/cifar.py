@@ -1,0 +1,115 @@
+"""CIFAR-10 and CIFAR-100 read from torchvision's pickled layout in a local folder.
+
+kdflow never downloads: ``root`` must already hold ``cifar-10-batches-py/`` or
+``cifar-100-python/`` as torchvision (or the dataset's authors) ship them. The images are
+kept as uint8 (50,000 x 3 x 32 x 32 is 150 MB) and, with ``device_resident``, held on the
+training device where each batch is augmented.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from methods.errors import ConfigError
+from orchestrator.data.checks import require_bool, require_folder
+from orchestrator.data.loaders import Data
+from orchestrator.data.registry import register_dataset
+from orchestrator.data.tensor_loaders import tensor_data
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where one CIFAR variant's files live under ``root`` and how its labels are keyed."""
+
+    folder: str
+    train_files: Sequence[str]
+    test_files: Sequence[str]
+    label_key: str
+    num_classes: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+
+CIFAR10 = CifarLayout("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
+                      ["test_batch"], "labels", 10,
+                      (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100 = CifarLayout("cifar-100-python", ["train"], ["test"], "fine_labels", 100,
+                       (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
+
+PAD = 4
+
+
+@dataclass
+class CifarConfig:
+    """Settings shared by ``cifar10`` / ``cifar100``; subclasses set ``layout``.
+
+    root:            folder holding ``cifar-10-batches-py/`` or ``cifar-100-python/``.
+    device_resident: keep the whole uint8 dataset on the training device and augment there.
+    """
+
+    root: str = "./data/cifar"
+    device_resident: bool = True
+
+    layout: ClassVar[CifarLayout]
+
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return (3, 32, 32)
+
+    def class_count(self) -> int:
+        return self.layout.num_classes
+
+    def validate(self) -> None:
+        fix = (f"point root at a folder in torchvision's CIFAR layout "
+               f"({self.layout.folder}/...) ; kdflow never downloads")
+        require_folder("root", self.root, fix)
+        for name in [*self.layout.train_files, *self.layout.test_files]:
+            path = os.path.join(self.root, self.layout.folder, name)
+            if not os.path.isfile(path):
+                raise ConfigError("root", f"file {os.path.abspath(path)} does not exist", fix=fix)
+        require_bool("device_resident", self.device_resident)
+
+
+@dataclass
+class Cifar10Config(CifarConfig):
+    """Settings of ``cifar10`` (see :class:`CifarConfig`)."""
+
+    layout: ClassVar[CifarLayout] = CIFAR10
+
+
+@dataclass
+class Cifar100Config(CifarConfig):
+    """Settings of ``cifar100`` (see :class:`CifarConfig`)."""
+
+    layout: ClassVar[CifarLayout] = CIFAR100
+
+
+def read_cifar_split(root: str, layout: CifarLayout, files: Sequence[str]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from the pickled batch ``files``."""
+    images, labels = [], []
+    for name in files:
+        with open(os.path.join(root, layout.folder, name), "rb") as fh:
+            entry = pickle.load(fh, encoding="latin1")
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry[layout.label_key])
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+def build_cifar(cfg: CifarConfig, batch_size: int, seed: int, device: torch.device) -> Data:
+    """CIFAR with random 32x32 crops of the 4-pixel zero-padded image and horizontal flips."""
+    layout = cfg.layout
+    train_x, train_y = read_cifar_split(cfg.root, layout, layout.train_files)
+    val_x, val_y = read_cifar_split(cfg.root, layout, layout.test_files)
+    return tensor_data(train_x, train_y, val_x, val_y, layout.num_classes, layout.mean,
+                       layout.std, batch_size, seed, device, PAD, hflip=True,
+                       resident=cfg.device_resident)
+
+
+register_dataset("cifar10", Cifar10Config)(build_cifar)
+register_dataset("cifar100", Cifar100Config)(build_cifar)

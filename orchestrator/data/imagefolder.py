@@ -1,0 +1,102 @@
+"""An ImageNet-style tree: ``root/<train_dir>/<class>/*.jpg`` and ``root/<val_dir>/<class>/*``."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from methods.distillers.base import DataInfo
+from methods.errors import ConfigError
+from orchestrator.data.checks import require_folder, require_int
+from orchestrator.data.folder_loaders import FolderEvalLoader, FolderTrainLoader, SeededSamples
+from orchestrator.data.loaders import Data
+from orchestrator.data.registry import register_dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ImageFolderConfig:
+    """Settings of ``imagefolder``.
+
+    root:       folder holding the split folders.
+    train_dir:  split folder (under root) of the training images, one sub-folder per class.
+    val_dir:    split folder of the validation images; same class sub-folders as train_dir.
+    image_size: side in pixels of the square crops fed to the network.
+    workers:    DataLoader worker processes decoding images (0: decode in the main process).
+    """
+
+    root: str = "./data/imagenet"
+    train_dir: str = "train"
+    val_dir: str = "val"
+    image_size: int = 224
+    workers: int = 2
+
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one network input (the crop)."""
+        return (3, self.image_size, self.image_size)
+
+    def class_count(self) -> int:
+        """The number of class folders under the train split (a directory listing)."""
+        path = os.path.join(self.root, self.train_dir)
+        return sum(1 for e in os.scandir(path) if e.is_dir())
+
+    def validate(self) -> None:
+        fix = ("point root at a folder holding train_dir/<class>/*.jpg and "
+               "val_dir/<class>/*.jpg (an ImageNet-style tree)")
+        require_int("image_size", self.image_size, 1)
+        require_int("workers", self.workers, 0)
+        require_folder("root", self.root, fix)
+        classes: dict[str, list[str]] = {}
+        for split in (self.train_dir, self.val_dir):
+            path = os.path.join(self.root, split)
+            require_folder("root", path, fix)
+            classes[split] = sorted(e.name for e in os.scandir(path) if e.is_dir())
+            if not classes[split]:
+                raise ConfigError("root", f"folder {os.path.abspath(path)} has no class folders",
+                                  fix=fix)
+            for name in classes[split]:
+                if not _has_image(os.path.join(path, name)):
+                    raise ConfigError("root", f"class folder {os.path.abspath(path)}/{name} "
+                                      "holds no image files", fix=fix)
+        if classes[self.train_dir] != classes[self.val_dir]:
+            raise ConfigError("val_dir", f"the class folders of {self.val_dir!r} differ from "
+                              f"those of {self.train_dir!r}",
+                              fix="give both splits the same class sub-folders")
+
+
+def _has_image(folder: str) -> bool:
+    """Whether ``folder`` (searched recursively, stopping at the first hit) holds an image."""
+    for _, _, files in os.walk(folder):
+        if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
+            return True
+    return False
+
+
+@register_dataset("imagefolder", ImageFolderConfig)
+def build_imagefolder(cfg: ImageFolderConfig, batch_size: int, seed: int,
+                      device: torch.device) -> Data:
+    """Train: RandomResizedCrop + flip; val: Resize(size*256/224) + CenterCrop; ImageNet stats."""
+    normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(cfg.image_size),
+                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                   normalise])
+    val_tf = transforms.Compose([transforms.Resize(int(cfg.image_size * 256 / 224)),
+                                 transforms.CenterCrop(cfg.image_size), transforms.ToTensor(),
+                                 normalise])
+    train = ImageFolder(os.path.join(cfg.root, cfg.train_dir))
+    val = ImageFolder(os.path.join(cfg.root, cfg.val_dir))
+    train_samples = SeededSamples(train.samples, train.loader, train_tf, seed)
+    val_samples = SeededSamples(val.samples, val.loader, val_tf, seed)
+    info = DataInfo(num_samples=len(train.samples),
+                    labels=torch.tensor(train.targets, dtype=torch.int64),
+                    num_classes=len(train.classes),
+                    input_shape=(3, cfg.image_size, cfg.image_size))
+    return Data(train=FolderTrainLoader(train_samples, batch_size, cfg.workers, device),
+                val=FolderEvalLoader(val_samples, batch_size, cfg.workers, device),
+                info=info)

@@ -1,0 +1,51 @@
+"""The optimisation recipe of one job (optimizer, schedule, precision, checkpointing)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from methods.config import require_positive
+from methods.errors import ConfigError
+
+AMP_MODES = ("none", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class Recipe:
+    """SGD with step decay: lr is multiplied by ``lr_decay`` at each epoch in ``lr_milestones``.
+
+    ``lr=None`` takes the trained model's default (0.05; 0.01 for MobileNetV2/ShuffleNets).
+    ``checkpoint_every_steps`` counts optimizer steps; epoch ends always checkpoint too.
+    """
+
+    epochs: int = 240
+    batch_size: int = 64
+    lr: Optional[float] = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    lr_milestones: List[int] = field(default_factory=lambda: [150, 180, 210])
+    lr_decay: float = 0.1
+    amp: str = "none"
+    channels_last: bool = False
+    checkpoint_every_steps: int = 500
+    device: str = "auto"
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "checkpoint_every_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        if self.lr is not None:
+            require_positive("lr", self.lr)
+        require_positive("lr_decay", self.lr_decay)
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError("weight_decay" if self.weight_decay < 0 else "momentum",
+                              "out of range", fix="use weight_decay >= 0 and 0 <= momentum < 1")
+        if list(self.lr_milestones) != sorted(self.lr_milestones):
+            raise ConfigError("lr_milestones", f"must increase, got {list(self.lr_milestones)}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError("amp", f"unknown mode {self.amp!r}", allowed=AMP_MODES)
+        if self.device not in DEVICES:
+            raise ConfigError("device", f"unknown device {self.device!r}", allowed=DEVICES)

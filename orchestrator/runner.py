@@ -1,0 +1,286 @@
+"""The job runner: the single entry point that runs one teacher or distillation job.
+
+Every launcher (local worker processes, SLURM, Ray) calls :func:`run_job`, so a job behaves the
+same wherever it runs. A job resumes from its newest checkpoint and, on CPU, ends with exactly
+the weights and metrics of a run that was never interrupted.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+from methods.config import parse_config
+from methods.distillers import DISTILLERS, Distiller
+from methods.models import build_model
+from orchestrator.atomic import atomic_write, write_json
+from orchestrator.checkpoint import load_latest_checkpoint, save_checkpoint
+from orchestrator.data import Data, build_data
+from orchestrator.recipe import Recipe
+from orchestrator.spec import JobSpec
+from orchestrator.store import JobStore
+from orchestrator.tracking import JobTracker
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+
+
+class JobInterrupted(Exception):
+    """Raised after a preemption signal once the job's checkpoint is safely on disk."""
+
+
+class JobFailed(Exception):
+    """A job that cannot finish (a teacher without weights, a non-finite loss...)."""
+
+
+@dataclass
+class RunOptions:
+    """Runtime-only settings of a job run (not part of the job id)."""
+
+    tracking_uri: Optional[str] = None
+    experiment: str = "kdflow"
+    progress: bool = True
+    progress_position: int = 0
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: the next step to run and what has been accumulated so far."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    history: List[Dict[str, float]] = field(default_factory=list)
+    sums: Dict[str, torch.Tensor] = field(default_factory=dict)
+    seen: int = 0
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def _preemption_flag() -> Iterator[List[int]]:
+    """Within the block, SIGTERM / SIGUSR2 / SIGINT set a flag instead of killing the process."""
+    received: List[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
+                for sig in PREEMPTION_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _build_distiller(spec: JobSpec, store: JobStore, data: Data, device: torch.device) -> Distiller:
+    cls = DISTILLERS.get(spec.method)
+    cfg = parse_config(cls.Config, spec.method_cfg, f"{spec.job_id}.method_cfg")
+    student = build_model(spec.model, data.info.num_classes)
+    teacher = None
+    if spec.teacher_job:
+        weights = store.weights_path(spec.teacher_job)
+        if not weights.exists():
+            raise JobFailed(f"teacher job {spec.teacher_job} has no weights at {weights}")
+        teacher = build_model(spec.teacher, data.info.num_classes)
+        teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return cls(student, teacher, cfg, data.info).to(device)
+
+
+def _trainable_state(distiller: Distiller) -> Dict[str, torch.Tensor]:
+    """The distiller's state without the (frozen, reloadable) teacher."""
+    return {k: v for k, v in distiller.state_dict().items() if not k.startswith("teacher.")}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Data, device: torch.device, recipe: Recipe) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy in percent over the whole held-out split."""
+    model.eval()
+    correct1 = torch.zeros((), device=device)
+    correct5 = torch.zeros((), device=device)
+    total = 0
+    for batch in data.val.batches():
+        x = batch.x.to(device)
+        if recipe.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, recipe):
+            logits = model(x).float()
+        y = batch.y.to(device)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == y).sum()
+        correct5 += (top == y[:, None]).any(dim=1).sum()
+        total += y.numel()
+    return {"top1": 100.0 * correct1.item() / total, "top5": 100.0 * correct5.item() / total}
+
+
+def _autocast(device: torch.device, recipe: Recipe) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.amp == "bf16")
+
+
+def run_job(spec: JobSpec, store: JobStore, options: RunOptions | None = None) -> Dict[str, Any]:
+    """Run (or resume, or skip if finished) the job ``spec`` and return its ``result.json``.
+
+    Raises :class:`JobInterrupted` after SIGTERM/SIGUSR2 (checkpoint written, state
+    ``interrupted``) and :class:`JobFailed` or the original error otherwise (state ``failed``).
+    """
+    options = options or RunOptions()
+    job_id = spec.job_id
+    store.add(spec)
+    done = store.result(job_id)
+    if done is not None:
+        return done
+    state = store.update_state(job_id, status="running", error=None,
+                               attempts=store.state(job_id).attempts + 1)
+    tracker = None
+    try:
+        if options.tracking_uri:
+            tracker = JobTracker(options.tracking_uri, options.experiment, spec, state.mlflow_run_id)
+            store.update_state(job_id, mlflow_run_id=tracker.run_id)
+        result = _train(spec, store, options, tracker)
+    except JobInterrupted:
+        store.update_state(job_id, status="interrupted")
+        if tracker:
+            tracker.finish("KILLED")
+        raise
+    except BaseException as err:
+        store.update_state(job_id, status="failed", error=f"{type(err).__name__}: {err}")
+        if tracker:
+            tracker.finish("FAILED")
+        raise
+    store.update_state(job_id, status="done", last_metric=result["metrics"]["top1"])
+    if tracker:
+        tracker.finish("FINISHED")
+    return result
+
+
+def _train(spec: JobSpec, store: JobStore, options: RunOptions,
+           tracker: Optional[JobTracker]) -> Dict[str, Any]:
+    started = time.time()
+    recipe = parse_config(Recipe, spec.recipe, f"{spec.job_id}.recipe")
+    device = select_device(recipe.device)
+    torch.manual_seed(spec.seed)
+    data = build_data(spec.dataset, spec.dataset_cfg, f"{spec.job_id}.dataset_cfg",
+                      recipe.batch_size, spec.seed, device)
+    distiller = _build_distiller(spec, store, data, device)
+    if recipe.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(distiller.learnable_parameters(), lr=recipe.lr,
+                                momentum=recipe.momentum, nesterov=recipe.nesterov,
+                                weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, recipe.lr_milestones,
+                                                    gamma=recipe.lr_decay)
+    progress = _Progress()
+    ckpt_dir = store.checkpoint_dir(spec.job_id)
+    checkpoint = load_latest_checkpoint(ckpt_dir)
+    if checkpoint is not None:
+        distiller.load_state_dict(checkpoint["distiller"], strict=False)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["schedule"])
+        torch.set_rng_state(checkpoint["rng"])
+        progress = _Progress(**{**checkpoint["progress"],
+                                "sums": {k: v.to(device) for k, v in checkpoint["progress"]["sums"].items()}})
+
+    def save() -> None:
+        save_checkpoint(ckpt_dir, progress.global_step, {
+            "distiller": _trainable_state(distiller), "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
+            "progress": {"epoch": progress.epoch, "step": progress.step,
+                         "global_step": progress.global_step, "history": progress.history,
+                         "sums": {k: v.cpu() for k, v in progress.sums.items()},
+                         "seen": progress.seen},
+        })
+
+    steps = data.train.steps_per_epoch
+    bar = _progress_bar(spec, options, total=recipe.epochs * steps,
+                        initial=progress.epoch * steps + progress.step)
+    with _preemption_flag() as preempted:
+        while progress.epoch < recipe.epochs:
+            distiller.train()
+            for batch in data.train.batches(progress.epoch, progress.step):
+                x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
+                if recipe.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, recipe):
+                    _, terms = distiller(x, y, batch.index.to(device))
+                loss = sum(terms.values())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for name, value in {"loss": loss, **terms}.items():
+                    progress.sums[name] = progress.sums.get(name, 0) + value.detach().float() * y.numel()
+                progress.seen += y.numel()
+                progress.step += 1
+                progress.global_step += 1
+                if bar is not None:
+                    bar.update(1)
+                if preempted:
+                    save()
+                    raise JobInterrupted(f"signal {preempted[0]} at step {progress.global_step}")
+                if progress.global_step % recipe.checkpoint_every_steps == 0:
+                    save()
+            metrics = _end_epoch(progress, distiller, data, device, recipe, schedule)
+            store.update_state(spec.job_id, epoch=progress.epoch, last_metric=metrics["val/top1"])
+            if tracker:
+                tracker.log_metrics(metrics, step=progress.epoch - 1)
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", top1=f"{metrics['val/top1']:.1f}")
+            save()
+    if bar is not None:
+        bar.close()
+    final = progress.history[-1]
+    result = {
+        "job_id": spec.job_id, "stage": spec.stage, "method": spec.method,
+        "teacher": spec.teacher, "student": spec.model, "dataset": spec.dataset,
+        "seed": spec.seed, "epochs": recipe.epochs,
+        "metrics": {"top1": final["val/top1"], "top5": final["val/top5"],
+                    "top1_best": max(h["val/top1"] for h in progress.history)},
+        "history": progress.history,
+        "wall_time_s": time.time() - started,
+    }
+    weights = store.weights_path(spec.job_id)
+    atomic_write(weights, lambda f: torch.save(distiller.student.state_dict(), f))
+    write_json(store.job_dir(spec.job_id) / "result.json", result)
+    if tracker:
+        tracker.log_artifact(store.job_dir(spec.job_id) / "result.json")
+    return result
+
+
+def _end_epoch(progress: _Progress, distiller: Distiller, data: Data, device: torch.device,
+               recipe: Recipe, schedule: torch.optim.lr_scheduler.LRScheduler) -> Dict[str, float]:
+    """Evaluate, record the epoch's metrics, step the LR schedule and reset the accumulators."""
+    train = {f"train/{k}": (v / max(progress.seen, 1)).item() for k, v in progress.sums.items()}
+    for name, value in train.items():
+        if not math.isfinite(value):
+            raise JobFailed(f"non-finite {name} = {value} in epoch {progress.epoch}")
+    val = evaluate(distiller.student, data, device, recipe)
+    metrics = {**train, "val/top1": val["top1"], "val/top5": val["top5"],
+               "lr": schedule.get_last_lr()[0]}
+    progress.history.append({"epoch": progress.epoch, **metrics})
+    schedule.step()
+    progress.epoch += 1
+    progress.step = 0
+    progress.sums = {}
+    progress.seen = 0
+    return metrics
+
+
+def _progress_bar(spec: JobSpec, options: RunOptions, total: int, initial: int) -> Any:
+    if not options.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=spec.title[:48], unit="step",
+                position=options.progress_position, leave=False, dynamic_ncols=True)
+
+
+def run_job_in_store(output_dir: str, job_id: str, options: RunOptions) -> Dict[str, Any]:
+    """Worker entry point: load the spec of ``job_id`` from the store at ``output_dir``."""
+    store = JobStore(Path(output_dir) / "jobs")
+    return run_job(store.spec(job_id), store, options)

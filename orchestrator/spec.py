@@ -1,0 +1,60 @@
+"""A job's resolved, canonical description and its content address."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional
+
+STAGES = ("teacher", "distill")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything that determines a job's result; its hash is the job id.
+
+    stage:       ``teacher`` (pretraining a teacher) or ``distill`` (training a student,
+                 with a method; ``vanilla`` is the student alone).
+    model:       the architecture this job trains.
+    teacher:     the teacher architecture a distill job reads (None when the method needs none).
+    teacher_job: the id of the job whose weights are the teacher.
+    method_cfg, dataset_cfg, recipe: resolved settings (plain JSON-able dicts).
+    """
+
+    stage: str
+    method: str
+    model: str
+    dataset: str
+    seed: int
+    method_cfg: Dict[str, Any]
+    dataset_cfg: Dict[str, Any]
+    recipe: Dict[str, Any]
+    teacher: Optional[str] = None
+    teacher_job: Optional[str] = None
+    labels: Dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def job_id(self) -> str:
+        """sha256 of the canonical JSON of the spec, labels (runtime-only) excluded; 16 hex."""
+        content = asdict(self)
+        content.pop("labels")
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Ids of the jobs that must finish before this one starts."""
+        return (self.teacher_job,) if self.teacher_job else ()
+
+    @property
+    def title(self) -> str:
+        """A short human name: ``kd resnet20->resnet8 digits s0``."""
+        pair = f"{self.teacher}->{self.model}" if self.teacher else self.model
+        return f"{self.method if self.stage == 'distill' else 'teacher'} {pair} {self.dataset} s{self.seed}"
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: Dict[str, Any]) -> "JobSpec":
+        return JobSpec(**data)

@@ -1,0 +1,129 @@
+"""A study (methods x pairs x datasets x seeds) expanded into a validated job graph."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping
+
+from methods.config import parse_config
+from methods.distillers import DISTILLERS
+from methods.errors import ConfigError
+from methods.models import MODELS, build_model, probe_taps
+from orchestrator.data import validate_dataset
+from orchestrator.recipe import Recipe
+from orchestrator.spec import JobSpec
+
+TEACHER_METHOD = "vanilla"
+
+
+@dataclass
+class JobGraph:
+    """Jobs in dependency order (every job after the jobs it needs); ids are unique."""
+
+    study: str
+    jobs: List[JobSpec]
+
+    def by_id(self) -> Dict[str, JobSpec]:
+        return {job.job_id: job for job in self.jobs}
+
+
+def _resolve_recipe(values: Mapping[str, Any], model: str, field: str) -> Dict[str, Any]:
+    recipe = parse_config(Recipe, values, field)
+    if recipe.lr is None:
+        recipe.lr = MODELS.get(model).default_lr
+    return dataclasses.asdict(recipe)
+
+
+def _require_list(study: Mapping[str, Any], key: str) -> List[Any]:
+    value = study.get(key)
+    if not value:
+        raise ConfigError(f"study.{key}", "is empty or missing",
+                          fix=f"list at least one entry under study.{key}")
+    return list(value)
+
+
+def _check_pair(method: str, method_cfg: Any, teacher: str | None, student: str,
+                input_shape: tuple[int, int, int], num_classes: int, field: str) -> None:
+    """Probe both models on the dataset's input shape and let the method refuse the pair."""
+    try:
+        student_taps = probe_taps(build_model(student, num_classes), input_shape)
+        teacher_taps = (probe_taps(build_model(teacher, num_classes), input_shape)
+                        if teacher else None)
+    except RuntimeError as err:
+        raise ConfigError(field, f"{teacher or ''}->{student} cannot run on inputs of shape "
+                          f"{input_shape}: {str(err).splitlines()[0]}",
+                          fix="pick models built for this dataset's image size") from None
+    try:
+        DISTILLERS.get(method).check_taps(method_cfg, teacher_taps, student_taps)
+    except ConfigError as err:
+        raise ConfigError(f"study.methods.{method}.{err.field}",
+                          f"{err.problem} (pair {teacher}->{student})", err.allowed, err.fix) from None
+
+
+def expand_study(study: Mapping[str, Any]) -> JobGraph:
+    """Validate ``study`` (the composed ``study`` config) and expand it into its job graph.
+
+    Every name, setting and teacher/student pairing is checked before a single job exists;
+    the first problem raises :class:`ConfigError` naming the field.
+    """
+    name = study.get("name") or "study"
+    pairs = _require_list(study, "pairs")
+    seeds = _require_list(study, "seeds")
+    datasets = study.get("datasets") or {}
+    methods = study.get("methods") or {}
+    if not datasets:
+        raise ConfigError("study.datasets", "no dataset", allowed=[])
+    if not methods:
+        raise ConfigError("study.methods", "no method", allowed=DISTILLERS.names())
+
+    method_cfgs = {}
+    for method, values in methods.items():
+        cls = DISTILLERS.get(method, f"study.methods.{method}")
+        method_cfgs[method] = parse_config(cls.Config, values, f"study.methods.{method}")
+
+    for i, pair in enumerate(pairs):
+        for role in ("teacher", "student"):
+            if role not in pair:
+                raise ConfigError(f"study.pairs[{i}].{role}", "missing",
+                                  fix="write each pair as {teacher: <model>, student: <model>}")
+            MODELS.get(pair[role], f"study.pairs[{i}].{role}")
+
+    jobs: Dict[str, JobSpec] = {}
+    teacher_seed = int(study.get("teacher_seed", 0))
+    for dataset, dataset_values in datasets.items():
+        dataset_field = f"study.datasets.{dataset}"
+        dataset_cfg = validate_dataset(dataset, dataset_values, dataset_field)
+        input_shape, num_classes = dataset_cfg.input_shape(), dataset_cfg.class_count()
+        dataset_dict = dataclasses.asdict(dataset_cfg)
+        for i, pair in enumerate(pairs):
+            teacher, student = pair["teacher"], pair["student"]
+            teacher_spec = JobSpec(
+                stage="teacher", method=TEACHER_METHOD, model=teacher, dataset=dataset,
+                seed=teacher_seed,
+                method_cfg=dataclasses.asdict(parse_config(
+                    DISTILLERS.get(TEACHER_METHOD).Config, {}, "teacher")),
+                dataset_cfg=dataset_dict,
+                recipe=_resolve_recipe(study.get("teacher_recipe") or {}, teacher,
+                                       "study.teacher_recipe"),
+                labels={"study": name},
+            )
+            student_recipe = _resolve_recipe(study.get("student_recipe") or {}, student,
+                                             "study.student_recipe")
+            for method, method_cfg in method_cfgs.items():
+                needs_teacher = DISTILLERS.get(method).needs_teacher
+                _check_pair(method, method_cfg, teacher if needs_teacher else None, student,
+                            input_shape, num_classes, f"study.pairs[{i}]")
+                if needs_teacher:
+                    jobs.setdefault(teacher_spec.job_id, teacher_spec)
+                for seed in seeds:
+                    spec = JobSpec(
+                        stage="distill", method=method, model=student, dataset=dataset,
+                        seed=int(seed), method_cfg=dataclasses.asdict(method_cfg),
+                        dataset_cfg=dataset_dict, recipe=student_recipe,
+                        teacher=teacher if needs_teacher else None,
+                        teacher_job=teacher_spec.job_id if needs_teacher else None,
+                        labels={"study": name},
+                    )
+                    jobs.setdefault(spec.job_id, spec)
+    ordered = sorted(jobs.values(), key=lambda job: job.stage != "teacher")
+    return JobGraph(study=name, jobs=ordered)

@@ -1,0 +1,210 @@
+"""The data layer: splits, deterministic resumable batches, augmentation, datasets' checks."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from methods.errors import ConfigError
+from orchestrator.data import DATASETS, Batch, build_data, validate_dataset
+from orchestrator.data.digits import DigitsConfig, load_digit_splits
+from orchestrator.data.tensor_loaders import augment
+
+CPU = torch.device("cpu")
+
+
+def digits(batch_size: int = 100, seed: int = 0, **settings) -> "object":
+    return build_data("digits", settings, "study.datasets.digits", batch_size, seed, CPU)
+
+
+def assert_same(a: list[Batch], b: list[Batch]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.x, y.x) and torch.equal(x.y, y.y) and torch.equal(x.index, y.index)
+
+
+# --- digits -------------------------------------------------------------------------------
+
+def test_digits_split_is_deterministic_and_stratified() -> None:
+    a, b = digits(), digits()
+    assert a.info.num_samples == 1437 and a.info.num_classes == 10
+    assert a.info.input_shape == (3, 16, 16)
+    assert torch.equal(a.info.labels, b.info.labels) and a.info.labels.dtype == torch.int64
+    assert_same(list(a.val.batches()), list(b.val.batches()))
+    _, train_y, _, val_y = load_digit_splits(DigitsConfig())
+    all_counts = torch.bincount(torch.cat([train_y, val_y]), minlength=10).float()
+    val_counts = torch.bincount(val_y, minlength=10).float()
+    assert ((val_counts - 0.2 * all_counts).abs() <= 1).all()
+
+
+def test_resume_mid_epoch_gives_the_tail_of_the_epoch() -> None:
+    train = digits(batch_size=128).train
+    assert train.steps_per_epoch == 12  # 1437 / 128, last partial batch kept
+    torch.manual_seed(1)
+    full = list(train.batches(3))
+    torch.manual_seed(2)  # the global RNG must not matter
+    assert_same(list(train.batches(3, start_step=5)), full[5:])
+    assert list(train.batches(3, start_step=12)) == []
+    assert len(full[-1].y) == 1437 - 11 * 128
+    assert torch.equal(torch.cat([b.index for b in full]).sort().values, torch.arange(1437))
+    other = torch.cat([b.index for b in train.batches(4)])
+    assert not torch.equal(torch.cat([b.index for b in full]), other)
+
+
+def test_augmentation_changes_images_but_keeps_labels_and_indices() -> None:
+    plain, augmented = digits(pad=0), digits(pad=2)
+    labels = augmented.info.labels
+    changed = 0
+    for p, a in zip(plain.train.batches(0), augmented.train.batches(0)):
+        assert torch.equal(p.index, a.index) and torch.equal(p.y, a.y)
+        assert torch.equal(a.y, labels[a.index])
+        assert a.x.shape == p.x.shape and a.x.dtype == torch.float32
+        changed += int((a.x != p.x).flatten(1).any(1).sum())
+    assert changed > 1000  # 1 in 25 offsets is the identity
+
+
+def test_augment_crops_a_window_of_the_zero_padded_image() -> None:
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.uint8).view(2, 3, 5, 5) + 1
+    out = augment(x, torch.Generator().manual_seed(0), pad=2, hflip=True)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        windows = [padded[i, :, r:r + 5, c:c + 5] for r in range(5) for c in range(5)]
+        windows += [w.flip(2) for w in windows]
+        assert any(torch.equal(out[i], w) for w in windows)
+    assert out.dtype == torch.uint8
+
+
+def test_eval_loader_covers_val_once_without_augmentation() -> None:
+    data = digits(batch_size=64)
+    batches = list(data.val.batches())
+    train_x, _, val_x, val_y = load_digit_splits(DigitsConfig())
+    assert torch.equal(torch.cat([b.index for b in batches]), torch.arange(len(val_y)))
+    assert torch.equal(torch.cat([b.y for b in batches]), val_y)
+    expected = (val_x - train_x.mean()) / train_x.std()
+    assert torch.allclose(torch.cat([b.x for b in batches]), expected, atol=1e-6)
+
+
+# --- CIFAR ---------------------------------------------------------------------------------
+
+def write_fake_cifar100(root: Path, n_train: int = 40, n_test: int = 24) -> dict[str, list]:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    labels = {}
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = rng.integers(0, 100, n).tolist()
+        labels[name] = fine
+        entry = {"filenames": [f"{i}.png" for i in range(n)], "batch_label": name,
+                 "fine_labels": fine, "coarse_labels": [f // 5 for f in fine],
+                 "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+        labels[name + "_data"] = entry["data"]
+        with open(folder / name, "wb") as fh:
+            pickle.dump(entry, fh)
+    with open(folder / "meta", "wb") as fh:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)],
+                     "coarse_label_names": [f"s{i}" for i in range(20)]}, fh)
+    return labels
+
+
+def test_fake_cifar100_loads_with_its_labels(tmp_path: Path) -> None:
+    written = write_fake_cifar100(tmp_path)
+    data = build_data("cifar100", {"root": str(tmp_path)}, "study.datasets.cifar100", 16, 0, CPU)
+    assert data.info.num_classes == 100 and data.info.input_shape == (3, 32, 32)
+    assert data.info.labels.tolist() == written["train"]
+    val = list(data.val.batches())
+    assert torch.cat([b.y for b in val]).tolist() == written["test"]
+    first = torch.from_numpy(written["test_data"][0].reshape(3, 32, 32)).float() / 255
+    mean = torch.tensor([0.5071, 0.4867, 0.4408]).view(3, 1, 1)
+    std = torch.tensor([0.2675, 0.2565, 0.2761]).view(3, 1, 1)
+    assert torch.allclose(val[0].x[0], (first - mean) / std, atol=1e-6)
+    for batch in data.train.batches(0):
+        assert torch.equal(batch.y, data.info.labels[batch.index])
+
+
+def test_cifar_device_resident_matches_host_resident(tmp_path: Path) -> None:
+    write_fake_cifar100(tmp_path)
+    device = torch.device("cuda") if torch.cuda.is_available() else CPU
+    runs = [build_data("cifar100", {"root": str(tmp_path), "device_resident": resident},
+                       "study.datasets.cifar100", 16, 7, device) for resident in (True, False)]
+    assert_same(list(runs[0].train.batches(2)), list(runs[1].train.batches(2)))
+    assert_same(list(runs[0].val.batches()), list(runs[1].val.batches()))
+
+
+def test_missing_cifar_root_names_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate_dataset("cifar100", {"root": str(tmp_path / "nowhere")}, "study.datasets.cifar100")
+    assert "study.datasets.cifar100.root" in str(err.value)
+    assert "never downloads" in str(err.value)
+
+
+def test_unknown_dataset_and_setting_are_config_errors() -> None:
+    with pytest.raises(ConfigError) as err:
+        validate_dataset("mnist", {}, "study.datasets.mnist")
+    assert "digits" in str(err.value) and "cifar100" in str(err.value)
+    with pytest.raises(ConfigError, match="study.datasets.digits.hflp"):
+        validate_dataset("digits", {"hflp": True}, "study.datasets.digits")
+    assert {"digits", "cifar10", "cifar100", "imagefolder", "synthetic"} <= set(DATASETS)
+
+
+# --- imagefolder ---------------------------------------------------------------------------
+
+def write_tree(root: Path, per_class: dict[str, int]) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in per_class.items():
+        for cls in ("cat", "dog"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+
+
+def test_imagefolder_loads_deterministic_batches(tmp_path: Path) -> None:
+    write_tree(tmp_path, {"train": 5, "val": 2})
+    settings = {"root": str(tmp_path), "image_size": 32, "workers": 0}
+    data = build_data("imagefolder", settings, "study.datasets.imagefolder", 4, 0, CPU)
+    assert data.info.num_samples == 10 and data.info.num_classes == 2
+    assert data.info.labels.tolist() == [0] * 5 + [1] * 5
+    full = list(data.train.batches(1))
+    assert data.train.steps_per_epoch == 3 and full[0].x.shape == (4, 3, 32, 32)
+    assert torch.equal(full[0].y, data.info.labels[full[0].index])
+    assert_same(list(data.train.batches(1, start_step=1)), full[1:])
+    workers = build_data("imagefolder", {**settings, "workers": 2},
+                         "study.datasets.imagefolder", 4, 0, CPU)
+    assert_same(list(workers.train.batches(1)), full)
+    val = list(data.val.batches())
+    assert torch.cat([b.index for b in val]).tolist() == [0, 1, 2, 3]
+    assert val[0].x.shape == (4, 3, 32, 32)
+
+
+def test_empty_or_missing_imagefolder_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    for root in (tmp_path, tmp_path / "nowhere"):
+        with pytest.raises(ConfigError, match=r"study\.datasets\.imagefolder\.root"):
+            validate_dataset("imagefolder", {"root": str(root)}, "study.datasets.imagefolder")
+    (tmp_path / "train" / "cat").mkdir()
+    (tmp_path / "val" / "cat").mkdir()
+    with pytest.raises(ConfigError, match="no image files"):
+        validate_dataset("imagefolder", {"root": str(tmp_path)}, "study.datasets.imagefolder")
+
+
+# --- synthetic -----------------------------------------------------------------------------
+
+def test_synthetic_is_deterministic_and_learnable() -> None:
+    a = build_data("synthetic", {}, "study.datasets.synthetic", 64, 0, CPU)
+    b = build_data("synthetic", {}, "study.datasets.synthetic", 64, 0, CPU)
+    assert a.info.num_samples == 256 and a.info.num_classes == 4
+    assert a.info.input_shape == (3, 16, 16)
+    assert_same(list(a.val.batches()), list(b.val.batches()))
+    train = list(a.train.batches(0))
+    x, y = torch.cat([t.x for t in train]).flatten(1), torch.cat([t.y for t in train])
+    centroids = torch.stack([x[y == c].mean(0) for c in range(4)])
+    val = list(a.val.batches())
+    vx, vy = torch.cat([v.x for v in val]).flatten(1), torch.cat([v.y for v in val])
+    accuracy = (torch.cdist(vx, centroids).argmin(1) == vy).float().mean()
+    assert accuracy > 0.95

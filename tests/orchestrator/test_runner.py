@@ -1,0 +1,126 @@
+"""The job runner: training, skipping finished jobs, and exact resume after SIGKILL."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.runner import RunOptions, run_job
+from orchestrator.store import JobStore
+from orchestrator.study import expand_study
+
+QUIET = RunOptions(progress=False)
+
+
+def _jobs(study):
+    graph = expand_study(study)
+    teacher = next(j for j in graph.jobs if j.stage == "teacher")
+    return teacher, [j for j in graph.jobs if j.stage == "distill"]
+
+
+def test_teacher_then_students_train_and_finished_jobs_are_skipped(study, tmp_path):
+    study["methods"] = {"vanilla": {}, "kd": {}, "fitnet": {}, "crd": {"num_negatives": 32}}
+    study["datasets"]["synthetic"].update(num_train=256)
+    study["teacher_recipe"] = {**study["teacher_recipe"], "epochs": 4, "lr_milestones": [3]}
+    study["student_recipe"] = {**study["student_recipe"], "epochs": 3, "lr_milestones": [2]}
+    teacher, students = _jobs(study)
+    store = JobStore(tmp_path)
+    result = run_job(teacher, store, QUIET)
+    assert result["metrics"]["top1"] >= 90.0  # the generated classes are easy to learn
+    assert {"job_id", "stage", "method", "teacher", "student", "dataset", "seed", "metrics",
+            "epochs", "wall_time_s"} <= set(result)
+    for job in students:
+        out = run_job(job, store, QUIET)
+        assert out["epochs"] == 3 and len(out["history"]) == 3
+        assert out["metrics"]["top1"] > 100.0 / 4  # better than chance on 4 classes
+        state = store.state(job.job_id)
+        assert state.status == "done" and state.attempts == 1
+    before = store.weights_path(students[0].job_id).stat().st_mtime_ns
+    assert run_job(students[0], store, QUIET) == store.result(students[0].job_id)
+    assert store.weights_path(students[0].job_id).stat().st_mtime_ns == before
+    assert store.state(students[0].job_id).attempts == 1  # skipped, not re-run
+
+
+def test_teacher_is_frozen_during_distillation(study, tmp_path):
+    teacher, students = _jobs(study)
+    store = JobStore(tmp_path)
+    run_job(teacher, store, QUIET)
+    weights_before = torch.load(store.weights_path(teacher.job_id))
+    run_job(next(j for j in students if j.method == "kd"), store, QUIET)
+    weights_after = torch.load(store.weights_path(teacher.job_id))
+    assert all(torch.equal(weights_before[k], weights_after[k]) for k in weights_before)
+
+
+WORKER = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from orchestrator.runner import RunOptions, run_job_in_store
+    run_job_in_store(sys.argv[1], sys.argv[2], RunOptions(progress=False))
+""")
+
+
+@pytest.mark.parametrize("method", ["kd", "crd"])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(study, tmp_path, method):
+    study["datasets"]["synthetic"].update(num_train=960)
+    study["methods"] = {method: {"num_negatives": 64} if method == "crd" else {}}
+    study["student_recipe"] = {**study["student_recipe"], "epochs": 3, "lr_milestones": [2],
+                               "checkpoint_every_steps": 7}
+    teacher, (job,) = _jobs(study)
+    reference = JobStore(tmp_path / "reference" / "jobs")
+    run_job(teacher, reference, QUIET)
+    shutil.copytree(reference.job_dir(teacher.job_id),
+                    tmp_path / "killed" / "jobs" / teacher.job_id)
+    expected = run_job(job, reference, QUIET)
+
+    killed = JobStore(tmp_path / "killed" / "jobs")
+    killed.add(job)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / "killed"), job.job_id],
+                            env=env)
+    ckpts = killed.checkpoint_dir(job.job_id)
+    deadline = time.time() + 120
+    while not any(ckpts.glob("step-*.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not killed.is_done(job.job_id), "the job finished before it could be killed"
+    latest = torch.load(sorted(ckpts.glob("step-*.pt"))[-1], weights_only=False)
+    steps_per_epoch = 960 // 32
+    assert latest["progress"]["global_step"] % steps_per_epoch != 0  # killed mid-epoch
+    assert killed.state(job.job_id).status == "running"  # SIGKILL leaves no chance to record
+
+    resumed = run_job(job, killed, QUIET)
+    assert killed.state(job.job_id).attempts == 2
+    assert resumed["history"] == expected["history"]
+    assert resumed["metrics"] == expected["metrics"]
+    a = torch.load(reference.weights_path(job.job_id))
+    b = torch.load(killed.weights_path(job.job_id))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_checkpoints_and_marks_interrupted(study, tmp_path):
+    study["datasets"]["synthetic"].update(num_train=960)
+    study["student_recipe"] = {**study["student_recipe"], "epochs": 20,
+                               "checkpoint_every_steps": 10_000}
+    study["methods"] = {"vanilla": {}}
+    (job,) = expand_study(study).jobs
+    store = JobStore(tmp_path / "jobs")
+    store.add(job)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), job.job_id], env=env)
+    deadline = time.time() + 120
+    while store.state(job.job_id).epoch < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert store.state(job.job_id).status == "interrupted"
+    assert any(store.checkpoint_dir(job.job_id).glob("step-*.pt"))
+

@@ -1,0 +1,53 @@
+"""Study expansion: content-addressed ids, shared teachers, validation before any job."""
+from __future__ import annotations
+
+import pytest
+
+from methods.errors import ConfigError
+from orchestrator.study import expand_study
+
+
+def test_expansion_shares_teachers_and_orders_stages(study):
+    study["pairs"].append({"teacher": "resnet14", "student": "resnet14"})
+    study["seeds"] = [0, 1]
+    graph = expand_study(study)
+    teachers = [j for j in graph.jobs if j.stage == "teacher"]
+    distill = [j for j in graph.jobs if j.stage == "distill"]
+    assert len(teachers) == 1  # one teacher shared by both pairs
+    # kd: 2 pairs x 2 seeds; vanilla: one per student and seed
+    assert sum(j.method == "kd" for j in distill) == 4
+    assert sum(j.method == "vanilla" for j in distill) == 4
+    assert all(j.teacher_job == teachers[0].job_id for j in distill if j.method == "kd")
+    assert all(j.teacher_job is None for j in distill if j.method == "vanilla")
+    positions = {j.job_id: i for i, j in enumerate(graph.jobs)}
+    assert all(positions[j.teacher_job] < positions[j.job_id] for j in distill if j.teacher_job)
+
+
+def test_job_ids_hash_the_resolved_config(study):
+    first = {j.title: j.job_id for j in expand_study(study).jobs}
+    assert first == {j.title: j.job_id for j in expand_study(study).jobs}
+    study["methods"]["kd"]["temperature"] = 2.0
+    second = {j.title: j.job_id for j in expand_study(study).jobs}
+    changed = [t for t in first if first[t] != second[t]]
+    assert changed == [t for t in first if t.startswith("kd ")]
+    study["student_recipe"] = {**study["student_recipe"], "lr": None}
+    resolved = [j for j in expand_study(study).jobs if j.stage == "distill"]
+    assert all(j.recipe["lr"] == 0.05 for j in resolved)  # the model's default
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda s: s["methods"].update(nomethod={}), "study.methods.nomethod"),
+    (lambda s: s["pairs"][0].update(student="resnet7"), "study.pairs[0].student"),
+    (lambda s: s["datasets"].update(mnist={}), "study.datasets.mnist"),
+    (lambda s: s["methods"]["kd"].update(temperature=0), "study.methods.kd.temperature"),
+    (lambda s: s["methods"]["kd"].update(temprature=4), "study.methods.kd.temprature"),
+    (lambda s: s["student_recipe"].update(lr=-0.1), "study.student_recipe.lr"),
+    (lambda s: s["methods"].update(fitnet={"hint_stage": 7}), "study.methods.fitnet.hint_stage"),
+    (lambda s: s.update(seeds=[]), "study.seeds"),
+])
+def test_bad_input_names_the_field(study, change, field):
+    change(study)
+    with pytest.raises(ConfigError) as err:
+        expand_study(study)
+    assert err.value.field == field
+    assert field in str(err.value)
