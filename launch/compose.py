@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 from typing import List
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import configs
 from methods.errors import ConfigError
@@ -46,5 +46,18 @@ def _as_config_error(err: Exception, overrides: List[str]) -> ConfigError:
                            fix=f"pass {group}=<one of the allowed values>")
     key = re.search(r"override '([^']+)'", message) or re.search(r"Key '([^']+)'", message)
     field = key.group(1) if key else "overrides"
-    return ConfigError(field, message.splitlines()[0].rstrip("."),
+    return ConfigError(field, message.splitlines()[0].rstrip("."), allowed=_sibling_keys(field, overrides),
                        fix="check the spelling against `kdflow run --cfg` or the files in configs/")
+
+
+def _sibling_keys(field: str, overrides: List[str]) -> List[str] | None:
+    """The keys that exist beside the misspelt ``field``, from the config without it."""
+    parent, _, _ = field.rpartition(".")
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(field + "=")]
+    if not parent or kept == overrides:
+        return None
+    try:
+        node = OmegaConf.select(compose_config(kept), parent)
+    except ConfigError:
+        return None
+    return sorted(node.keys()) if isinstance(node, DictConfig) else None

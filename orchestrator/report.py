@@ -44,7 +44,7 @@ Column = Tuple[str, str, str]  # dataset, teacher, student
 def method_label(method: str) -> str:
     if method == TEACHER_ROW:
         return "Teacher"
-    return getattr(DISTILLERS.get(method), "display_name", method)
+    return DISTILLERS.get(method).display_name or method
 
 
 def collect(graph: JobGraph, store: JobStore,
@@ -138,7 +138,7 @@ def _plot_accuracy(columns: List[Column], rows: List[str], cells: Dict[Tuple[str
         ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 2))
     ax.set_xticks(range(len(columns)), [f"{t}→{s}" for _, t, s in columns])
     ax.set_ylabel(f"{metric} (%)")
-    ax.legend(fontsize=7, ncol=min(len(rows), 5), loc="lower center")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -39,12 +39,13 @@ class Distiller(nn.Module):
     none of its parameters is handed to the optimizer.
 
     Subclasses set ``Config`` (a dataclass of the method's settings, whose fields are the
-    config keys) and ``needs_teacher``, and may override ``check_taps`` to refuse pairs whose
+    config keys), ``needs_teacher`` and ``display_name`` (the row label in reports), and may override ``check_taps`` to refuse pairs whose
     taps cannot be matched.
     """
 
     Config: ClassVar[Type[Any]]
     needs_teacher: ClassVar[bool] = True
+    display_name: ClassVar[str] = ""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: Any,
                  data: DataInfo) -> None:

@@ -138,6 +138,8 @@ class CRD(Distiller):
     labels by class for negative sampling (rebuilt from ``DataInfo``, not checkpointed).
     """
 
+    display_name = "CRD"
+
     Config = CRDConfig
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: CRDConfig,

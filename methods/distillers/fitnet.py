@@ -71,6 +71,8 @@ class FitNetConfig:
 class FitNet(Distiller):
     """Student trained with ``ce_weight * CE + hint_weight * MSE(regressor(f_s), f_t)``."""
 
+    display_name = "FitNet"
+
     Config = FitNetConfig
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: FitNetConfig,

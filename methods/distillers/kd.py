@@ -54,6 +54,8 @@ class KDConfig:
 class KD(Distiller):
     """Student trained with ``ce_weight * CE + kd_weight * kd_loss``."""
 
+    display_name = "KD"
+
     Config = KDConfig
 
     @classmethod

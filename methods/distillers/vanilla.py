@@ -25,6 +25,8 @@ class VanillaConfig:
 class Vanilla(Distiller):
     """Cross-entropy only; any teacher passed in is ignored."""
 
+    display_name = "Student (alone)"
+
     Config = VanillaConfig
     needs_teacher = False
 

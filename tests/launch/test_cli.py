@@ -1,0 +1,74 @@
+"""The `kdflow` command end to end: a whole study, re-runs, status, report, and bad input."""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from launch.cli import main
+
+SMOKE = ["study=smoke", "progress=false", "launcher.workers=2"]
+
+
+def _kdflow(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def test_smoke_study_runs_reports_and_reruns_as_skips(tmp_path):
+    out = f"output_dir={tmp_path}"
+    first = _kdflow("run", *SMOKE, out)
+    assert first.returncode == 0, first.stderr
+    assert "5 run, 0 skipped" in first.stdout  # 1 teacher + 4 methods x 1 seed
+    assert "| KD |" in first.stdout and "| Teacher |" in first.stdout
+    report = tmp_path / "reports" / "smoke"
+    for name in ("report.md", "report.csv", "accuracy.png", "curves.png"):
+        assert (report / name).stat().st_size > 0
+    again = _kdflow("run", *SMOKE, out)
+    assert again.returncode == 0 and "0 run, 5 skipped" in again.stdout
+    status = _kdflow("status", "study=smoke", out)
+    assert status.returncode == 0 and status.stdout.count(" done ") == 5
+
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    (experiment_id,) = db.execute("select experiment_id from experiments where name='smoke'").fetchone()
+    runs = db.execute("select run_uuid, status from runs where experiment_id=?", (experiment_id,)).fetchall()
+    assert len(runs) == 5 and {s for _, s in runs} == {"FINISHED"}
+    tags = {k for (k,) in db.execute("select distinct key from tags")}
+    assert {"kdflow.job_id", "kdflow.stage", "kdflow.method", "kdflow.teacher", "kdflow.student",
+            "kdflow.dataset", "kdflow.seed"} <= tags
+    metric_rows = db.execute("select count(*) from metrics where key='val/top1'").fetchone()[0]
+    assert metric_rows == 3 + 4 * 2  # per epoch: teacher 3 epochs, students 2 each
+
+
+def test_help_lists_the_verbs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"    {verb} " in text for verb in ("run", "status", "report"))
+
+
+@pytest.mark.parametrize("overrides, field, allowed", [
+    (["study=nostudy"], "study", "demo"),
+    (["+study.methods.nomethod={}"], "study.methods.nomethod", "crd"),
+    (["study.pairs=[{teacher: resnet20, student: resnet7}]"], "study.pairs[0].student", "wrn_40_2"),
+    (["study=cifar100_baselines", "study.datasets.cifar100.root=/no/such/folder"],
+     "study.datasets.cifar100.root", None),
+    (["study.methods.kd.temperature=0"], "study.methods.kd.temperature", None),
+    (["study.methods.kd.temperature=-1"], "study.methods.kd.temperature", None),
+    (["study.student_recipe.lr=0"], "study.student_recipe.lr", None),
+    (["study.methods.fitnet.hint_stage=5"], "study.methods.fitnet.hint_stage", None),
+    (["study.methods.kd.temprature=2"], "study.methods.kd.temprature", None),
+])
+def test_bad_input_exits_2_naming_the_field_and_starts_nothing(tmp_path, capsys, overrides,
+                                                                 field, allowed):
+    code = main(["run", *overrides, f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"`{field}`" in err
+    if allowed:
+        assert allowed in err
+    assert "No job was started" in err
+    assert not (tmp_path / "jobs").exists()
