@@ -304,6 +304,7 @@ def run(args: argparse.Namespace) -> int:
     """Measure every method, print the table and write the JSON record."""
     s = resolve_settings(args)
     device = torch.device(s.device)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     torch.manual_seed(0)
     info = make_data_info(s)
     batches = make_batches(s, info, device)
@@ -323,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
         "memory_note": ("torch.cuda.max_memory_allocated since the method was built"
                         if device.type == "cuda" else
                         "process-wide peak RSS (ru_maxrss), cumulative over rows"),
+        "load_avg_1m_before": load_before,
         "settings": asdict(s),
         "rows": [asdict(r) for r in rows],
     }

@@ -124,3 +124,17 @@ def test_sigterm_checkpoints_and_marks_interrupted(study, tmp_path):
     assert store.state(job.job_id).status == "interrupted"
     assert any(store.checkpoint_dir(job.job_id).glob("step-*.pt"))
 
+
+
+def test_bf16_autocast_and_channels_last_switches(study, tmp_path):
+    study["methods"] = {"vanilla": {}}
+    study["datasets"]["synthetic"].update(num_train=256)
+    study["student_recipe"] = {**study["student_recipe"], "epochs": 3, "lr_milestones": [2]}
+    (plain,) = expand_study(study).jobs
+    study["student_recipe"].update(amp="bf16", channels_last=True)
+    (fast,) = expand_study(study).jobs
+    assert fast.job_id != plain.job_id
+    store = JobStore(tmp_path)
+    a, b = run_job(plain, store, QUIET), run_job(fast, store, QUIET)
+    assert b["metrics"]["top1"] > 100.0 / 4
+    assert a["history"][0]["train/loss"] != b["history"][0]["train/loss"]  # bf16 took effect
