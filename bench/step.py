@@ -40,9 +40,10 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
+from torch import nn
 
 from methods.config import parse_config
 from methods.distillers import DISTILLERS, DataInfo, Distiller
@@ -171,14 +172,26 @@ def make_batches(s: Settings, info: DataInfo, device: torch.device) -> List[Batc
     return batches
 
 
+def make_teacher(cls: Type[Distiller], cfg: Any, s: Settings) -> Optional[nn.Module]:
+    """The method's teacher with random weights, or None when the method needs none.
+
+    Uses ``teacher_request`` / ``build_teacher`` where the Distiller contract has them, and the
+    older ``needs_teacher`` flag otherwise.
+    """
+    if hasattr(cls, "teacher_request"):
+        if cls.teacher_request(cfg) is None:
+            return None
+        return cls.build_teacher(cfg, s.teacher, s.num_classes)
+    return build_model(s.teacher, s.num_classes) if cls.needs_teacher else None
+
+
 def build_distiller(method: str, s: Settings, info: DataInfo, device: torch.device) -> Distiller:
     """As the runner's ``_build_distiller`` (default method settings, random teacher weights)."""
     cls = DISTILLERS.get(method)
     overrides: Dict[str, Any] = {"num_negatives": s.crd_negatives} if method == "crd" else {}
     cfg = parse_config(cls.Config, overrides, f"bench.{method}")
     student = build_model(s.student, s.num_classes)
-    teacher = build_model(s.teacher, s.num_classes) if cls.needs_teacher else None
-    distiller = cls(student, teacher, cfg, info).to(device)
+    distiller = cls(student, make_teacher(cls, cfg, s), cfg, info).to(device)
     if s.channels_last:
         distiller.to(memory_format=torch.channels_last)
     return distiller

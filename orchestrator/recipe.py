@@ -17,6 +17,8 @@ class Recipe:
 
     ``lr=None`` takes the trained model's default (0.05; 0.01 for MobileNetV2/ShuffleNets).
     ``checkpoint_every_steps`` counts optimizer steps; epoch ends always checkpoint too.
+    ``epochs=0`` trains nothing: the job evaluates and saves its initial weights (the
+    randomly initialised teachers of cross-task studies).
     """
 
     epochs: int = 240
@@ -33,10 +35,10 @@ class Recipe:
     device: str = "auto"
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "checkpoint_every_steps"):
+        for name, least in (("epochs", 0), ("batch_size", 1), ("checkpoint_every_steps", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(name, f"must be an integer >= {least}, got {value!r}")
         if self.lr is not None:
             require_positive("lr", self.lr)
         require_positive("lr_decay", self.lr_decay)

@@ -89,7 +89,7 @@ def _build_distiller(spec: JobSpec, store: JobStore, data: Data, device: torch.d
         weights = store.weights_path(spec.teacher_job)
         if not weights.exists():
             raise JobFailed(f"teacher job {spec.teacher_job} has no weights at {weights}")
-        teacher = build_model(spec.teacher, data.info.num_classes)
+        teacher = cls.build_teacher(cfg, spec.teacher, data.info.num_classes)
         teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return cls(student, teacher, cfg, data.info).to(device)
 
@@ -234,6 +234,9 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions,
             save()
     if bar is not None:
         bar.close()
+    if not progress.history:  # zero epochs: the initial weights are the result
+        val = evaluate(distiller.student, data, device, recipe)
+        progress.history.append({"epoch": 0, "val/top1": val["top1"], "val/top5": val["top5"]})
     final = progress.history[-1]
     result = {
         "job_id": spec.job_id, "stage": spec.stage, "method": spec.method,
@@ -245,7 +248,7 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions,
         "wall_time_s": time.time() - started,
     }
     weights = store.weights_path(spec.job_id)
-    atomic_write(weights, lambda f: torch.save(distiller.student.state_dict(), f))
+    atomic_write(weights, lambda f: torch.save(distiller.exported_model().state_dict(), f))
     write_json(store.job_dir(spec.job_id) / "result.json", result)
     if tracker:
         tracker.log_artifact(store.job_dir(spec.job_id) / "result.json")

@@ -6,14 +6,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping
 
 from methods.config import parse_config
-from methods.distillers import DISTILLERS
+from methods.distillers import DISTILLERS, TeacherRequest
 from methods.errors import ConfigError
 from methods.models import MODELS, build_model, probe_taps
 from orchestrator.data import validate_dataset
 from orchestrator.recipe import Recipe
 from orchestrator.spec import JobSpec
-
-TEACHER_METHOD = "vanilla"
 
 
 @dataclass
@@ -60,6 +58,27 @@ def _check_pair(method: str, method_cfg: Any, teacher: str | None, student: str,
                           f"{err.problem} (pair {teacher}->{student})", err.allowed, err.fix) from None
 
 
+def _add_teacher(jobs: Dict[str, JobSpec], request: TeacherRequest, model: str, seed: int,
+                 recipe: Dict[str, Any], common: Dict[str, Any]) -> str:
+    """Add the teacher job ``request`` describes (and the teachers it needs); its id.
+
+    A trainer may itself need a teacher (HSAKD's frozen-backbone heads start from the plain
+    teacher), so teacher jobs chain; identical requests map to one shared job.
+    """
+    trainer = DISTILLERS.get(request.trainer)
+    settings = parse_config(trainer.Config, request.settings, f"teacher.{request.trainer}")
+    upstream = trainer.teacher_request(settings)
+    spec = JobSpec(
+        stage="teacher", method=request.trainer, model=model, seed=seed,
+        method_cfg=dataclasses.asdict(settings),
+        recipe=recipe if request.trained else {**recipe, "epochs": 0},
+        teacher=model if upstream else None,
+        teacher_job=_add_teacher(jobs, upstream, model, seed, recipe, common) if upstream else None,
+        **common)
+    jobs.setdefault(spec.job_id, spec)
+    return spec.job_id
+
+
 def expand_study(study: Mapping[str, Any]) -> JobGraph:
     """Validate ``study`` (the composed ``study`` config) and expand it into its job graph.
 
@@ -94,36 +113,40 @@ def expand_study(study: Mapping[str, Any]) -> JobGraph:
         dataset_field = f"study.datasets.{dataset}"
         dataset_cfg = validate_dataset(dataset, dataset_values, dataset_field)
         input_shape, num_classes = dataset_cfg.input_shape(), dataset_cfg.class_count()
-        dataset_dict = dataclasses.asdict(dataset_cfg)
+        common = {"dataset": dataset, "dataset_cfg": dataclasses.asdict(dataset_cfg),
+                  "labels": {"study": name}}
         for i, pair in enumerate(pairs):
             teacher, student = pair["teacher"], pair["student"]
-            teacher_spec = JobSpec(
-                stage="teacher", method=TEACHER_METHOD, model=teacher, dataset=dataset,
-                seed=teacher_seed,
-                method_cfg=dataclasses.asdict(parse_config(
-                    DISTILLERS.get(TEACHER_METHOD).Config, {}, "teacher")),
-                dataset_cfg=dataset_dict,
-                recipe=_resolve_recipe(study.get("teacher_recipe") or {}, teacher,
-                                       "study.teacher_recipe"),
-                labels={"study": name},
-            )
+            teacher_recipe = _resolve_recipe(study.get("teacher_recipe") or {}, teacher,
+                                             "study.teacher_recipe")
             student_recipe = _resolve_recipe(study.get("student_recipe") or {}, student,
                                              "study.student_recipe")
             for method, method_cfg in method_cfgs.items():
-                needs_teacher = DISTILLERS.get(method).needs_teacher
-                _check_pair(method, method_cfg, teacher if needs_teacher else None, student,
+                request = DISTILLERS.get(method).teacher_request(method_cfg)
+                _check_pair(method, method_cfg, teacher if request else None, student,
                             input_shape, num_classes, f"study.pairs[{i}]")
-                if needs_teacher:
-                    jobs.setdefault(teacher_spec.job_id, teacher_spec)
+                teacher_job = (_add_teacher(jobs, request, teacher, teacher_seed, teacher_recipe,
+                                            common) if request else None)
                 for seed in seeds:
                     spec = JobSpec(
-                        stage="distill", method=method, model=student, dataset=dataset,
-                        seed=int(seed), method_cfg=dataclasses.asdict(method_cfg),
-                        dataset_cfg=dataset_dict, recipe=student_recipe,
-                        teacher=teacher if needs_teacher else None,
-                        teacher_job=teacher_spec.job_id if needs_teacher else None,
-                        labels={"study": name},
-                    )
+                        stage="distill", method=method, model=student, seed=int(seed),
+                        method_cfg=dataclasses.asdict(method_cfg), recipe=student_recipe,
+                        teacher=teacher if request else None, teacher_job=teacher_job, **common)
                     jobs.setdefault(spec.job_id, spec)
-    ordered = sorted(jobs.values(), key=lambda job: job.stage != "teacher")
-    return JobGraph(study=name, jobs=ordered)
+    return JobGraph(study=name, jobs=_dependency_order(list(jobs.values())))
+
+
+def _dependency_order(jobs: List[JobSpec]) -> List[JobSpec]:
+    """``jobs`` reordered so that every job comes after the jobs it needs (stable otherwise)."""
+    placed: Dict[str, JobSpec] = {}
+    by_id = {job.job_id: job for job in jobs}
+
+    def place(job: JobSpec) -> None:
+        for need in job.needs:
+            if need not in placed:
+                place(by_id[need])
+        placed.setdefault(job.job_id, job)
+
+    for job in jobs:
+        place(job)
+    return list(placed.values())

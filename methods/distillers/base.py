@@ -1,7 +1,7 @@
 """The contract every distillation method implements."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, Iterable, Tuple, Type
 
 import torch
@@ -9,9 +9,25 @@ from torch import nn
 
 from methods.errors import ConfigError
 from methods.features import Features, TapShapes
+from methods.models.base import build_model
 from methods.registry import Registry
 
 LossTerms = Dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """The teacher a method needs, as a teacher job the study graph must hold.
+
+    trainer:  the registered method that trains the teacher (``vanilla`` for a plain
+              classifier; a method-specific trainer such as HSAKD's for teachers with extra heads).
+    settings: that trainer's settings (they enter the teacher job's id).
+    trained:  False for a randomly initialised teacher: its job trains for zero epochs.
+    """
+
+    trainer: str = "vanilla"
+    settings: Dict[str, Any] = field(default_factory=dict)
+    trained: bool = True
 
 
 @dataclass(frozen=True)
@@ -39,18 +55,33 @@ class Distiller(nn.Module):
     none of its parameters is handed to the optimizer.
 
     Subclasses set ``Config`` (a dataclass of the method's settings, whose fields are the
-    config keys), ``needs_teacher`` and ``display_name`` (the row label in reports), and may override ``check_taps`` to refuse pairs whose
-    taps cannot be matched.
+    config keys) and ``display_name`` (the row label in reports). They may override
+    ``teacher_request`` (which teacher job they need; None for none), ``build_teacher`` (the
+    module that teacher job's weights load into), ``exported_model`` (what a job of this
+    method saves as its weights) and ``check_taps`` (refuse pairs whose taps cannot be matched).
     """
 
     Config: ClassVar[Type[Any]]
-    needs_teacher: ClassVar[bool] = True
     display_name: ClassVar[str] = ""
+
+    @classmethod
+    def teacher_request(cls, cfg: Any) -> TeacherRequest | None:
+        """The teacher job this method needs with settings ``cfg``; None when it needs none."""
+        return TeacherRequest()
+
+    @classmethod
+    def build_teacher(cls, cfg: Any, name: str, num_classes: int) -> nn.Module:
+        """The teacher module, before its job's weights are loaded: model ``name`` by default."""
+        return build_model(name, num_classes)
+
+    def exported_model(self) -> nn.Module:
+        """The module whose ``state_dict`` a finished job saves: the student by default."""
+        return self.student
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: Any,
                  data: DataInfo) -> None:
         super().__init__()
-        if self.needs_teacher and teacher is None:
+        if self.teacher_request(cfg) is not None and teacher is None:
             raise ConfigError("teacher", f"method {type(self).__name__} needs a teacher")
         self.student = student
         self.teacher = teacher

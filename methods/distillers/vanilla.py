@@ -28,7 +28,10 @@ class Vanilla(Distiller):
     display_name = "Student (alone)"
 
     Config = VanillaConfig
-    needs_teacher = False
+
+    @classmethod
+    def teacher_request(cls, cfg: VanillaConfig) -> None:
+        return None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor,
                 index: torch.Tensor) -> Tuple[torch.Tensor, LossTerms]:

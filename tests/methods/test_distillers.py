@@ -68,7 +68,7 @@ def batch(b: int = 6):
 def build(name: str, **settings):
     cls = DISTILLERS.get(name)
     cfg = parse_config(cls.Config, settings, f"study.methods.{name}")
-    teacher = teacher_net() if cls.needs_teacher else None
+    teacher = teacher_net() if cls.teacher_request(cls.Config()) is not None else None
     return cls(student_net(), teacher, cfg, data_info())
 
 
