@@ -173,16 +173,10 @@ def make_batches(s: Settings, info: DataInfo, device: torch.device) -> List[Batc
 
 
 def make_teacher(cls: Type[Distiller], cfg: Any, s: Settings) -> Optional[nn.Module]:
-    """The method's teacher with random weights, or None when the method needs none.
-
-    Uses ``teacher_request`` / ``build_teacher`` where the Distiller contract has them, and the
-    older ``needs_teacher`` flag otherwise.
-    """
-    if hasattr(cls, "teacher_request"):
-        if cls.teacher_request(cfg) is None:
-            return None
-        return cls.build_teacher(cfg, s.teacher, s.num_classes)
-    return build_model(s.teacher, s.num_classes) if cls.needs_teacher else None
+    """The method's teacher (``build_teacher``) with random weights; None when it requests none."""
+    if cls.teacher_request(cfg) is None:
+        return None
+    return cls.build_teacher(cfg, s.teacher, s.num_classes)
 
 
 def build_distiller(method: str, s: Settings, info: DataInfo, device: torch.device) -> Distiller:

@@ -17,6 +17,7 @@ USAGE_EXAMPLES = """examples:
   kdflow status                                the jobs of the study and their states
   kdflow report                                the results table, CSV and plots
   kdflow run --cfg                             print the composed config and exit
+  kdflow run study=cifar100_benchmark --dry-run  validate and show the plan without data
 """
 
 
@@ -31,13 +32,17 @@ def _parser() -> argparse.ArgumentParser:
         sub = verbs.add_parser(verb, help=text, description=text)
         sub.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. study=demo a.b=1")
         sub.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+        if verb == "run":
+            sub.add_argument("--dry-run", action="store_true",
+                             help="validate the study and print its job plan; run nothing "
+                                  "(the datasets' files need not exist)")
     return parser
 
 
 class Session:
     """The composed config of one command and the paths and graph derived from it."""
 
-    def __init__(self, overrides: List[str]) -> None:
+    def __init__(self, overrides: List[str], require_data: bool = True) -> None:
         from launch.compose import compose_config
         from orchestrator.store import JobStore
         from orchestrator.study import expand_study
@@ -47,7 +52,7 @@ class Session:
         self.cfg = compose_config(overrides)
         self.plain = OmegaConf.to_container(self.cfg, resolve=True)
         self.output_dir = str(Path(self.plain["output_dir"]).resolve())
-        self.graph = expand_study(self.plain["study"])
+        self.graph = expand_study(self.plain["study"], require_data)
         self.store = JobStore(Path(self.output_dir) / "jobs")
         self.tracking_uri = resolve_tracking_uri(self.plain.get("tracking_uri"), self.output_dir)
 
@@ -76,6 +81,21 @@ def _run(session: Session) -> int:
     return 0 if summary.ok else 1
 
 
+def _plan(session: Session) -> int:
+    from collections import Counter
+
+    from orchestrator.status import status_table
+
+    stages = Counter(job.stage for job in session.graph.jobs)
+    todo = sum(not session.store.is_done(job.job_id) for job in session.graph.jobs)
+    print(f"plan for study {session.graph.study}: {len(session.graph.jobs)} jobs ("
+          + ", ".join(f"{n} {stage}" for stage, n in stages.items())
+          + f"); {todo} to run, {len(session.graph.jobs) - todo} already done")
+    print(status_table(session.graph, session.store))
+    print("dry run: nothing was started.")
+    return 0
+
+
 def _status(session: Session) -> int:
     from orchestrator.status import status_table
 
@@ -99,13 +119,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=os.environ.get("KDFLOW_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        session = Session(args.overrides)
+        dry_run = getattr(args, "dry_run", False)
+        session = Session(args.overrides, require_data=not dry_run)
         if args.cfg:
             from omegaconf import OmegaConf
 
             print(OmegaConf.to_yaml(session.cfg))
             return 0
-        return VERBS[args.verb](session)
+        return _plan(session) if dry_run else VERBS[args.verb](session)
     except ConfigError as err:
         print(f"kdflow: error: {err}", file=sys.stderr)
         print("No job was started.", file=sys.stderr)

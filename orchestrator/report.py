@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from methods.distillers import DISTILLERS
+from orchestrator.spec import JobSpec
 from orchestrator.store import JobStore
 from orchestrator.study import JobGraph
 
@@ -41,25 +42,41 @@ class Cell:
 Column = Tuple[str, str, str]  # dataset, teacher, student
 
 
-def method_label(method: str) -> str:
-    if method == TEACHER_ROW:
-        return "Teacher"
-    return DISTILLERS.get(method).display_name or method
+def row_key(job: JobSpec) -> str:
+    """The report row of a job: ``teacher...`` rows for teachers, else method[variant]."""
+    if job.stage == "teacher":
+        kind = "" if job.method == "vanilla" else f":{job.method}"
+        return f"{TEACHER_ROW}{kind}{':random' if job.recipe.get('epochs') == 0 else ''}"
+    variant = job.labels.get("variant")
+    return f"{job.method}[{variant}]" if variant else job.method
+
+
+def row_label(key: str) -> str:
+    """``kd`` -> ``KD``; ``teacher:hsakd_teacher`` -> ``Teacher (HSAKD teacher)``."""
+    if key.startswith(TEACHER_ROW):
+        parts = key.split(":")[1:]
+        notes = ["random init" if p == "random" else DISTILLERS.get(p).display_name or p
+                 for p in parts]
+        return "Teacher" + (f" ({', '.join(notes)})" if notes else "")
+    method, _, variant = key.partition("[")
+    label = DISTILLERS.get(method).display_name or method
+    return f"{label} ({variant.rstrip(']')})" if variant else label
 
 
 def collect(graph: JobGraph, store: JobStore,
             metric: str = "top1") -> Tuple[List[Column], List[str], Dict[Tuple[str, Column], Cell]]:
     """Group finished results into cells keyed by (row, column).
 
-    Columns are the study's (dataset, teacher, student) pairs; rows are ``teacher`` and then
-    the methods in study order. A teacher-free job (the student alone) fills the cell of every
-    pair whose student it trains.
+    Columns are the study's (dataset, teacher, student) pairs; rows are the teacher variants
+    and then the methods (and their ablation variants) in study order. A teacher-free job
+    (the student alone) fills the cell of every pair whose student it trains.
     """
     teacher_model = {j.job_id: j.model for j in graph.jobs if j.stage == "teacher"}
-    distill = [j for j in graph.jobs if j.stage == "distill"]
-    rows = [TEACHER_ROW] + list(dict.fromkeys(j.method for j in distill))
+    students = [j for j in graph.jobs if j.stage != "teacher"]
+    teachers = [j for j in graph.jobs if j.stage == "teacher"]
+    rows = list(dict.fromkeys(row_key(j) for j in teachers + students))
     columns = list(dict.fromkeys((j.dataset, teacher_model[j.teacher_job], j.model)
-                                 for j in distill if j.teacher_job))
+                                 for j in students if j.teacher_job))
     cells: Dict[Tuple[str, Column], Cell] = {}
     for column in columns:
         dataset, teacher, student = column
@@ -67,13 +84,12 @@ def collect(graph: JobGraph, store: JobStore,
             if job.dataset != dataset:
                 continue
             if job.stage == "teacher":
-                row, matches = TEACHER_ROW, job.model == teacher
+                matches = job.model == teacher
             else:
-                row = job.method
                 matches = job.model == student and job.teacher in (None, teacher)
             if not matches:
                 continue
-            cell = cells.setdefault((row, column), Cell([], 0))
+            cell = cells.setdefault((row_key(job), column), Cell([], 0))
             cell.expected += 1
             result = store.result(job.job_id)
             if result:
@@ -88,7 +104,7 @@ def markdown_table(graph: JobGraph, store: JobStore, metric: str = "top1") -> st
     lines = ["| Method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(columns)]
     for row in rows:
         values = [cells[(row, c)].render() if (row, c) in cells else "-" for c in columns]
-        lines.append(f"| {method_label(row)} | " + " | ".join(values) + " |")
+        lines.append(f"| {row_label(row)} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
@@ -97,7 +113,7 @@ def write_report(graph: JobGraph, store: JobStore, folder: Path, metric: str = "
     folder.mkdir(parents=True, exist_ok=True)
     columns, rows, cells = collect(graph, store, metric)
     table = markdown_table(graph, store, metric)
-    seeds = sorted({j.seed for j in graph.jobs if j.stage == "distill"})
+    seeds = sorted({j.seed for j in graph.jobs if j.stage != "teacher"})
     caption = (f"Top-1 accuracy (%) on the held-out split of study `{graph.study}`, last epoch, "
                f"mean ± sample std over seeds {seeds}.")
     text = f"{caption}\n\n{table}\n"
@@ -132,7 +148,7 @@ def _plot_accuracy(columns: List[Column], rows: List[str], cells: Dict[Tuple[str
                 xs.append(j + (i - (len(rows) - 1) / 2) * width)
                 means.append(cell.mean)
                 stds.append(cell.std)
-        ax.bar(xs, means, width, yerr=stds, capsize=2, label=method_label(row))
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=row_label(row))
     finite = [c.mean for c in cells.values() if c.mean is not None]
     if finite:
         ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 2))
@@ -156,15 +172,15 @@ def _plot_curves(graph: JobGraph, store: JobStore, columns: List[Column], path: 
         curves: Dict[str, List[List[float]]] = {}
         for job in graph.jobs:
             result = store.result(job.job_id)
-            if not result or job.stage != "distill" or job.dataset != dataset or job.model != student:
+            if not result or job.stage == "teacher" or job.dataset != dataset or job.model != student:
                 continue
             if job.teacher is not None and job.teacher != teacher:
                 continue
-            curves.setdefault(job.method, []).append([h["val/top1"] for h in result["history"]])
+            curves.setdefault(row_key(job), []).append([h["val/top1"] for h in result["history"]])
         for method, runs in curves.items():
             length = min(len(r) for r in runs)
             mean = [statistics.fmean(r[e] for r in runs) for e in range(length)]
-            ax.plot(range(1, length + 1), mean, label=method_label(method))
+            ax.plot(range(1, length + 1), mean, label=row_label(method))
         ax.set_title(f"{teacher} → {student} ({dataset})", fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("val top-1 (%)")

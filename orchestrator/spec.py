@@ -6,15 +6,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
-STAGES = ("teacher", "distill")
+STAGES = ("teacher", "distill", "ablation")
 
 
 @dataclass(frozen=True)
 class JobSpec:
     """Everything that determines a job's result; its hash is the job id.
 
-    stage:       ``teacher`` (pretraining a teacher) or ``distill`` (training a student,
-                 with a method; ``vanilla`` is the student alone).
+    stage:       ``teacher`` (pretraining a teacher), ``distill`` (training a student with a
+                 method; ``vanilla`` is the student alone) or ``ablation`` (the same with
+                 settings from one of the study's ablation axes).
     model:       the architecture this job trains.
     teacher:     the teacher architecture a distill job reads (None when the method needs none).
     teacher_job: the id of the job whose weights are the teacher.
@@ -50,7 +51,12 @@ class JobSpec:
     def title(self) -> str:
         """A short human name: ``kd resnet20->resnet8 digits s0``."""
         pair = f"{self.teacher}->{self.model}" if self.teacher else self.model
-        return f"{self.method if self.stage == 'distill' else 'teacher'} {pair} {self.dataset} s{self.seed}"
+        what = self.method
+        if self.stage == "teacher":
+            what = "teacher" if self.method == "vanilla" else self.method
+            what += " (random init)" if self.recipe.get("epochs") == 0 else ""
+        variant = f" [{self.labels['variant']}]" if self.labels.get("variant") else ""
+        return f"{what}{variant} {pair} {self.dataset} s{self.seed}"
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping
 
@@ -11,7 +12,7 @@ from methods.errors import ConfigError
 from methods.models import MODELS, build_model, probe_taps
 from orchestrator.data import validate_dataset
 from orchestrator.recipe import Recipe
-from orchestrator.spec import JobSpec
+from orchestrator.spec import STAGES, JobSpec
 
 
 @dataclass
@@ -58,6 +59,53 @@ def _check_pair(method: str, method_cfg: Any, teacher: str | None, student: str,
                           f"{err.problem} (pair {teacher}->{student})", err.allowed, err.fix) from None
 
 
+@dataclass(frozen=True)
+class MethodVariant:
+    """One method with one combination of ablated settings.
+
+    stage: ``distill`` for the study's own settings, ``ablation`` for the other combinations.
+    label: ``setting=value, ...`` of the ablated settings ("" for a method without ablations).
+    """
+
+    method: str
+    cfg: Any
+    stage: str
+    label: str
+
+
+def _method_variants(methods: Mapping[str, Any], ablations: Mapping[str, Any]) -> List[MethodVariant]:
+    """Each method's study settings, plus one variant per combination of its ablation axes.
+
+    ``ablations`` maps a method to ``{setting: [value, ...]}``; a combination equal to the
+    study's own settings is the method's ``distill`` job, not a second copy.
+    """
+    for method in ablations:
+        if method not in methods:
+            raise ConfigError(f"study.ablations.{method}", "is not a method of this study",
+                              allowed=list(methods))
+    variants: List[MethodVariant] = []
+    for method, values in methods.items():
+        cls = DISTILLERS.get(method, f"study.methods.{method}")
+        base = parse_config(cls.Config, values, f"study.methods.{method}")
+        axes = dict(ablations.get(method) or {})
+        for setting, options in axes.items():
+            if not isinstance(options, (list, tuple)) or not options:
+                raise ConfigError(f"study.ablations.{method}.{setting}",
+                                  f"must be a non-empty list of values, got {options!r}")
+        combos = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+        def label(cfg: Any) -> str:
+            return ", ".join(f"{k}={getattr(cfg, k)}" for k in axes)
+
+        variants.append(MethodVariant(method, base, "distill", label(base)))
+        for combo in combos:
+            cfg = parse_config(cls.Config, {**dataclasses.asdict(base), **combo},
+                               f"study.ablations.{method}")
+            if cfg != base:
+                variants.append(MethodVariant(method, cfg, "ablation", label(cfg)))
+    return variants
+
+
 def _add_teacher(jobs: Dict[str, JobSpec], request: TeacherRequest, model: str, seed: int,
                  recipe: Dict[str, Any], common: Dict[str, Any]) -> str:
     """Add the teacher job ``request`` describes (and the teachers it needs); its id.
@@ -79,11 +127,12 @@ def _add_teacher(jobs: Dict[str, JobSpec], request: TeacherRequest, model: str, 
     return spec.job_id
 
 
-def expand_study(study: Mapping[str, Any]) -> JobGraph:
+def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGraph:
     """Validate ``study`` (the composed ``study`` config) and expand it into its job graph.
 
     Every name, setting and teacher/student pairing is checked before a single job exists;
-    the first problem raises :class:`ConfigError` naming the field.
+    the first problem raises :class:`ConfigError` naming the field. ``require_data=False``
+    (a dry run) skips only the check that the datasets' files exist.
     """
     name = study.get("name") or "study"
     pairs = _require_list(study, "pairs")
@@ -95,10 +144,7 @@ def expand_study(study: Mapping[str, Any]) -> JobGraph:
     if not methods:
         raise ConfigError("study.methods", "no method", allowed=DISTILLERS.names())
 
-    method_cfgs = {}
-    for method, values in methods.items():
-        cls = DISTILLERS.get(method, f"study.methods.{method}")
-        method_cfgs[method] = parse_config(cls.Config, values, f"study.methods.{method}")
+    variants = _method_variants(methods, study.get("ablations") or {})
 
     for i, pair in enumerate(pairs):
         for role in ("teacher", "student"):
@@ -111,7 +157,7 @@ def expand_study(study: Mapping[str, Any]) -> JobGraph:
     teacher_seed = int(study.get("teacher_seed", 0))
     for dataset, dataset_values in datasets.items():
         dataset_field = f"study.datasets.{dataset}"
-        dataset_cfg = validate_dataset(dataset, dataset_values, dataset_field)
+        dataset_cfg = validate_dataset(dataset, dataset_values, dataset_field, require_data)
         input_shape, num_classes = dataset_cfg.input_shape(), dataset_cfg.class_count()
         common = {"dataset": dataset, "dataset_cfg": dataclasses.asdict(dataset_cfg),
                   "labels": {"study": name}}
@@ -121,19 +167,23 @@ def expand_study(study: Mapping[str, Any]) -> JobGraph:
                                              "study.teacher_recipe")
             student_recipe = _resolve_recipe(study.get("student_recipe") or {}, student,
                                              "study.student_recipe")
-            for method, method_cfg in method_cfgs.items():
+            for variant in variants:
+                method, method_cfg = variant.method, variant.cfg
                 request = DISTILLERS.get(method).teacher_request(method_cfg)
                 _check_pair(method, method_cfg, teacher if request else None, student,
                             input_shape, num_classes, f"study.pairs[{i}]")
                 teacher_job = (_add_teacher(jobs, request, teacher, teacher_seed, teacher_recipe,
                                             common) if request else None)
+                labels = {**common["labels"], **({"variant": variant.label} if variant.label else {})}
                 for seed in seeds:
                     spec = JobSpec(
-                        stage="distill", method=method, model=student, seed=int(seed),
+                        stage=variant.stage, method=method, model=student, seed=int(seed),
                         method_cfg=dataclasses.asdict(method_cfg), recipe=student_recipe,
-                        teacher=teacher if request else None, teacher_job=teacher_job, **common)
+                        teacher=teacher if request else None, teacher_job=teacher_job,
+                        **{**common, "labels": labels})
                     jobs.setdefault(spec.job_id, spec)
-    return JobGraph(study=name, jobs=_dependency_order(list(jobs.values())))
+    by_stage = sorted(jobs.values(), key=lambda job: STAGES.index(job.stage))
+    return JobGraph(study=name, jobs=_dependency_order(by_stage))
 
 
 def _dependency_order(jobs: List[JobSpec]) -> List[JobSpec]:

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from methods.config import parse_config
+from methods.errors import ConfigError
 from orchestrator.data import cifar, digits, imagefolder, synthetic  # noqa: F401  (registers)
 from orchestrator.data.loaders import Batch, Data, EvalLoader, TrainLoader
 from orchestrator.data.registry import DATASETS, DatasetEntry, register_dataset
@@ -18,15 +19,24 @@ __all__ = ["Batch", "Data", "DATASETS", "DatasetEntry", "EvalLoader", "TrainLoad
            "build_data", "register_dataset", "validate_dataset"]
 
 
-def validate_dataset(dataset_name: str, settings: Mapping[str, Any] | None, field: str) -> Any:
+def validate_dataset(dataset_name: str, settings: Mapping[str, Any] | None, field: str,
+                     require_data: bool = True) -> Any:
     """Parse and check ``settings`` of dataset ``dataset_name``; returns its Config dataclass.
 
     ``field`` is the settings' dotted path (``study.datasets.cifar100``); errors name fields
     under it (``study.datasets.cifar100.root``). An unknown name raises ConfigError at
-    ``field`` listing the registered datasets. Only cheap path checks; no data is read.
+    ``field`` listing the registered datasets. With ``require_data`` the dataset's files must
+    exist (``Config.check_data``: listings only, no data is read).
     """
     entry = DATASETS.get(dataset_name, field)
-    return parse_config(entry.Config, settings, field)
+    cfg = parse_config(entry.Config, settings, field)
+    check = getattr(cfg, "check_data", None)
+    if require_data and check is not None:
+        try:
+            check()
+        except ConfigError as err:
+            raise err.under(field) from None
+    return cfg
 
 
 def build_data(dataset_name: str, settings: Mapping[str, Any] | None, field: str,

@@ -65,14 +65,17 @@ class CifarConfig:
         return self.layout.num_classes
 
     def validate(self) -> None:
+        require_bool("device_resident", self.device_resident)
+
+    def check_data(self) -> None:
+        """The files exist (a listing only; nothing is read)."""
         fix = (f"point root at a folder in torchvision's CIFAR layout "
-               f"({self.layout.folder}/...) ; kdflow never downloads")
+               f"({self.layout.folder}/...), e.g. data.root=/path/to/cifar; kdflow never downloads")
         require_folder("root", self.root, fix)
         for name in [*self.layout.train_files, *self.layout.test_files]:
             path = os.path.join(self.root, self.layout.folder, name)
             if not os.path.isfile(path):
                 raise ConfigError("root", f"file {os.path.abspath(path)} does not exist", fix=fix)
-        require_bool("device_resident", self.device_resident)
 
 
 @dataclass

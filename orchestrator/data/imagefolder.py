@@ -47,10 +47,13 @@ class ImageFolderConfig:
         return sum(1 for e in os.scandir(path) if e.is_dir())
 
     def validate(self) -> None:
-        fix = ("point root at a folder holding train_dir/<class>/*.jpg and "
-               "val_dir/<class>/*.jpg (an ImageNet-style tree)")
         require_int("image_size", self.image_size, 1)
         require_int("workers", self.workers, 0)
+
+    def check_data(self) -> None:
+        """Both splits exist with the same non-empty class folders (directory listings only)."""
+        fix = ("point root at a folder holding train_dir/<class>/*.jpg and "
+               "val_dir/<class>/*.jpg (an ImageNet-style tree)")
         require_folder("root", self.root, fix)
         classes: dict[str, list[str]] = {}
         for split in (self.train_dir, self.val_dir):
