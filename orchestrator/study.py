@@ -88,7 +88,11 @@ def _method_variants(methods: Mapping[str, Any], ablations: Mapping[str, Any]) -
         cls = DISTILLERS.get(method, f"study.methods.{method}")
         base = parse_config(cls.Config, values, f"study.methods.{method}")
         axes = dict(ablations.get(method) or {})
+        settings = [f.name for f in dataclasses.fields(base)]
         for setting, options in axes.items():
+            if setting not in settings:
+                raise ConfigError(f"study.ablations.{method}.{setting}", "unknown setting",
+                                  allowed=settings)
             if not isinstance(options, (list, tuple)) or not options:
                 raise ConfigError(f"study.ablations.{method}.{setting}",
                                   f"must be a non-empty list of values, got {options!r}")

@@ -1,7 +1,8 @@
-"""Distillation methods: the ``Distiller`` contract and the registered baseline methods."""
+"""Distillation methods: the ``Distiller`` contract and every registered method."""
 from methods.distillers.base import (DISTILLERS, DataInfo, Distiller, LossTerms,
                                      TeacherRequest, register_distiller)
-from methods.distillers import crd, fitnet, kd, vanilla  # noqa: F401  (fill DISTILLERS)
+from methods.distillers import (crd, fitnet, hsakd, kd, msdcrd, projection,  # noqa: F401
+                                spectral, vanilla)  # (fill DISTILLERS)
 
 __all__ = ["DISTILLERS", "DataInfo", "Distiller", "LossTerms", "TeacherRequest",
            "register_distiller"]

@@ -6,7 +6,7 @@ teacher checkpoints load with ``load_state_dict``.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,21 @@ class CifarResNet(TappedModel):
             preact.append(pre)
         embedding = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         return Features(self.fc(embedding), stages, preact, embedding, stem)
+
+    # HSAKD auxiliary-branch parts (the protocol is documented in methods/models/aux_heads.py).
+    hsakd_taps: Tuple[int, ...] = (0, 1, 2)
+
+    def hsakd_transitions(self) -> List[nn.Module]:
+        """layer2 (tap 0 -> tap 1) and layer3 (tap 1 -> tap 2)."""
+        return [self.layer2, self.layer3]
+
+    def hsakd_last_stage(self) -> nn.Module:
+        """A new layer3 at stride 1 that reads layer3's width: (B, w3, H, W) -> (B, w3, H, W)."""
+        width = self.fc.in_features
+        return self._stage(width, width, len(self.layer3), 1)
+
+    def hsakd_pre_pool(self) -> nn.Module:
+        return nn.Identity()
 
 
 def _register(name: str, depth: int, widths: Sequence[int]) -> None:

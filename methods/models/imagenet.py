@@ -5,12 +5,13 @@ load into these models unchanged.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
+from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import Bottleneck
 
 from methods.features import Features
@@ -63,6 +64,22 @@ class TorchvisionResNet(TappedModel):
         embedding = torch.flatten(self.avgpool(out), 1)
         return Features(self.fc(embedding), stages, preact, embedding, stem)
 
+    # HSAKD auxiliary-branch parts (the protocol is documented in methods/models/aux_heads.py).
+    hsakd_taps: Tuple[int, ...] = (0, 1, 2, 3)
+
+    def hsakd_transitions(self) -> List[nn.Module]:
+        """layer2, layer3 and layer4."""
+        return [self.layer2, self.layer3, self.layer4]
+
+    def hsakd_last_stage(self) -> nn.Module:
+        """A new layer4 at stride 1 reading layer4's width (so without a downsample branch)."""
+        block = type(self.layer4[0])
+        width = self.fc.in_features
+        return nn.Sequential(*(block(width, width // block.expansion) for _ in self.layer4))
+
+    def hsakd_pre_pool(self) -> nn.Module:
+        return nn.Identity()
+
 
 class TorchvisionMobileNetV2(TappedModel):
     """torchvision MobileNetV2 (width 1) with taps.
@@ -86,6 +103,29 @@ class TorchvisionMobileNetV2(TappedModel):
         head = self.features[-1](out)
         embedding = torch.flatten(F.adaptive_avg_pool2d(head, 1), 1)
         return Features(self.classifier(embedding), stages, list(stages), embedding, stem)
+
+    # HSAKD auxiliary-branch parts (the protocol is documented in methods/models/aux_heads.py).
+    hsakd_taps: Tuple[int, ...] = (0, 1, 2, 3)
+
+    def hsakd_transitions(self) -> List[nn.Module]:
+        """The feature blocks between consecutive tap stages."""
+        ends = MOBILENET_STAGE_ENDS
+        return [self.features[a + 1:b + 1] for a, b in zip(ends, ends[1:])]
+
+    def hsakd_last_stage(self) -> nn.Module:
+        """New copies of the last stage's blocks, all at stride 1, reading its width (320)."""
+        channels = self.features[-1][0].in_channels
+        layers = []
+        for block in self.features[MOBILENET_STAGE_ENDS[-2] + 1:MOBILENET_STAGE_ENDS[-1] + 1]:
+            expand_conv = block.conv[0][0]
+            expand = expand_conv.out_channels // expand_conv.in_channels
+            layers.append(InvertedResidual(channels, block.out_channels, 1, expand))
+            channels = block.out_channels
+        return nn.Sequential(*layers)
+
+    def hsakd_pre_pool(self) -> nn.Module:
+        """The final 1x1 conv-BN-ReLU6 to 1280 channels."""
+        return self.features[-1]
 
 
 def _register_resnet(name: str, factory: Callable[..., tvm.ResNet]) -> None:

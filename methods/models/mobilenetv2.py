@@ -6,6 +6,8 @@ Parameter names follow RepDistiller's ``models/mobilenetv2.py``.
 """
 from __future__ import annotations
 
+from typing import List, Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,6 +87,30 @@ class MobileNetV2(TappedModel):
                 stages.append(out)
         embedding = torch.flatten(F.adaptive_avg_pool2d(self.conv2(out), 1), 1)
         return Features(self.classifier(embedding), stages, list(stages), embedding, stem)
+
+    # HSAKD auxiliary-branch parts (the protocol is documented in methods/models/aux_heads.py).
+    hsakd_taps: Tuple[int, ...] = (0, 1, 2, 3)
+
+    def hsakd_transitions(self) -> List[nn.Module]:
+        """The block groups between consecutive tap stages (groups 2, 3-4 and 5-6)."""
+        return [nn.Sequential(*self.blocks[a + 1:b + 1])
+                for a, b in zip(STAGE_ENDS, STAGE_ENDS[1:])]
+
+    def hsakd_last_stage(self) -> nn.Module:
+        """New groups 5-6 with every stride 1, the first block reading the last stage's width."""
+        channels = self.conv2[0].in_channels
+        layers = []
+        for group in self.blocks[STAGE_ENDS[-2] + 1:]:
+            for block in group:
+                expand_conv, project_bn = block.conv[0], block.conv[-1]
+                expand = expand_conv.out_channels // expand_conv.in_channels
+                layers.append(InvertedResidual(channels, project_bn.num_features, 1, expand))
+                channels = project_bn.num_features
+        return nn.Sequential(*layers)
+
+    def hsakd_pre_pool(self) -> nn.Module:
+        """The 1x1 conv-BN-ReLU to 1280 channels."""
+        return self.conv2
 
 
 @register_model("MobileNetV2", family="mobilenetv2", default_lr=0.01)

@@ -6,7 +6,7 @@ average-pooled shortcut. Parameter names follow RepDistiller's ``models/ShuffleN
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,22 @@ class ShuffleNetV1(TappedModel):
             preact.append(pre)
         embedding = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         return Features(self.linear(embedding), stages, preact, embedding, stem)
+
+    # HSAKD auxiliary-branch parts (the protocol is documented in methods/models/aux_heads.py).
+    hsakd_taps: Tuple[int, ...] = (0, 1, 2)
+
+    def hsakd_transitions(self) -> List[nn.Module]:
+        """layer2 (tap 0 -> tap 1) and layer3 (tap 1 -> tap 2)."""
+        return [self.layer2, self.layer3]
+
+    def hsakd_last_stage(self) -> nn.Module:
+        """A new layer3 of stride-1 (additive) blocks only, reading layer3's width."""
+        width = self.linear.in_features
+        groups = self.layer3[-1].conv3.groups
+        return PreactSequential(Bottleneck(width, width, 1, groups) for _ in self.layer3)
+
+    def hsakd_pre_pool(self) -> nn.Module:
+        return nn.Identity()
 
 
 @register_model("ShuffleV1", family="shufflenet", default_lr=0.01)

@@ -9,7 +9,7 @@ elementwise (RepDistiller returns it unshuffled; the values are the same, in ano
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +115,25 @@ class ShuffleNetV2(TappedModel):
         head = F.relu(self.bn2(self.conv2(out)))
         embedding = torch.flatten(F.adaptive_avg_pool2d(head, 1), 1)
         return Features(self.linear(embedding), stages, preact, embedding, stem)
+
+    # HSAKD auxiliary-branch parts (the protocol is documented in methods/models/aux_heads.py).
+    hsakd_taps: Tuple[int, ...] = (0, 1, 2)
+
+    def hsakd_transitions(self) -> List[nn.Module]:
+        """layer2 (tap 0 -> tap 1) and layer3 (tap 1 -> tap 2)."""
+        return [self.layer2, self.layer3]
+
+    def hsakd_last_stage(self) -> nn.Module:
+        """A new layer3 reading layer3's width, its down block's depthwise convs at stride 1."""
+        width = self.conv2.in_channels
+        stage = self._stage(width, width, len(self.layer3) - 1)
+        stage[0].conv1.stride = (1, 1)
+        stage[0].conv4.stride = (1, 1)
+        return stage
+
+    def hsakd_pre_pool(self) -> nn.Module:
+        """The 1x1 conv-BN-ReLU to 1024 channels."""
+        return nn.Sequential(self.conv2, self.bn2, nn.ReLU(inplace=True))
 
 
 @register_model("ShuffleV2", family="shufflenet", default_lr=0.01)

@@ -9,7 +9,7 @@ Parameter names follow RepDistiller's ``models/vgg.py``.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,26 @@ def _conv_block(in_channels: int, widths: Sequence[int]) -> nn.Sequential:
                    nn.ReLU(inplace=True)]
         in_channels = width
     return nn.Sequential(*layers[:-1])
+
+
+def _widths(block: nn.Sequential) -> List[int]:
+    """The output widths of the convs of a block built by ``_conv_block``."""
+    return [m.out_channels for m in block if isinstance(m, nn.Conv2d)]
+
+
+class _MaxPoolFromSide(nn.Module):
+    """2x2 max-pool of (B, C, H, W) when ``H >= min_side``, identity otherwise.
+
+    Reproduces, on block3's output, VGG's rule of pooling before block4 only for inputs of
+    64 px or more (block3's output side is then at least 8).
+    """
+
+    def __init__(self, min_side: int) -> None:
+        super().__init__()
+        self.min_side = min_side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x, 2, 2) if x.shape[2] >= self.min_side else x
 
 
 class VGG(TappedModel):
@@ -72,6 +92,28 @@ class VGG(TappedModel):
             stages.append(out)
         embedding = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         return Features(self.classifier(embedding), stages, preact, embedding, stages[0])
+
+    # HSAKD auxiliary-branch parts (the protocol is documented in methods/models/aux_heads.py).
+    # HSAKD taps blocks 0, 1, 2 and 4: blocks 3 and 4 share a width and form one stage.
+    hsakd_taps: Tuple[int, ...] = (0, 1, 2, 4)
+
+    def hsakd_transitions(self) -> List[nn.Module]:
+        """pool-block1-ReLU, pool-block2-ReLU, then pool-block3-ReLU-(pool)-block4-ReLU."""
+        return [
+            nn.Sequential(nn.MaxPool2d(2, 2), self.block1, nn.ReLU(inplace=True)),
+            nn.Sequential(nn.MaxPool2d(2, 2), self.block2, nn.ReLU(inplace=True)),
+            nn.Sequential(nn.MaxPool2d(2, 2), self.block3, nn.ReLU(inplace=True),
+                          _MaxPoolFromSide(8), self.block4, nn.ReLU(inplace=True)),
+        ]
+
+    def hsakd_last_stage(self) -> nn.Module:
+        """New block3 and block4 without pooling, block3 reading block4's width (512 -> 512)."""
+        widths3, widths4 = _widths(self.block3), _widths(self.block4)
+        return nn.Sequential(_conv_block(widths4[-1], widths3), nn.ReLU(inplace=True),
+                             _conv_block(widths3[-1], widths4), nn.ReLU(inplace=True))
+
+    def hsakd_pre_pool(self) -> nn.Module:
+        return nn.Identity()
 
 
 def _register(name: str, cfg_key: str) -> None:

@@ -6,6 +6,8 @@ tensors. Parameter names follow RepDistiller's ``models/wrn.py``.
 """
 from __future__ import annotations
 
+from typing import List, Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,6 +85,22 @@ class WideResNet(TappedModel):
         embedding = torch.flatten(pooled, 1)
         stages = [s1, s2, s3]
         return Features(self.fc(embedding), stages, list(stages), embedding, stem)
+
+    # HSAKD auxiliary-branch parts (the protocol is documented in methods/models/aux_heads.py).
+    hsakd_taps: Tuple[int, ...] = (0, 1, 2)
+
+    def hsakd_transitions(self) -> List[nn.Module]:
+        """block2 (tap 0 -> tap 1) and block3 (tap 1 -> tap 2)."""
+        return [self.block2, self.block3]
+
+    def hsakd_last_stage(self) -> nn.Module:
+        """A new block3 at stride 1 that reads block3's width (so it has no projection shortcut)."""
+        width = self.fc.in_features
+        return NetworkBlock(len(self.block3.layer), width, width, 1)
+
+    def hsakd_pre_pool(self) -> nn.Module:
+        """The final BN + ReLU applied before pooling."""
+        return nn.Sequential(self.bn1, nn.ReLU(inplace=True))
 
 
 def _register(depth: int, widen: int) -> None:

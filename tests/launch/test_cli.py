@@ -72,3 +72,16 @@ def test_bad_input_exits_2_naming_the_field_and_starts_nothing(tmp_path, capsys,
         assert allowed in err
     assert "No job was started" in err
     assert not (tmp_path / "jobs").exists()
+
+
+def test_benchmark_study_dry_run_without_data_and_clear_error_otherwise(tmp_path, capsys):
+    args = ["study=cifar100_benchmark", f"data.root={tmp_path / 'no-cifar'}", f"output_dir={tmp_path}"]
+    assert main(["run", "--dry-run", *args]) == 0
+    out = capsys.readouterr().out
+    assert "plan for study cifar100_benchmark" in out and "dry run: nothing was started" in out
+    for title in ("msdcrd wrn_40_2->wrn_16_2", "hsakd resnet32x4->ShuffleV2",
+                  "inverted_projection [direction=standard] vgg13->vgg8", "spectral_reg resnet8x4"):
+        assert title in out
+    assert not (tmp_path / "jobs").exists()
+    assert main(["run", *args]) == 2
+    assert "`study.datasets.cifar100.root`" in capsys.readouterr().err

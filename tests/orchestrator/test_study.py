@@ -51,3 +51,50 @@ def test_bad_input_names_the_field(study, change, field):
         expand_study(study)
     assert err.value.field == field
     assert field in str(err.value)
+
+
+def test_ablation_axis_adds_variants_and_reuses_the_study_setting(study):
+    study["ablations"] = {"kd": {"temperature": [2.0, 4.0, 8.0]}}
+    graph = expand_study(study)
+    kd = [j for j in graph.jobs if j.method == "kd"]
+    assert sorted(j.method_cfg["temperature"] for j in kd) == [2.0, 4.0, 8.0]
+    # T=4 is the study's own setting: that job is the distill job, not a second copy
+    assert {j.method_cfg["temperature"]: j.stage for j in kd} == {
+        2.0: "ablation", 4.0: "distill", 8.0: "ablation"}
+    assert all(j.labels["variant"] == f"temperature={j.method_cfg['temperature']}" for j in kd)
+    assert len({j.teacher_job for j in kd}) == 1
+
+
+@pytest.mark.parametrize("ablations, field", [
+    ({"crd": {"momentum": [0.5]}}, "study.ablations.crd"),
+    ({"kd": {"temperature": []}}, "study.ablations.kd.temperature"),
+    ({"kd": {"temperature": [4.0, -1.0]}}, "study.ablations.kd.temperature"),
+    ({"kd": {"temp": [1.0]}}, "study.ablations.kd.temp"),
+])
+def test_bad_ablation_names_the_field(study, ablations, field):
+    study["ablations"] = ablations
+    with pytest.raises(ConfigError) as err:
+        expand_study(study)
+    assert err.value.field == field
+
+
+def test_teacher_variants_are_distinct_jobs(study):
+    study["methods"] = {"kd": {}, "hsakd": {"teacher_mode": "frozen"},
+                        "inverted_projection": {"teacher_init": "random"}, "spectral_reg": {}}
+    graph = expand_study(study)
+    teachers = {(j.method, j.recipe["epochs"]): j for j in graph.jobs if j.stage == "teacher"}
+    plain = teachers[("vanilla", 2)]
+    random_init = teachers[("vanilla", 0)]
+    heads = teachers[("hsakd_teacher", 2)]
+    assert len(teachers) == 3
+    assert heads.teacher_job == plain.job_id  # frozen heads start from the plain teacher
+    job = {j.method: j for j in graph.jobs if j.stage == "distill"}
+    assert job["kd"].teacher_job == plain.job_id
+    assert job["hsakd"].teacher_job == heads.job_id
+    assert job["inverted_projection"].teacher_job == random_init.job_id
+    assert job["spectral_reg"].teacher_job is None and job["spectral_reg"].needs == ()
+    positions = {j.job_id: i for i, j in enumerate(graph.jobs)}
+    assert all(positions[n] < positions[j.job_id] for j in graph.jobs for n in j.needs)
+    study["methods"]["hsakd"]["teacher_mode"] = "joint"
+    joint = next(j for j in expand_study(study).jobs if j.method == "hsakd_teacher")
+    assert joint.teacher_job is None and joint.job_id != heads.job_id

@@ -1,0 +1,232 @@
+"""Projection KD with a standard or an inverted projector (cross-task KD).
+
+Reference: Auty, Miles, Kolbeinsson, Mikolajczyk, "Learning to Project for Cross-Task Knowledge
+Distillation", arXiv 2403.14494 (methods.md section 4). The paper's code and exact equations
+were NOT obtained; this module implements the kdflow formulation of methods.md 4.2
+[KDFLOW: not paper-verified; every knob is a setting]:
+
+* standard: ``L = d(P_{s->t}(Z_s), Z_t)``, the projector maps student channels to teacher channels;
+* inverted: ``L = d(Z_s, P_{t->s}(Z_t))``, the projector maps teacher channels to student channels.
+
+In both directions the teacher features are constants: gradients reach the student and the
+projector ``P`` (a training-only module), never the teacher. ``Z`` is either a dense stage map
+(the projector is a 1x1 conv, and maps are bilinearly resized so both sides share one H x W)
+or the pooled embedding (the projector is ``nn.Linear``). Both projectors carry a bias.
+
+The distance ``d`` treats every spatial position of every sample as one feature vector and
+averages, over those ``n`` vectors, the squared L2 norm (``mse``) or the L1 norm (``l1``) of
+the difference, summed over channels: ``(1/n) ||A - B||_F^2`` as in the derivation of 4.2.
+
+:func:`linear_projection_decomposition` is the closed form of 4.2 for a linear inverted
+projector with a ridge penalty: its optimal weight and the split of the loss into a
+"transfer" term and a residual "spectral" term [KDFLOW derivation, not the paper's equation].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.config import require_non_negative, require_positive
+from methods.distillers.base import (DataInfo, Distiller, LossTerms, TeacherRequest,
+                                     register_distiller)
+from methods.errors import ConfigError
+from methods.features import Features, TapShapes
+from methods.models.base import probe_taps
+
+DIRECTIONS = ("standard", "inverted")
+FEATURES = ("stage", "embedding")
+DISTANCES = ("mse", "l1")
+TEACHER_INITS = ("trained", "random")
+
+
+def resize_map(z: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize a (B, C, H, W) map to (B, C, *size); equal sizes are returned as is."""
+    if tuple(z.shape[-2:]) == tuple(size):
+        return z
+    return F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+
+
+def feature_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """Mean over feature vectors of the channel-summed squared (``mse``) or absolute (``l1``) error.
+
+    a, b: (B, C, H, W) maps (n = B*H*W vectors of C channels) or (B, C) vectors (n = B).
+    Computed in at least float32. Returns the scalar ``(1/n) sum_vectors sum_c e(a - b)``.
+    """
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    diff = a.to(dtype) - b.to(dtype)
+    err = diff.square() if distance == "mse" else diff.abs()
+    return err.sum(dim=1).mean()
+
+
+def make_projector(in_channels: int, out_channels: int, dense: bool) -> nn.Module:
+    """A 1x1 conv (dense maps) or a linear layer (vectors): ``in_channels`` -> ``out_channels``."""
+    if dense:
+        return nn.Conv2d(in_channels, out_channels, kernel_size=1)
+    return nn.Linear(in_channels, out_channels)
+
+
+def projection_loss(z_s: torch.Tensor, z_t: torch.Tensor, projector: nn.Module, direction: str,
+                    distance: str) -> torch.Tensor:
+    """The projection KD loss between student and teacher features (methods.md 4.2).
+
+    z_s: (B, C_s, H_s, W_s) or (B, C_s) student features; z_t: (B, C_t, H_t, W_t) or (B, C_t)
+    teacher features (detached here). ``projector`` maps C_s -> C_t channels for the
+    ``standard`` direction and C_t -> C_s for ``inverted``.
+
+    inverted: the teacher map is resized to (H_s, W_s), projected, and compared with ``z_s``.
+    standard: the student map is projected, resized to (H_t, W_t), and compared with ``z_t``.
+    (A 1x1 conv with bias and bilinear resizing commute, so the order inside a side is free.)
+    Returns the scalar ``feature_distance`` of the two sides.
+    """
+    z_t = z_t.detach()
+    dense = z_s.dim() == 4
+    if direction == "inverted":
+        if dense:
+            z_t = resize_map(z_t, tuple(z_s.shape[-2:]))
+        return feature_distance(z_s, projector(z_t), distance)
+    projected = projector(z_s)
+    if dense:
+        projected = resize_map(projected, tuple(z_t.shape[-2:]))
+    return feature_distance(projected, z_t, distance)
+
+
+class ProjectionDecomposition(NamedTuple):
+    """Closed form of the ridge-regularised linear inverted projector (methods.md 4.2).
+
+    weight:   (d_t, d_s) optimal ``W*`` of ``min_W (1/n)(||Z_s - Z_t W||_F^2 + ridge ||W||_F^2)``.
+    transfer: ``(1/n) sum_i (ridge / (sigma_i^2 + ridge))^2 ||u_i^T Z_s||^2`` over the teacher's
+              singular directions ``u_i`` (zero when ridge = 0).
+    spectral: ``(1/n) ||(I - U U^T) Z_s||_F^2``, the student energy outside the teacher's span.
+    The data term at the optimum, ``(1/n) ||Z_s - Z_t W*||_F^2``, equals ``transfer + spectral``.
+    """
+
+    weight: torch.Tensor
+    transfer: torch.Tensor
+    spectral: torch.Tensor
+
+
+def linear_projection_decomposition(z_s: torch.Tensor, z_t: torch.Tensor,
+                                    ridge: float) -> ProjectionDecomposition:
+    """Optimal linear projector ``Z_t -> Z_s`` and the transfer / spectral split of its loss.
+
+    z_s: (n, d_s) student features; z_t: (n, d_t) teacher features; ridge: lambda_w >= 0.
+    With the thin SVD ``Z_t = U diag(sigma) V^T`` truncated to the numerical rank r,
+    ``W* = V diag(sigma / (sigma^2 + ridge)) U^T Z_s`` (the pseudo-inverse solution at ridge 0).
+    [KDFLOW derivation, not the paper's equation.]
+    """
+    n = z_s.shape[0]
+    u, sigma, vh = torch.linalg.svd(z_t, full_matrices=False)
+    tol = sigma.max() * max(z_t.shape) * torch.finfo(sigma.dtype).eps
+    rank = int((sigma > tol).sum())
+    u, sigma, vh = u[:, :rank], sigma[:rank], vh[:rank]
+    coeff = u.T @ z_s                                                   # (r, d_s)
+    weight = vh.T @ ((sigma / (sigma.square() + ridge)).unsqueeze(1) * coeff)
+    shrink = ridge / (sigma.square() + ridge)
+    transfer = (shrink.square() * coeff.square().sum(dim=1)).sum() / n
+    spectral = (z_s - u @ coeff).square().sum() / n
+    return ProjectionDecomposition(weight, transfer, spectral)
+
+
+def _choose(name: str, value: Any, allowed: Tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(name, f"unknown value {value!r}", allowed=allowed,
+                          fix=f"set {name} to one of {', '.join(allowed)}")
+
+
+@dataclass
+class ProjectionConfig:
+    """direction: standard | inverted; feature: stage (dense map ``Features.stages[stage]``) |
+    embedding (pooled ``Features.embedding``); stage: index into ``Features.stages`` (negative
+    counts from the last stage of each model); distance: mse | l1; weight: lambda > 0 of the
+    projection loss; ce_weight: weight of CE (>= 0); teacher_init: trained | random (a randomly
+    initialised teacher job that trains zero epochs). Defaults are [KDFLOW]."""
+
+    direction: str = "inverted"
+    feature: str = "stage"
+    stage: int = -1
+    distance: str = "mse"
+    weight: float = 1.0
+    ce_weight: float = 1.0
+    teacher_init: str = "trained"
+
+    def validate(self) -> None:
+        _choose("direction", self.direction, DIRECTIONS)
+        _choose("feature", self.feature, FEATURES)
+        if not isinstance(self.stage, int) or isinstance(self.stage, bool):
+            raise ConfigError("stage", f"must be an integer, got {self.stage!r}",
+                              fix="set stage to a stage index (-1 = the last stage)")
+        _choose("distance", self.distance, DISTANCES)
+        require_positive("weight", self.weight)
+        require_non_negative("ce_weight", self.ce_weight)
+        _choose("teacher_init", self.teacher_init, TEACHER_INITS)
+
+
+def check_stage(stage: int, counts: dict[str, int]) -> None:
+    """Raise ConfigError("stage", ...) unless ``stage`` indexes every model's stage list.
+
+    counts: model role (``teacher``, ``student``) -> number of stages.
+    """
+    if all(-n <= stage < n for n in counts.values()):
+        return
+    have = " and the ".join(f"{role} has {n} stages" for role, n in counts.items())
+    low = min(counts.values())
+    raise ConfigError("stage", f"stage {stage} does not exist in every model: the {have}",
+                      fix=f"set stage between {-low} and {low - 1}")
+
+
+def select_feature(feats: Features, cfg: Any) -> torch.Tensor:
+    """The tap ``cfg.feature`` names: ``stages[cfg.stage]`` (B, C, H, W) or ``embedding`` (B, D)."""
+    return feats.stages[cfg.stage] if cfg.feature == "stage" else feats.embedding
+
+
+@register_distiller("inverted_projection")
+class ProjectionKD(Distiller):
+    """Student trained with ``ce_weight * CE + weight * projection_loss`` [KDFLOW formulation].
+
+    ``projector``: the trainable 1x1 conv / linear map, C_t -> C_s (inverted) or C_s -> C_t
+    (standard); it is not part of the exported student.
+    """
+
+    display_name = "Projection KD"
+
+    Config = ProjectionConfig
+
+    @classmethod
+    def teacher_request(cls, cfg: ProjectionConfig) -> TeacherRequest:
+        return TeacherRequest(trained=cfg.teacher_init == "trained")
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: ProjectionConfig,
+                 data: DataInfo) -> None:
+        super().__init__(student, teacher, cfg, data)
+        t_shapes = probe_taps(teacher, data.input_shape)
+        s_shapes = probe_taps(student, data.input_shape)
+        self.check_taps(cfg, t_shapes, s_shapes)
+        if cfg.feature == "stage":
+            c_s, c_t = s_shapes.stages[cfg.stage][0], t_shapes.stages[cfg.stage][0]
+        else:
+            c_s, c_t = s_shapes.embedding_dim, t_shapes.embedding_dim
+        c_in, c_out = (c_t, c_s) if cfg.direction == "inverted" else (c_s, c_t)
+        self.projector = make_projector(c_in, c_out, dense=cfg.feature == "stage")
+
+    @classmethod
+    def check_taps(cls, cfg: Any, teacher: TapShapes | None, student: TapShapes) -> None:
+        if cfg.feature == "stage":
+            check_stage(cfg.stage, {"teacher": len(teacher.stages) if teacher is not None else 0,
+                                    "student": len(student.stages)})
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor,
+                index: torch.Tensor) -> Tuple[torch.Tensor, LossTerms]:
+        """x: (B, C, H, W) images, y: (B,) labels, index: (B,) sample ids (unused)."""
+        z_t = select_feature(self.teacher_features(x), self.cfg)
+        feats = self.student.forward_features(x)
+        terms: LossTerms = {}
+        if self.cfg.ce_weight > 0:
+            terms["loss_ce"] = self.cfg.ce_weight * F.cross_entropy(feats.logits, y)
+        loss = projection_loss(select_feature(feats, self.cfg), z_t, self.projector,
+                               self.cfg.direction, self.cfg.distance)
+        terms["loss_proj"] = self.cfg.weight * loss
+        return feats.logits, terms
