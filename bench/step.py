@@ -52,10 +52,12 @@ from methods.models import build_model
 NUM_CLASSES = 100
 INPUT_SHAPE = (3, 32, 32)
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
-DEFAULT_METHODS = ("vanilla", "kd", "fitnet", "crd")
+DEFAULT_METHODS = ("vanilla", "kd", "fitnet", "crd", "msdcrd", "hsakd", "inverted_projection",
+                   "spectral_reg")
 DEFAULT_NUM_SAMPLES = 50_000
 POOL_BATCHES = 4
 BASELINE = "vanilla"
+KD = "kd"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -84,12 +86,14 @@ class Settings:
 
 @dataclass
 class Row:
-    """One method's measurement; ``vs_student`` is images/s divided by the vanilla row's."""
+    """One method's measurement; ``vs_student`` is images/s divided by the vanilla row's and
+    ``time_vs_kd`` the step time divided by the KD row's (both None without that row)."""
 
     method: str
     images_per_s: float
     ms_per_step: float
     vs_student: Optional[float]
+    time_vs_kd: Optional[float]
     peak_mem_mib: float
     final_loss: float
     learnable_params: int
@@ -248,7 +252,8 @@ def measure(method: str, s: Settings, info: DataInfo, batches: List[Batch],
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else peak_rss_mib())
     row = Row(method=method, images_per_s=s.steps * s.batch_size / elapsed,
-              ms_per_step=1000 * elapsed / s.steps, vs_student=None, peak_mem_mib=peak,
+              ms_per_step=1000 * elapsed / s.steps, vs_student=None, time_vs_kd=None,
+              peak_mem_mib=peak,
               final_loss=float(loss.detach().float()),
               learnable_params=sum(p.numel() for p in distiller.learnable_parameters()))
     del distiller, step
@@ -257,8 +262,16 @@ def measure(method: str, s: Settings, info: DataInfo, batches: List[Batch],
 
 def add_ratios(rows: List[Row]) -> None:
     base = next((r for r in rows if r.method == BASELINE), None)
+    kd = next((r for r in rows if r.method == KD), None)
     for r in rows:
         r.vs_student = r.images_per_s / base.images_per_s if base is not None else None
+        r.time_vs_kd = r.ms_per_step / kd.ms_per_step if kd is not None else None
+
+
+def step_time_ratio(rows: List[Row], method: str, reference: str) -> Optional[float]:
+    """ms/step of ``method`` over ``reference`` (e.g. MSDCRD over CRD); None if one is missing."""
+    times = {r.method: r.ms_per_step for r in rows}
+    return times[method] / times[reference] if method in times and reference in times else None
 
 
 def device_name(device: torch.device) -> str:
@@ -287,12 +300,15 @@ def default_out(device: torch.device, day: str) -> Path:
 
 def markdown_table(rows: List[Row], s: Settings) -> str:
     mem = "peak GPU mem (MiB)" if s.device == "cuda" else "peak RSS, process (MiB)"
-    lines = [f"| method | images/s | ms/step | vs student | {mem} |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [f"| method | images/s | ms/step | throughput vs student | step time vs KD | {mem} |",
+             "|---|---:|---:|---:|---:|---:|"]
+
+    def ratio(value: Optional[float]) -> str:
+        return f"{value:.2f}" if value is not None else "-"
+
     for r in rows:
-        ratio = f"{r.vs_student:.2f}" if r.vs_student is not None else "-"
-        lines.append(f"| {r.method} | {r.images_per_s:,.1f} | {r.ms_per_step:.1f} | {ratio} "
-                     f"| {r.peak_mem_mib:,.0f} |")
+        lines.append(f"| {r.method} | {r.images_per_s:,.1f} | {r.ms_per_step:.1f} | "
+                     f"{ratio(r.vs_student)} | {ratio(r.time_vs_kd)} | {r.peak_mem_mib:,.0f} |")
     return "\n".join(lines)
 
 
@@ -334,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
         "load_avg_1m_before": load_before,
         "settings": asdict(s),
         "rows": [asdict(r) for r in rows],
+        "msdcrd_over_crd_step_time": step_time_ratio(rows, "msdcrd", "crd"),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
@@ -342,6 +359,8 @@ def run(args: argparse.Namespace) -> int:
           f"threads={s.threads}, CRD N={s.num_samples} K={s.crd_negatives}")
     print(f"device: {record['device']}, torch {record['torch']}\n")
     print(markdown_table(rows, s))
+    if record["msdcrd_over_crd_step_time"] is not None:
+        print(f"\nMSDCRD / CRD step time: {record['msdcrd_over_crd_step_time']:.2f}")
     print(f"\nwrote {out}")
     return 0
 

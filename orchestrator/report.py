@@ -74,7 +74,10 @@ def collect(graph: JobGraph, store: JobStore,
     teacher_model = {j.job_id: j.model for j in graph.jobs if j.stage == "teacher"}
     students = [j for j in graph.jobs if j.stage != "teacher"]
     teachers = [j for j in graph.jobs if j.stage == "teacher"]
-    rows = list(dict.fromkeys(row_key(j) for j in teachers + students))
+    methods = list(dict.fromkeys(j.method for j in students))
+    rows = list(dict.fromkeys(row_key(j) for j in teachers))
+    rows += sorted(dict.fromkeys(row_key(j) for j in students),
+                   key=lambda key: (methods.index(key.partition("[")[0]), key))
     columns = list(dict.fromkeys((j.dataset, teacher_model[j.teacher_job], j.model)
                                  for j in students if j.teacher_job))
     cells: Dict[Tuple[str, Column], Cell] = {}

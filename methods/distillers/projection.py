@@ -51,15 +51,16 @@ def resize_map(z: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
 
 
 def feature_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
-    """Mean over feature vectors of the channel-summed squared (``mse``) or absolute (``l1``) error.
+    """Mean squared (``mse``) or absolute (``l1``) error per element.
 
-    a, b: (B, C, H, W) maps (n = B*H*W vectors of C channels) or (B, C) vectors (n = B).
-    Computed in at least float32. Returns the scalar ``(1/n) sum_vectors sum_c e(a - b)``.
+    a, b: (B, C, H, W) maps or (B, C) vectors of equal shape. Computed in at least float32.
+    Returns ``(1/(n*C)) sum e(a - b)`` with n = B*H*W (maps) or B (vectors): the per-element
+    mean, as FitNet's hint loss, so the scale neither grows with the feature width nor differs
+    between the two directions (which compare C_s- and C_t-wide vectors).
     """
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     diff = a.to(dtype) - b.to(dtype)
-    err = diff.square() if distance == "mse" else diff.abs()
-    return err.sum(dim=1).mean()
+    return (diff.square() if distance == "mse" else diff.abs()).mean()
 
 
 def make_projector(in_channels: int, out_channels: int, dense: bool) -> nn.Module:

@@ -26,17 +26,21 @@ def load_bench() -> ModuleType:
 def test_small_run_writes_one_row_per_method(tmp_path: Path) -> None:
     out = tmp_path / "s.json"
     bench = load_bench()
-    assert bench.main(["--small", "--out", str(out), "--methods", "vanilla,kd,fitnet,crd"]) == 0
+    assert bench.main(["--small", "--out", str(out)]) == 0
 
     record = json.loads(out.read_text())
     rows = record["rows"]
-    assert [r["method"] for r in rows] == ["vanilla", "kd", "fitnet", "crd"]
+    assert [r["method"] for r in rows] == list(bench.DEFAULT_METHODS)
     for r in rows:
         assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
         assert math.isfinite(r["ms_per_step"]) and r["ms_per_step"] > 0
         assert math.isfinite(r["final_loss"])
         assert r["peak_mem_mib"] > 0
     assert rows[0]["vs_student"] == 1.0
+    assert rows[1]["method"] == "kd" and rows[1]["time_vs_kd"] == 1.0
+    by_method = {r["method"]: r for r in rows}
+    assert record["msdcrd_over_crd_step_time"] == (by_method["msdcrd"]["ms_per_step"]
+                                                   / by_method["crd"]["ms_per_step"])
     settings = record["settings"]
     assert (settings["batch_size"], settings["warmup"], settings["steps"]) == (8, 1, 2)
     assert (settings["crd_negatives"], settings["num_samples"]) == (256, 2048)
