@@ -202,6 +202,7 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions,
                         initial=progress.epoch * steps + progress.step)
     with _preemption_flag() as preempted:
         while progress.epoch < recipe.epochs:
+            distiller.start_epoch(progress.epoch, recipe.epochs)
             distiller.train()
             for batch in data.train.batches(progress.epoch, progress.step):
                 x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)

@@ -57,7 +57,8 @@ class Distiller(nn.Module):
     Subclasses set ``Config`` (a dataclass of the method's settings, whose fields are the
     config keys) and ``display_name`` (the row label in reports). They may override
     ``teacher_request`` (which teacher job they need; None for none), ``build_teacher`` (the
-    module that teacher job's weights load into), ``exported_model`` (what a job of this
+    module that teacher job's weights load into), ``start_epoch`` (per-epoch schedule),
+    ``exported_model`` (what a job of this
     method saves as its weights) and ``check_taps`` (refuse pairs whose taps cannot be matched).
     """
 
@@ -73,6 +74,10 @@ class Distiller(nn.Module):
     def build_teacher(cls, cfg: Any, name: str, num_classes: int) -> nn.Module:
         """The teacher module, before its job's weights are loaded: model ``name`` by default."""
         return build_model(name, num_classes)
+
+    def start_epoch(self, epoch: int, total_epochs: int) -> None:
+        """Called by the job runner before each epoch (0-based), also on resume; methods whose
+        training changes over time (StableKD's phases) switch here. Default: nothing."""
 
     def exported_model(self) -> nn.Module:
         """The module whose ``state_dict`` a finished job saves: the student by default."""

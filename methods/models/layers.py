@@ -1,7 +1,7 @@
 """Pieces shared by several CIFAR families: weight init, channel shuffle, preact stages."""
 from __future__ import annotations
 
-from typing import Iterable, Tuple
+from typing import Iterable, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -44,3 +44,17 @@ class PreactSequential(nn.Sequential):
         for block in self:
             x, preact = block(x)
         return x, preact
+
+
+def run_stages(x: torch.Tensor, stages: Sequence[nn.Module]
+               ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """Run ``x`` through stages whose blocks return ``(out, preact)`` (``PreactSequential``).
+
+    Returns the last output and, per stage, the post- and pre-activation maps.
+    """
+    out, posts, pres = x, [], []
+    for stage in stages:
+        out, pre = stage(out)
+        posts.append(out)
+        pres.append(pre)
+    return out, posts, pres

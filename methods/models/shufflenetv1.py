@@ -14,7 +14,7 @@ from torch import nn
 
 from methods.features import Features
 from methods.models.base import TappedModel, register_model
-from methods.models.layers import PreactSequential, channel_shuffle, init_weights
+from methods.models.layers import PreactSequential, channel_shuffle, init_weights, run_stages
 
 STEM_CHANNELS = 24
 
@@ -81,11 +81,7 @@ class ShuffleNetV1(TappedModel):
     def forward_features(self, x: torch.Tensor) -> Features:
         """x: (B, 3, H, W) -> Features with 3 stages (see the class docstring for shapes)."""
         stem = F.relu(self.bn1(self.conv1(x)))
-        out, stages, preact = stem, [], []
-        for layer in (self.layer1, self.layer2, self.layer3):
-            out, pre = layer(out)
-            stages.append(out)
-            preact.append(pre)
+        out, stages, preact = run_stages(stem, (self.layer1, self.layer2, self.layer3))
         embedding = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         return Features(self.linear(embedding), stages, preact, embedding, stem)
 

@@ -17,6 +17,7 @@ import torch
 
 from methods.errors import ConfigError
 from orchestrator.data.checks import require_bool, require_folder
+from orchestrator.data.fraction import TrainFraction
 from orchestrator.data.loaders import Data
 from orchestrator.data.registry import register_dataset
 from orchestrator.data.tensor_loaders import tensor_data
@@ -45,7 +46,7 @@ PAD = 4
 
 
 @dataclass
-class CifarConfig:
+class CifarConfig(TrainFraction):
     """Settings shared by ``cifar10`` / ``cifar100``; subclasses set ``layout``.
 
     root:            folder holding ``cifar-10-batches-py/`` or ``cifar-100-python/``.
@@ -65,6 +66,7 @@ class CifarConfig:
         return self.layout.num_classes
 
     def validate(self) -> None:
+        self.validate_fraction()
         require_bool("device_resident", self.device_resident)
 
     def check_data(self) -> None:
@@ -109,7 +111,8 @@ def build_cifar(cfg: CifarConfig, batch_size: int, seed: int, device: torch.devi
     layout = cfg.layout
     train_x, train_y = read_cifar_split(cfg.root, layout, layout.train_files)
     val_x, val_y = read_cifar_split(cfg.root, layout, layout.test_files)
-    return tensor_data(train_x, train_y, val_x, val_y, layout.num_classes, layout.mean,
+    keep = cfg.train_indices(train_y)
+    return tensor_data(train_x[keep], train_y[keep], val_x, val_y, layout.num_classes, layout.mean,
                        layout.std, batch_size, seed, device, PAD, hflip=True,
                        resident=cfg.device_resident)
 

@@ -10,13 +10,14 @@ from sklearn.model_selection import train_test_split
 
 from methods.errors import ConfigError
 from orchestrator.data.checks import require_bool, require_int
+from orchestrator.data.fraction import TrainFraction
 from orchestrator.data.loaders import Data
 from orchestrator.data.registry import register_dataset
 from orchestrator.data.tensor_loaders import tensor_data
 
 
 @dataclass
-class DigitsConfig:
+class DigitsConfig(TrainFraction):
     """Settings of the ``digits`` dataset.
 
     image_size:   side in pixels the 8x8 images are bilinearly upsampled to.
@@ -40,6 +41,7 @@ class DigitsConfig:
         return 10
 
     def validate(self) -> None:
+        self.validate_fraction()
         require_int("image_size", self.image_size, 8)
         if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
             raise ConfigError("val_fraction", f"must be between 0 and 1, got {self.val_fraction!r}",
@@ -72,5 +74,6 @@ def build_digits(cfg: DigitsConfig, batch_size: int, seed: int, device: torch.de
     """Digits normalised with the train split's mean/std; held on ``device`` (it is tiny)."""
     train_x, train_y, val_x, val_y = load_digit_splits(cfg)
     mean, std = train_x.mean().item(), train_x.std().item()
-    return tensor_data(train_x, train_y, val_x, val_y, 10, [mean] * 3, [std] * 3, batch_size,
+    keep = cfg.train_indices(train_y)
+    return tensor_data(train_x[keep], train_y[keep], val_x, val_y, 10, [mean] * 3, [std] * 3, batch_size,
                        seed, device, cfg.pad, cfg.hflip, resident=True)

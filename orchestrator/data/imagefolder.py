@@ -13,6 +13,7 @@ from methods.distillers.base import DataInfo
 from methods.errors import ConfigError
 from orchestrator.data.checks import require_folder, require_int
 from orchestrator.data.folder_loaders import FolderEvalLoader, FolderTrainLoader, SeededSamples
+from orchestrator.data.fraction import TrainFraction
 from orchestrator.data.loaders import Data
 from orchestrator.data.registry import register_dataset
 
@@ -21,7 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
-class ImageFolderConfig:
+class ImageFolderConfig(TrainFraction):
     """Settings of ``imagefolder``.
 
     root:       folder holding the split folders.
@@ -47,6 +48,7 @@ class ImageFolderConfig:
         return sum(1 for e in os.scandir(path) if e.is_dir())
 
     def validate(self) -> None:
+        self.validate_fraction()
         require_int("image_size", self.image_size, 1)
         require_int("workers", self.workers, 0)
 
@@ -94,10 +96,12 @@ def build_imagefolder(cfg: ImageFolderConfig, batch_size: int, seed: int,
                                  normalise])
     train = ImageFolder(os.path.join(cfg.root, cfg.train_dir))
     val = ImageFolder(os.path.join(cfg.root, cfg.val_dir))
-    train_samples = SeededSamples(train.samples, train.loader, train_tf, seed)
+    targets = torch.tensor(train.targets, dtype=torch.int64)
+    keep = cfg.train_indices(targets)
+    train_samples = SeededSamples([train.samples[i] for i in keep.tolist()], train.loader,
+                                  train_tf, seed)
     val_samples = SeededSamples(val.samples, val.loader, val_tf, seed)
-    info = DataInfo(num_samples=len(train.samples),
-                    labels=torch.tensor(train.targets, dtype=torch.int64),
+    info = DataInfo(num_samples=len(keep), labels=targets[keep],
                     num_classes=len(train.classes),
                     input_shape=(3, cfg.image_size, cfg.image_size))
     return Data(train=FolderTrainLoader(train_samples, batch_size, cfg.workers, device),

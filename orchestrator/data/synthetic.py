@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.data.checks import require_int
+from orchestrator.data.fraction import TrainFraction
 from orchestrator.data.loaders import Data, generator
 from orchestrator.data.registry import register_dataset
 from orchestrator.data.tensor_loaders import tensor_data
@@ -18,7 +19,7 @@ NOISE_STD = 0.5
 
 
 @dataclass
-class SyntheticConfig:
+class SyntheticConfig(TrainFraction):
     """Settings of the ``synthetic`` dataset (no files; fully determined by ``seed``).
 
     num_classes, num_train, num_val: class count and split sizes (balanced classes).
@@ -41,6 +42,7 @@ class SyntheticConfig:
         return self.num_classes
 
     def validate(self) -> None:
+        self.validate_fraction()
         require_int("num_classes", self.num_classes, 2)
         require_int("num_train", self.num_train, 1)
         require_int("num_val", self.num_val, 1)
@@ -75,5 +77,6 @@ def build_synthetic(cfg: SyntheticConfig, batch_size: int, seed: int,
     train_x, train_y, val_x, val_y = make_synthetic(cfg)
     mean = train_x.mean(dim=(0, 2, 3)).tolist()
     std = train_x.std(dim=(0, 2, 3)).tolist()
-    return tensor_data(train_x, train_y, val_x, val_y, cfg.num_classes, mean, std, batch_size,
+    keep = cfg.train_indices(train_y)
+    return tensor_data(train_x[keep], train_y[keep], val_x, val_y, cfg.num_classes, mean, std, batch_size,
                        seed, device, pad=0, hflip=False, resident=True)

@@ -208,3 +208,24 @@ def test_synthetic_is_deterministic_and_learnable() -> None:
     vx, vy = torch.cat([v.x for v in val]).flatten(1), torch.cat([v.y for v in val])
     accuracy = (torch.cdist(vx, centroids).argmin(1) == vy).float().mean()
     assert accuracy > 0.95
+
+
+def test_train_fraction_is_a_fixed_stratified_subset():
+    full = build_data("digits", {}, "d", 64, 0, torch.device("cpu"))
+    part = build_data("digits", {"train_fraction": 0.4}, "d", 64, 0, torch.device("cpu"))
+    other_seed = build_data("digits", {"train_fraction": 0.4}, "d", 64, 5, torch.device("cpu"))
+    n_full, n_part = full.info.num_samples, part.info.num_samples
+    assert abs(n_part - 0.4 * n_full) <= 10
+    counts_full = torch.bincount(full.info.labels, minlength=10).float()
+    counts_part = torch.bincount(part.info.labels, minlength=10).float()
+    assert torch.allclose(counts_part, 0.4 * counts_full, atol=1.0)  # stratified
+    assert torch.equal(part.info.labels, other_seed.info.labels)  # run seed does not change it
+    indices = torch.cat([b.index for b in part.train.batches(0)])
+    assert sorted(indices.tolist()) == list(range(n_part))  # CRD's ids index the subset
+    assert part.val.batches().__next__().x.shape == full.val.batches().__next__().x.shape
+
+
+@pytest.mark.parametrize("value", [0, 1.5, -0.2, True])
+def test_bad_train_fraction_names_the_field(value):
+    with pytest.raises(ConfigError, match="study.datasets.digits.train_fraction"):
+        validate_dataset("digits", {"train_fraction": value}, "study.datasets.digits")
