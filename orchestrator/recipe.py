@@ -18,7 +18,8 @@ class Recipe:
     ``lr=None`` takes the trained model's default (0.05; 0.01 for MobileNetV2/ShuffleNets).
     ``checkpoint_every_steps`` counts optimizer steps; epoch ends always checkpoint too.
     ``epochs=0`` trains nothing: the job evaluates and saves its initial weights (the
-    randomly initialised teachers of cross-task studies).
+    randomly initialised teachers of cross-task studies), with BatchNorm statistics set from
+    one pass over the training split so the untrained network's activations stay bounded.
     """
 
     epochs: int = 240

@@ -1,11 +1,12 @@
-"""Paper-style results of a study: a markdown table (mean +- std over seeds), CSV and plots."""
+"""Paper-style results of a study: a markdown table (mean +- std over seeds), convergence
+speed, CSV and plots."""
 from __future__ import annotations
 
 import csv
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from methods.distillers import DISTILLERS
 from orchestrator.spec import JobSpec
@@ -13,13 +14,35 @@ from orchestrator.store import JobStore
 from orchestrator.study import JobGraph
 
 TEACHER_ROW = "teacher"
+CONVERGENCE_LEVELS = (0.90, 0.95, 0.99)
+
+
+class Column(NamedTuple):
+    """One column of the table: a teacher/student pair on a dataset (and training fraction)."""
+
+    dataset: str
+    fraction: str
+    teacher: str
+    student: str
+
+    @property
+    def title(self) -> str:
+        share = f", {float(self.fraction):.0%} of train" if self.fraction else ""
+        return f"{self.teacher} → {self.student} ({self.dataset}{share})"
+
+    @property
+    def short(self) -> str:
+        share = f" {float(self.fraction):.0%}" if self.fraction else ""
+        return f"{self.teacher}→{self.student}{share}"
 
 
 @dataclass
 class Cell:
-    """Accuracies (percent) of one method on one pair, one value per finished seed."""
+    """One method on one column: a result per finished seed (accuracy in percent, and the
+    validation curve per epoch)."""
 
     values: List[float]
+    curves: List[List[float]]
     expected: int
 
     @property
@@ -33,13 +56,23 @@ class Cell:
     def render(self) -> str:
         if not self.values:
             return "-"
-        text = f"{self.mean:.2f}" if self.expected == 1 else f"{self.mean:.2f} ± {self.std:.2f}"
+        text = f"{self.mean:.2f}" if len(self.values) == 1 else f"{self.mean:.2f} ± {self.std:.2f}"
         if len(self.values) < self.expected:
             text += f" ({len(self.values)}/{self.expected})"
         return text
 
+    def mean_curve(self) -> List[float]:
+        """Validation top-1 per epoch, averaged over the finished seeds."""
+        length = min((len(c) for c in self.curves), default=0)
+        return [statistics.fmean(c[e] for c in self.curves) for e in range(length)]
 
-Column = Tuple[str, str, str]  # dataset, teacher, student
+
+def epochs_to(curve: List[float], level: float) -> Optional[int]:
+    """The first epoch (1-based) whose accuracy reaches ``level`` x the last epoch's."""
+    if not curve:
+        return None
+    target = level * curve[-1]
+    return next(e + 1 for e, value in enumerate(curve) if value >= target)
 
 
 def row_key(job: JobSpec) -> str:
@@ -65,11 +98,12 @@ def row_label(key: str) -> str:
 
 def collect(graph: JobGraph, store: JobStore,
             metric: str = "top1") -> Tuple[List[Column], List[str], Dict[Tuple[str, Column], Cell]]:
-    """Group finished results into cells keyed by (row, column).
+    """Group results into cells keyed by (row, column).
 
-    Columns are the study's (dataset, teacher, student) pairs; rows are the teacher variants
-    and then the methods (and their ablation variants) in study order. A teacher-free job
-    (the student alone) fills the cell of every pair whose student it trains.
+    Columns are the study's pairs per dataset and training fraction; rows are the teacher
+    variants and then the methods (and their ablation variants) in study order. A teacher-free
+    job (the student alone) fills the cell of every pair whose student it trains, and a
+    teacher fills every column of its dataset whose teacher it is.
     """
     teacher_model = {j.job_id: j.model for j in graph.jobs if j.stage == "teacher"}
     students = [j for j in graph.jobs if j.stage != "teacher"]
@@ -78,69 +112,102 @@ def collect(graph: JobGraph, store: JobStore,
     rows = list(dict.fromkeys(row_key(j) for j in teachers))
     rows += sorted(dict.fromkeys(row_key(j) for j in students),
                    key=lambda key: (methods.index(key.partition("[")[0]), key))
-    columns = list(dict.fromkeys((j.dataset, teacher_model[j.teacher_job], j.model)
-                                 for j in students if j.teacher_job))
+    columns = list(dict.fromkeys(
+        Column(j.dataset, j.labels.get("fraction", ""), teacher_model[j.teacher_job], j.model)
+        for j in students if j.teacher_job))
     cells: Dict[Tuple[str, Column], Cell] = {}
     for column in columns:
-        dataset, teacher, student = column
         for job in graph.jobs:
-            if job.dataset != dataset:
+            if job.dataset != column.dataset:
                 continue
             if job.stage == "teacher":
-                matches = job.model == teacher
+                matches = job.model == column.teacher
             else:
-                matches = job.model == student and job.teacher in (None, teacher)
+                matches = (job.model == column.student and job.teacher in (None, column.teacher)
+                           and job.labels.get("fraction", "") == column.fraction)
             if not matches:
                 continue
-            cell = cells.setdefault((row_key(job), column), Cell([], 0))
+            cell = cells.setdefault((row_key(job), column), Cell([], [], 0))
             cell.expected += 1
             result = store.result(job.job_id)
             if result:
                 cell.values.append(result["metrics"][metric])
+                cell.curves.append([h[f"val/{metric}"] for h in result["history"]])
     return columns, rows, cells
 
 
-def markdown_table(graph: JobGraph, store: JobStore, metric: str = "top1") -> str:
-    columns, rows, cells = collect(graph, store, metric)
-    multi_dataset = len({c[0] for c in columns}) > 1
-    heads = [f"{t} → {s}" + (f" ({d})" if multi_dataset else "") for d, t, s in columns]
-    lines = ["| Method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(columns)]
+def _table(columns: List[Column], rows: List[str], cells: Dict[Tuple[str, Column], Cell],
+           render) -> str:
+    lines = ["| Method | " + " | ".join(c.title for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for row in rows:
-        values = [cells[(row, c)].render() if (row, c) in cells else "-" for c in columns]
+        values = [render(cells[(row, c)]) if (row, c) in cells else "-" for c in columns]
         lines.append(f"| {row_label(row)} | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def markdown_table(graph: JobGraph, store: JobStore, metric: str = "top1") -> str:
+    """Accuracy per method (rows) and pair (columns), mean ± sample std over seeds."""
+    return _table(*collect(graph, store, metric), Cell.render)
+
+
+def convergence_table(graph: JobGraph, store: JobStore, metric: str = "top1") -> str:
+    """Epochs until the seed-mean validation curve first reaches 90/95/99% of its final value."""
+    columns, rows, cells = collect(graph, store, metric)
+    students = [r for r in rows if not r.startswith(TEACHER_ROW)]
+
+    def render(cell: Cell) -> str:
+        curve = cell.mean_curve()
+        if not curve:
+            return "-"
+        return " / ".join(str(epochs_to(curve, level)) for level in CONVERGENCE_LEVELS)
+
+    return _table(columns, students, cells, render)
 
 
 def write_report(graph: JobGraph, store: JobStore, folder: Path, metric: str = "top1") -> str:
     """Write ``report.md``, ``report.csv``, ``accuracy.png`` and ``curves.png``; return the md."""
     folder.mkdir(parents=True, exist_ok=True)
     columns, rows, cells = collect(graph, store, metric)
-    table = markdown_table(graph, store, metric)
     seeds = sorted({j.seed for j in graph.jobs if j.stage != "teacher"})
-    caption = (f"Top-1 accuracy (%) on the held-out split of study `{graph.study}`, last epoch, "
-               f"mean ± sample std over seeds {seeds}.")
-    text = f"{caption}\n\n{table}\n"
+    levels = "/".join(f"{level:.0%}" for level in CONVERGENCE_LEVELS)
+    text = (f"Top-1 accuracy (%) on the held-out split of study `{graph.study}`, last epoch, "
+            f"mean ± sample std over seeds {seeds}.\n\n"
+            f"{_table(columns, rows, cells, Cell.render)}\n\n"
+            f"Convergence: epochs until the seed-mean validation top-1 first reaches "
+            f"{levels} of its final value (curves in curves.png).\n\n"
+            f"{convergence_table(graph, store, metric)}\n")
     (folder / "report.md").write_text(text)
     with open(folder / "report.csv", "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["dataset", "teacher", "student", "method", "seeds_done", "seeds_expected",
-                      f"{metric}_mean", f"{metric}_std", "values"])
-        for (row, (dataset, teacher, student)), cell in cells.items():
-            out.writerow([dataset, teacher, student, row, len(cell.values), cell.expected,
+        out.writerow(["dataset", "train_fraction", "teacher", "student", "method", "seeds_done",
+                      "seeds_expected", f"{metric}_mean", f"{metric}_std", "values"]
+                     + [f"epochs_to_{level:.0%}" for level in CONVERGENCE_LEVELS])
+        for (row, column), cell in cells.items():
+            curve = cell.mean_curve()
+            out.writerow([column.dataset, column.fraction or "1.0", column.teacher, column.student,
+                          row, len(cell.values), cell.expected,
                           "" if cell.mean is None else f"{cell.mean:.4f}", f"{cell.std:.4f}",
-                          " ".join(f"{v:.2f}" for v in cell.values)])
+                          " ".join(f"{v:.2f}" for v in cell.values)]
+                         + [epochs_to(curve, level) or "" for level in CONVERGENCE_LEVELS])
     _plot_accuracy(columns, rows, cells, folder / "accuracy.png", metric)
-    _plot_curves(graph, store, columns, folder / "curves.png")
+    _plot_curves(columns, rows, cells, folder / "curves.png", metric)
     return text
 
 
-def _plot_accuracy(columns: List[Column], rows: List[str], cells: Dict[Tuple[str, Column], Cell],
-                   path: Path, metric: str) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_accuracy(columns: List[Column], rows: List[str], cells: Dict[Tuple[str, Column], Cell],
+                   path: Path, metric: str) -> None:
+    """Grouped bars: one group per column, one bar per row, error bars = std over seeds."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 2.2 * len(columns) + 2), 3.6))
     width = 0.8 / max(1, len(rows))
     for i, row in enumerate(rows):
@@ -155,7 +222,7 @@ def _plot_accuracy(columns: List[Column], rows: List[str], cells: Dict[Tuple[str
     finite = [c.mean for c in cells.values() if c.mean is not None]
     if finite:
         ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 2))
-    ax.set_xticks(range(len(columns)), [f"{t}→{s}" for _, t, s in columns])
+    ax.set_xticks(range(len(columns)), [c.short for c in columns])
     ax.set_ylabel(f"{metric} (%)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
@@ -163,31 +230,24 @@ def _plot_accuracy(columns: List[Column], rows: List[str], cells: Dict[Tuple[str
     plt.close(fig)
 
 
-def _plot_curves(graph: JobGraph, store: JobStore, columns: List[Column], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, max(1, len(columns)), figsize=(4 * max(1, len(columns)), 3.2),
-                             squeeze=False)
-    for ax, (dataset, teacher, student) in zip(axes[0], columns):
-        curves: Dict[str, List[List[float]]] = {}
-        for job in graph.jobs:
-            result = store.result(job.job_id)
-            if not result or job.stage == "teacher" or job.dataset != dataset or job.model != student:
+def _plot_curves(columns: List[Column], rows: List[str], cells: Dict[Tuple[str, Column], Cell],
+                 path: Path, metric: str) -> None:
+    """Validation accuracy per epoch (mean over seeds), one panel per column, a line per row."""
+    plt = _pyplot()
+    count = max(1, len(columns))
+    fig, axes = plt.subplots(1, count, figsize=(4.5 * count, 3.4), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        for row in rows:
+            cell = cells.get((row, column))
+            curve = cell.mean_curve() if cell else []
+            if row.startswith(TEACHER_ROW) or len(curve) < 2:
                 continue
-            if job.teacher is not None and job.teacher != teacher:
-                continue
-            curves.setdefault(row_key(job), []).append([h["val/top1"] for h in result["history"]])
-        for method, runs in curves.items():
-            length = min(len(r) for r in runs)
-            mean = [statistics.fmean(r[e] for r in runs) for e in range(length)]
-            ax.plot(range(1, length + 1), mean, label=row_label(method))
-        ax.set_title(f"{teacher} → {student} ({dataset})", fontsize=9)
+            ax.plot(range(1, len(curve) + 1), curve, label=row_label(row))
+        ax.set_title(column.title, fontsize=9)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("val top-1 (%)")
-        ax.legend(fontsize=7)
+        ax.set_ylabel(f"val {metric} (%)")
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

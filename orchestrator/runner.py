@@ -120,6 +120,27 @@ def evaluate(model: nn.Module, data: Data, device: torch.device, recipe: Recipe)
     return {"top1": 100.0 * correct1.item() / total, "top5": 100.0 * correct5.item() / total}
 
 
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, data: Data, device: torch.device, recipe: Recipe) -> None:
+    """Set BatchNorm running statistics to their averages over one pass of the training split.
+
+    Only the statistics change, never a weight: an untrained (randomly initialised) network
+    then behaves in eval mode as it does in train mode, instead of passing activations through
+    with the default mean 0 / variance 1, which lets them grow without bound with depth.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the pass
+    model.train()
+    for batch in data.train.batches(0):
+        x = batch.x.to(device)
+        if recipe.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        model(x)
+    model.eval()
+
+
 def _autocast(device: torch.device, recipe: Recipe) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.amp == "bf16")
 
@@ -236,6 +257,7 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions,
     if bar is not None:
         bar.close()
     if not progress.history:  # zero epochs: the initial weights are the result
+        calibrate_batchnorm(distiller.student, data, device, recipe)
         val = evaluate(distiller.student, data, device, recipe)
         progress.history.append({"epoch": 0, "val/top1": val["top1"], "val/top5": val["top5"]})
     final = progress.history[-1]

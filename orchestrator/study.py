@@ -110,6 +110,25 @@ def _method_variants(methods: Mapping[str, Any], ablations: Mapping[str, Any]) -
     return variants
 
 
+def _fraction_variants(dataset: str, values: Mapping[str, Any] | None, field: str,
+                       require_data: bool, fractions: Any,
+                       common: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The student jobs' data: the dataset as declared, or one copy per ``train_fractions``
+    entry (teachers always train on the dataset as declared, as in few-shot KD studies)."""
+    if fractions is None:
+        return [common]
+    if not isinstance(fractions, (list, tuple)) or not fractions:
+        raise ConfigError("study.train_fractions", f"must be a non-empty list, got {fractions!r}",
+                          fix="e.g. train_fractions: [1.0, 0.4]")
+    out = []
+    for fraction in fractions:
+        cfg = validate_dataset(dataset, {**(values or {}), "train_fraction": fraction},
+                               field, require_data)
+        labels = {**common["labels"], "fraction": str(fraction)}
+        out.append({**common, "dataset_cfg": dataclasses.asdict(cfg), "labels": labels})
+    return out
+
+
 def _add_teacher(jobs: Dict[str, JobSpec], request: TeacherRequest, model: str, seed: int,
                  recipe: Dict[str, Any], common: Dict[str, Any]) -> str:
     """Add the teacher job ``request`` describes (and the teachers it needs); its id.
@@ -165,6 +184,8 @@ def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGrap
         input_shape, num_classes = dataset_cfg.input_shape(), dataset_cfg.class_count()
         common = {"dataset": dataset, "dataset_cfg": dataclasses.asdict(dataset_cfg),
                   "labels": {"study": name}}
+        student_data = _fraction_variants(dataset, dataset_values, dataset_field, require_data,
+                                          study.get("train_fractions"), common)
         for i, pair in enumerate(pairs):
             teacher, student = pair["teacher"], pair["student"]
             teacher_recipe = _resolve_recipe(study.get("teacher_recipe") or {}, teacher,
@@ -178,14 +199,16 @@ def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGrap
                             input_shape, num_classes, f"study.pairs[{i}]")
                 teacher_job = (_add_teacher(jobs, request, teacher, teacher_seed, teacher_recipe,
                                             common) if request else None)
-                labels = {**common["labels"], **({"variant": variant.label} if variant.label else {})}
-                for seed in seeds:
-                    spec = JobSpec(
-                        stage=variant.stage, method=method, model=student, seed=int(seed),
-                        method_cfg=dataclasses.asdict(method_cfg), recipe=student_recipe,
-                        teacher=teacher if request else None, teacher_job=teacher_job,
-                        **{**common, "labels": labels})
-                    jobs.setdefault(spec.job_id, spec)
+                for data in student_data:
+                    labels = {**data["labels"],
+                              **({"variant": variant.label} if variant.label else {})}
+                    for seed in seeds:
+                        spec = JobSpec(
+                            stage=variant.stage, method=method, model=student, seed=int(seed),
+                            method_cfg=dataclasses.asdict(method_cfg), recipe=student_recipe,
+                            teacher=teacher if request else None, teacher_job=teacher_job,
+                            **{**data, "labels": labels})
+                        jobs.setdefault(spec.job_id, spec)
     by_stage = sorted(jobs.values(), key=lambda job: STAGES.index(job.stage))
     return JobGraph(study=name, jobs=_dependency_order(by_stage))
 

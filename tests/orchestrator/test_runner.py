@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from methods.models import build_model
 from orchestrator.runner import RunOptions, run_job
 from orchestrator.store import JobStore
 from orchestrator.study import expand_study
@@ -138,3 +139,23 @@ def test_bf16_autocast_and_channels_last_switches(study, tmp_path):
     a, b = run_job(plain, store, QUIET), run_job(fast, store, QUIET)
     assert b["metrics"]["top1"] > 100.0 / 4
     assert a["history"][0]["train/loss"] != b["history"][0]["train/loss"]  # bf16 took effect
+
+
+def test_random_init_teacher_trains_nothing_and_calibrates_batchnorm(study, tmp_path):
+    study["methods"] = {"inverted_projection": {"teacher_init": "random"}}
+    graph = expand_study(study)
+    teacher = next(j for j in graph.jobs if j.stage == "teacher")
+    assert teacher.recipe["epochs"] == 0
+    store = JobStore(tmp_path)
+    result = run_job(teacher, store, QUIET)
+    assert result["epochs"] == 0 and len(result["history"]) == 1
+    weights = torch.load(store.weights_path(teacher.job_id))
+    torch.manual_seed(teacher.seed)
+    fresh = build_model(teacher.model, 4).state_dict()
+    conv = next(k for k in fresh if k.endswith("conv1.weight"))
+    assert torch.equal(weights[conv], fresh[conv])  # the weights are the random init
+    means = [v for k, v in weights.items() if k.endswith("running_mean")]
+    assert any(m.abs().sum() > 0 for m in means)  # statistics came from the data
+    student = next(j for j in graph.jobs if j.stage == "distill")
+    out = run_job(student, store, QUIET)
+    assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in out["history"])

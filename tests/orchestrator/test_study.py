@@ -98,3 +98,16 @@ def test_teacher_variants_are_distinct_jobs(study):
     study["methods"]["hsakd"]["teacher_mode"] = "joint"
     joint = next(j for j in expand_study(study).jobs if j.method == "hsakd_teacher")
     assert joint.teacher_job is None and joint.job_id != heads.job_id
+
+
+def test_train_fractions_axis_varies_students_only(study):
+    study["train_fractions"] = [1.0, 0.4]
+    graph = expand_study(study)
+    teachers = [j for j in graph.jobs if j.stage == "teacher"]
+    students = [j for j in graph.jobs if j.stage == "distill"]
+    assert len(teachers) == 1 and teachers[0].dataset_cfg["train_fraction"] == 1.0
+    assert sorted(j.dataset_cfg["train_fraction"] for j in students) == [0.4, 0.4, 1.0, 1.0]
+    assert {j.labels["fraction"] for j in students} == {"1.0", "0.4"}
+    study["train_fractions"] = [0.0]
+    with pytest.raises(ConfigError, match="study.datasets.synthetic.train_fraction"):
+        expand_study(study)
