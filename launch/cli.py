@@ -70,7 +70,7 @@ def _run(session: Session) -> int:
     launcher = session.plain["launcher"]
     jobs = session.graph.jobs
     print(f"study {session.graph.study}: {len(jobs)} jobs "
-          f"({sum(j.stage == 'teacher' for j in jobs)} teachers), outputs in {session.output_dir}")
+          f"({sum(j.stage == 'teacher' for j in jobs)} of them teacher jobs), outputs in {session.output_dir}")
     ensure_experiment(session.tracking_uri, session.graph.study)
     options = RunOptions(tracking_uri=session.tracking_uri, experiment=session.graph.study,
                          progress=bool(session.plain.get("progress", True)))
@@ -116,6 +116,7 @@ VERBS = {"run": _run, "status": _status, "report": _report}
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the bars
     logging.basicConfig(level=os.environ.get("KDFLOW_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     try:
