@@ -16,7 +16,12 @@ sample ids. The teacher has random weights (speed does not depend on them); ``va
 without one. After ``--warmup`` untimed steps, ``--steps`` steps are timed with
 ``time.perf_counter`` (with ``torch.cuda.synchronize()`` before and after on GPU).
 
-Reported per method: images/s, ms/step, throughput as a fraction of the ``vanilla`` row, and peak
+StableKD trains differently in each phase of its schedule, so it gets one row per phase of its
+default schedule for the pair (``stablekd[decomposed]``, ``stablekd[partial]``,
+``stablekd[end-to-end]`` for resnet8x4's three blocks): before timing, ``start_epoch`` is called
+with an epoch inside that phase (of a ``PHASE_EPOCHS`` budget). ``row_names`` lists the rows.
+
+Reported per row: images/s, ms/step, throughput as a fraction of the ``vanilla`` row, and peak
 memory: on GPU ``torch.cuda.max_memory_allocated`` since that method was built (MiB); on CPU the
 peak RSS of the whole process (``resource.getrusage``), a high-water mark that never decreases,
 so later rows include earlier ones. A markdown table is printed and a JSON record is written.
@@ -47,13 +52,18 @@ from torch import nn
 
 from methods.config import parse_config
 from methods.distillers import DISTILLERS, DataInfo, Distiller
+from methods.distillers.stablekd import RecompositionSchedule, StableKDConfig, resolve_num_blocks
 from methods.models import build_model
+from methods.models.blocks import default_num_blocks
 
 NUM_CLASSES = 100
 INPUT_SHAPE = (3, 32, 32)
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 DEFAULT_METHODS = ("vanilla", "kd", "fitnet", "crd", "msdcrd", "hsakd", "inverted_projection",
-                   "spectral_reg")
+                   "spectral_reg", "stablekd")
+DEFAULT_TEACHER, DEFAULT_STUDENT = "resnet32x4", "resnet8x4"
+PHASE_EPOCHS = 1000
+"""The epoch budget whose epochs are passed to ``start_epoch`` to enter each StableKD phase."""
 DEFAULT_NUM_SAMPLES = 50_000
 POOL_BATCHES = 4
 BASELINE = "vanilla"
@@ -120,8 +130,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="autocast mode, as the recipe's `amp` (default: %(default)s)")
     p.add_argument("--channels-last", action="store_true", help="as the recipe's `channels_last`")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    p.add_argument("--teacher", default="resnet32x4")
-    p.add_argument("--student", default="resnet8x4")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    p.add_argument("--student", default=DEFAULT_STUDENT)
     p.add_argument("--num-samples", type=int, default=None,
                    help="N, the training-set size CRD's memory bank covers (50000; --small: 2048)")
     p.add_argument("--crd-negatives", type=int, default=None,
@@ -195,6 +205,26 @@ def build_distiller(method: str, s: Settings, info: DataInfo, device: torch.devi
     return distiller
 
 
+def phase_plan(method: str, teacher: str, student: str) -> List[Tuple[str, Optional[int]]]:
+    """The rows of ``method`` as (row name, epoch of ``PHASE_EPOCHS`` to pass to
+    ``start_epoch``, None for no call): one row for most methods, one per phase of the default
+    schedule for StableKD (``stablekd[<phase label>]``)."""
+    if method != "stablekd":
+        return [(method, None)]
+    cfg = parse_config(StableKDConfig, {}, f"bench.{method}")
+    n = resolve_num_blocks(cfg, default_num_blocks(build_model(teacher, NUM_CLASSES)),
+                           default_num_blocks(build_model(student, NUM_CLASSES)))
+    schedule = RecompositionSchedule(n, cfg.partitions, cfg.boundaries)
+    return [(f"{method}[{label}]", schedule.first_epoch(phase, PHASE_EPOCHS))
+            for phase, label in enumerate(schedule.phase_labels())]
+
+
+def row_names(methods: Sequence[str], teacher: str = DEFAULT_TEACHER,
+              student: str = DEFAULT_STUDENT) -> List[str]:
+    """The ``method`` column of the rows measured for ``methods``, in order."""
+    return [name for m in methods for name, _ in phase_plan(m, teacher, student)]
+
+
 def make_step(distiller: Distiller, s: Settings,
               device: torch.device) -> Callable[[Batch], torch.Tensor]:
     """The runner's per-batch work, as a closure ``step(batch) -> loss``."""
@@ -235,10 +265,13 @@ def release(device: torch.device) -> None:
 
 
 def measure(method: str, s: Settings, info: DataInfo, batches: List[Batch],
-            device: torch.device) -> Row:
-    """Build ``method``, run warm-up then timed steps; images/s over the timed steps only."""
+            device: torch.device, row_name: str, epoch: Optional[int]) -> Row:
+    """Build ``method`` (entering the phase of ``epoch`` when not None), run warm-up then timed
+    steps; images/s over the timed steps only."""
     release(device)
     distiller = build_distiller(method, s, info, device)
+    if epoch is not None:
+        distiller.start_epoch(epoch, PHASE_EPOCHS)
     distiller.train()
     step = make_step(distiller, s, device)
     for i in range(s.warmup):
@@ -251,7 +284,7 @@ def measure(method: str, s: Settings, info: DataInfo, batches: List[Batch],
     elapsed = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else peak_rss_mib())
-    row = Row(method=method, images_per_s=s.steps * s.batch_size / elapsed,
+    row = Row(method=row_name, images_per_s=s.steps * s.batch_size / elapsed,
               ms_per_step=1000 * elapsed / s.steps, vs_student=None, time_vs_kd=None,
               peak_mem_mib=peak,
               final_loss=float(loss.detach().float()),
@@ -331,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     info = make_data_info(s)
     batches = make_batches(s, info, device)
-    rows = [measure(m, s, info, batches, device) for m in s.methods]
+    rows = [measure(m, s, info, batches, device, name, epoch) for m in s.methods
+            for name, epoch in phase_plan(m, s.teacher, s.student)]
     add_ratios(rows)
     for r in rows:
         if not (math.isfinite(r.images_per_s) and math.isfinite(r.final_loss)):

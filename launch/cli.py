@@ -115,7 +115,12 @@ VERBS = {"run": _run, "status": _status, "report": _report}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may follow the flags too
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the bars
     logging.basicConfig(level=os.environ.get("KDFLOW_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")

@@ -14,6 +14,7 @@ from orchestrator.store import JobStore
 from orchestrator.study import JobGraph
 
 TEACHER_ROW = "teacher"
+VARIANT_SEP = " | "  # row keys: "<method> | <setting=value, ...>"
 CONVERGENCE_LEVELS = (0.90, 0.95, 0.99)
 
 
@@ -76,12 +77,13 @@ def epochs_to(curve: List[float], level: float) -> Optional[int]:
 
 
 def row_key(job: JobSpec) -> str:
-    """The report row of a job: ``teacher...`` rows for teachers, else method[variant]."""
+    """The report row of a job: ``teacher...`` rows for teachers, else the method and its
+    ablation variant."""
     if job.stage == "teacher":
         kind = "" if job.method == "vanilla" else f":{job.method}"
         return f"{TEACHER_ROW}{kind}{':random' if job.recipe.get('epochs') == 0 else ''}"
     variant = job.labels.get("variant")
-    return f"{job.method}[{variant}]" if variant else job.method
+    return f"{job.method}{VARIANT_SEP}{variant}" if variant else job.method
 
 
 def row_label(key: str) -> str:
@@ -91,9 +93,9 @@ def row_label(key: str) -> str:
         notes = ["random init" if p == "random" else DISTILLERS.get(p).display_name or p
                  for p in parts]
         return "Teacher" + (f" ({', '.join(notes)})" if notes else "")
-    method, _, variant = key.partition("[")
+    method, _, variant = key.partition(VARIANT_SEP)
     label = DISTILLERS.get(method).display_name or method
-    return f"{label} ({variant.rstrip(']')})" if variant else label
+    return f"{label} ({variant})" if variant else label
 
 
 def collect(graph: JobGraph, store: JobStore,
@@ -111,7 +113,7 @@ def collect(graph: JobGraph, store: JobStore,
     methods = list(dict.fromkeys(j.method for j in students))
     rows = list(dict.fromkeys(row_key(j) for j in teachers))
     rows += sorted(dict.fromkeys(row_key(j) for j in students),
-                   key=lambda key: (methods.index(key.partition("[")[0]), key))
+                   key=lambda key: (methods.index(key.partition(VARIANT_SEP)[0]), key))
     columns = list(dict.fromkeys(
         Column(j.dataset, j.labels.get("fraction", ""), teacher_model[j.teacher_job], j.model)
         for j in students if j.teacher_job))

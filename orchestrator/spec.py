@@ -56,7 +56,8 @@ class JobSpec:
             what = "teacher" if self.method == "vanilla" else self.method
             what += " (random init)" if self.recipe.get("epochs") == 0 else ""
         variant = f" [{self.labels['variant']}]" if self.labels.get("variant") else ""
-        return f"{what}{variant} {pair} {self.dataset} s{self.seed}"
+        share = f" {float(self.labels['fraction']):.0%}" if self.labels.get("fraction") else ""
+        return f"{what}{variant} {pair} {self.dataset}{share} s{self.seed}"
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)

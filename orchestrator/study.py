@@ -76,8 +76,10 @@ class MethodVariant:
 def _method_variants(methods: Mapping[str, Any], ablations: Mapping[str, Any]) -> List[MethodVariant]:
     """Each method's study settings, plus one variant per combination of its ablation axes.
 
-    ``ablations`` maps a method to ``{setting: [value, ...]}``; a combination equal to the
-    study's own settings is the method's ``distill`` job, not a second copy.
+    ``ablations`` maps a method to a grid ``{setting: [value, ...]}`` or to a list of grids
+    (each expanded on its own, for axes that cannot be crossed, such as StableKD's block count
+    and its phase boundaries). A combination equal to the study's own settings is the method's
+    ``distill`` job, not a second copy.
     """
     for method in ablations:
         if method not in methods:
@@ -87,26 +89,30 @@ def _method_variants(methods: Mapping[str, Any], ablations: Mapping[str, Any]) -
     for method, values in methods.items():
         cls = DISTILLERS.get(method, f"study.methods.{method}")
         base = parse_config(cls.Config, values, f"study.methods.{method}")
-        axes = dict(ablations.get(method) or {})
+        grids = ablations.get(method) or {}
+        grids = [dict(g) for g in grids] if isinstance(grids, (list, tuple)) else [dict(grids)]
+        axes = list(dict.fromkeys(k for grid in grids for k in grid))
         settings = [f.name for f in dataclasses.fields(base)]
-        for setting, options in axes.items():
+        for setting, options in ((k, v) for grid in grids for k, v in grid.items()):
             if setting not in settings:
                 raise ConfigError(f"study.ablations.{method}.{setting}", "unknown setting",
                                   allowed=settings)
             if not isinstance(options, (list, tuple)) or not options:
                 raise ConfigError(f"study.ablations.{method}.{setting}",
                                   f"must be a non-empty list of values, got {options!r}")
-        combos = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
         def label(cfg: Any) -> str:
             return ", ".join(f"{k}={getattr(cfg, k)}" for k in axes)
 
+        seen = [base]
         variants.append(MethodVariant(method, base, "distill", label(base)))
-        for combo in combos:
-            cfg = parse_config(cls.Config, {**dataclasses.asdict(base), **combo},
-                               f"study.ablations.{method}")
-            if cfg != base:
-                variants.append(MethodVariant(method, cfg, "ablation", label(cfg)))
+        for grid in grids:
+            for combo in itertools.product(*grid.values()):
+                cfg = parse_config(cls.Config, {**dataclasses.asdict(base), **dict(zip(grid, combo))},
+                                   f"study.ablations.{method}")
+                if cfg not in seen:
+                    seen.append(cfg)
+                    variants.append(MethodVariant(method, cfg, "ablation", label(cfg)))
     return variants
 
 

@@ -2,7 +2,7 @@
 from methods.distillers.base import (DISTILLERS, DataInfo, Distiller, LossTerms,
                                      TeacherRequest, register_distiller)
 from methods.distillers import (crd, fitnet, hsakd, kd, msdcrd, projection,  # noqa: F401
-                                spectral, vanilla)  # (fill DISTILLERS)
+                                spectral, stablekd, vanilla)  # (fill DISTILLERS)
 
 __all__ = ["DISTILLERS", "DataInfo", "Distiller", "LossTerms", "TeacherRequest",
            "register_distiller"]

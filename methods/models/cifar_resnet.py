@@ -14,6 +14,7 @@ from torch import nn
 
 from methods.features import Features
 from methods.models.base import TappedModel, register_model
+from methods.models.blocks import PooledClassifier, StageOutput
 from methods.models.layers import PreactSequential, init_weights, run_stages
 
 NARROW = (16, 16, 32, 64)
@@ -92,6 +93,12 @@ class CifarResNet(TappedModel):
 
     def hsakd_pre_pool(self) -> nn.Module:
         return nn.Identity()
+
+    def stablekd_stages(self) -> List[nn.Module]:
+        """[stem + layer1, layer2, layer3 + pooling + fc] (methods/models/blocks.py)."""
+        stem = nn.Sequential(self.conv1, self.bn1, nn.ReLU())
+        return [nn.Sequential(stem, StageOutput(self.layer1)), StageOutput(self.layer2),
+                nn.Sequential(StageOutput(self.layer3), PooledClassifier(nn.Identity(), self.fc))]
 
 
 def _register(name: str, depth: int, widths: Sequence[int]) -> None:

@@ -16,6 +16,7 @@ from torchvision.models.resnet import Bottleneck
 
 from methods.features import Features
 from methods.models.base import TappedModel, register_model
+from methods.models.blocks import PooledClassifier
 
 # Last feature index of each tap stage of torchvision's MobileNetV2 (24, 32, 96, 320 channels),
 # the same grouping as the CIFAR MobileNetV2.
@@ -80,6 +81,13 @@ class TorchvisionResNet(TappedModel):
     def hsakd_pre_pool(self) -> nn.Module:
         return nn.Identity()
 
+    def stablekd_stages(self) -> List[nn.Module]:
+        """[stem (conv1-BN-ReLU-maxpool) + layer1, layer2, layer3, layer4 + pooling + fc]
+        (methods/models/blocks.py)."""
+        return [nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool, self.layer1),
+                self.layer2, self.layer3,
+                nn.Sequential(self.layer4, PooledClassifier(nn.Identity(), self.fc))]
+
 
 class TorchvisionMobileNetV2(TappedModel):
     """torchvision MobileNetV2 (width 1) with taps.
@@ -126,6 +134,16 @@ class TorchvisionMobileNetV2(TappedModel):
     def hsakd_pre_pool(self) -> nn.Module:
         """The final 1x1 conv-BN-ReLU6 to 1280 channels."""
         return self.features[-1]
+
+    def stablekd_stages(self) -> List[nn.Module]:
+        """[features 0-3, 4-6, 7-13, 14-17 + the last 1x1 conv + pooling + classifier]
+        (methods/models/blocks.py); the stem (features[0]) is in the first stage."""
+        starts = (0,) + tuple(end + 1 for end in MOBILENET_STAGE_ENDS[:-1])
+        stages: List[nn.Module] = [self.features[a:b + 1]
+                                   for a, b in zip(starts, MOBILENET_STAGE_ENDS)]
+        stages[-1] = nn.Sequential(stages[-1],
+                                   PooledClassifier(self.features[-1], self.classifier))
+        return stages
 
 
 def _register_resnet(name: str, factory: Callable[..., tvm.ResNet]) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from methods.features import Features
 from methods.models.base import TappedModel, register_model
+from methods.models.blocks import PooledClassifier
 from methods.models.layers import init_weights
 
 # (channels at width 1, repeats, first stride) per block group; the first group has
@@ -111,6 +112,16 @@ class MobileNetV2(TappedModel):
     def hsakd_pre_pool(self) -> nn.Module:
         """The 1x1 conv-BN-ReLU to 1280 channels."""
         return self.conv2
+
+    def stablekd_stages(self) -> List[nn.Module]:
+        """[conv1 + groups 0-1, group 2, groups 3-4, groups 5-6 + conv2 + pooling + classifier]
+        (methods/models/blocks.py)."""
+        starts = (0,) + tuple(end + 1 for end in STAGE_ENDS[:-1])
+        stages: List[nn.Module] = [nn.Sequential(*self.blocks[a:b + 1])
+                                   for a, b in zip(starts, STAGE_ENDS)]
+        stages[0] = nn.Sequential(self.conv1, stages[0])
+        stages[-1] = nn.Sequential(stages[-1], PooledClassifier(self.conv2, self.classifier))
+        return stages
 
 
 @register_model("MobileNetV2", family="mobilenetv2", default_lr=0.01)

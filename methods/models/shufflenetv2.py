@@ -17,6 +17,7 @@ from torch import nn
 
 from methods.features import Features
 from methods.models.base import TappedModel, register_model
+from methods.models.blocks import PooledClassifier, StageOutput
 from methods.models.layers import PreactSequential, channel_shuffle, init_weights, run_stages
 
 STEM_CHANNELS = 24
@@ -130,6 +131,14 @@ class ShuffleNetV2(TappedModel):
     def hsakd_pre_pool(self) -> nn.Module:
         """The 1x1 conv-BN-ReLU to 1024 channels."""
         return nn.Sequential(self.conv2, self.bn2, nn.ReLU(inplace=True))
+
+    def stablekd_stages(self) -> List[nn.Module]:
+        """[stem + layer1, layer2, layer3 + conv2-BN-ReLU + pooling + linear]
+        (methods/models/blocks.py)."""
+        stem = nn.Sequential(self.conv1, self.bn1, nn.ReLU())
+        head = PooledClassifier(nn.Sequential(self.conv2, self.bn2, nn.ReLU()), self.linear)
+        return [nn.Sequential(stem, StageOutput(self.layer1)), StageOutput(self.layer2),
+                nn.Sequential(StageOutput(self.layer3), head)]
 
 
 @register_model("ShuffleV2", family="shufflenet", default_lr=0.01)

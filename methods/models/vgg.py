@@ -17,6 +17,7 @@ from torch import nn
 
 from methods.features import Features
 from methods.models.base import TappedModel, register_model
+from methods.models.blocks import PooledClassifier
 from methods.models.layers import init_weights
 
 CONFIGS: Dict[str, List[List[int]]] = {
@@ -114,6 +115,19 @@ class VGG(TappedModel):
 
     def hsakd_pre_pool(self) -> nn.Module:
         return nn.Identity()
+
+    def stablekd_stages(self) -> List[nn.Module]:
+        """One stage per conv block (methods/models/blocks.py): block0-ReLU, then
+        pool-block-ReLU for blocks 1-3, then (pool when block3's side >= 8, i.e. inputs of
+        64 px or more) block4-ReLU + pooling + classifier."""
+        return [
+            nn.Sequential(self.block0, nn.ReLU()),
+            nn.Sequential(nn.MaxPool2d(2, 2), self.block1, nn.ReLU()),
+            nn.Sequential(nn.MaxPool2d(2, 2), self.block2, nn.ReLU()),
+            nn.Sequential(nn.MaxPool2d(2, 2), self.block3, nn.ReLU()),
+            nn.Sequential(_MaxPoolFromSide(8), self.block4, nn.ReLU(),
+                          PooledClassifier(nn.Identity(), self.classifier)),
+        ]
 
 
 def _register(name: str, cfg_key: str) -> None:

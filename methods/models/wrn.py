@@ -14,6 +14,7 @@ from torch import nn
 
 from methods.features import Features
 from methods.models.base import TappedModel, register_model
+from methods.models.blocks import PooledClassifier
 from methods.models.layers import init_weights
 
 
@@ -101,6 +102,12 @@ class WideResNet(TappedModel):
     def hsakd_pre_pool(self) -> nn.Module:
         """The final BN + ReLU applied before pooling."""
         return nn.Sequential(self.bn1, nn.ReLU(inplace=True))
+
+    def stablekd_stages(self) -> List[nn.Module]:
+        """[conv1 + block1, block2, block3 + BN-ReLU + pooling + fc] (methods/models/blocks.py)."""
+        head = PooledClassifier(nn.Sequential(self.bn1, nn.ReLU()), self.fc)
+        return [nn.Sequential(self.conv1, self.block1), self.block2,
+                nn.Sequential(self.block3, head)]
 
 
 def _register(depth: int, widen: int) -> None:

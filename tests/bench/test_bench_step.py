@@ -23,14 +23,16 @@ def load_bench() -> ModuleType:
     return module
 
 
-def test_small_run_writes_one_row_per_method(tmp_path: Path) -> None:
+def test_small_run_writes_one_row_per_method_and_phase(tmp_path: Path) -> None:
     out = tmp_path / "s.json"
     bench = load_bench()
     assert bench.main(["--small", "--out", str(out)]) == 0
 
     record = json.loads(out.read_text())
     rows = record["rows"]
-    assert [r["method"] for r in rows] == list(bench.DEFAULT_METHODS)
+    assert [r["method"] for r in rows] == bench.row_names(bench.DEFAULT_METHODS)
+    assert [r["method"] for r in rows][-3:] == [
+        "stablekd[decomposed]", "stablekd[partial]", "stablekd[end-to-end]"]
     for r in rows:
         assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
         assert math.isfinite(r["ms_per_step"]) and r["ms_per_step"] > 0

@@ -37,13 +37,13 @@ def test_report_rows_columns_and_convergence(study, tmp_path):
             _finish(store, job, [30.0, 50.0, 70.0])
     columns, rows, cells = collect(graph, store)
     assert [c.fraction for c in columns] == ["1.0", "0.5"]
-    assert rows == ["teacher", "vanilla", "kd[temperature=2.0]", "kd[temperature=4.0]"]
+    assert rows == ["teacher", "vanilla", "kd | temperature=2.0", "kd | temperature=4.0"]
     full, half = columns
-    kd = cells[("kd[temperature=4.0]", full)]
+    kd = cells[("kd | temperature=4.0", full)]
     assert kd.values == [90.0, 92.0] and kd.render() == "91.00 ± 1.41"
     assert kd.mean_curve() == [50.0, 75.0, 91.0]
     assert cells[("vanilla", full)].render() == "70.00 (1/2)"
-    assert cells[("kd[temperature=4.0]", half)].render() == "-"
+    assert cells[("kd | temperature=4.0", half)].render() == "-"
     assert cells[("teacher", half)].render() == "95.00"
 
     text = write_report(graph, store, tmp_path / "report")
@@ -52,7 +52,7 @@ def test_report_rows_columns_and_convergence(study, tmp_path):
     assert "| KD (temperature=4.0) | 3 / 3 / 3 | - |" in text
     with open(tmp_path / "report" / "report.csv") as f:
         rows_csv = list(csv.DictReader(f))
-    kd_row = next(r for r in rows_csv if r["method"] == "kd[temperature=4.0]"
+    kd_row = next(r for r in rows_csv if r["method"] == "kd | temperature=4.0"
                   and r["train_fraction"] == "1.0")
     assert kd_row["top1_mean"] == "91.0000" and kd_row["values"] == "90.00 92.00"
     for name in ("accuracy.png", "curves.png"):

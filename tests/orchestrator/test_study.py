@@ -111,3 +111,10 @@ def test_train_fractions_axis_varies_students_only(study):
     study["train_fractions"] = [0.0]
     with pytest.raises(ConfigError, match="study.datasets.synthetic.train_fraction"):
         expand_study(study)
+
+
+def test_ablation_grids_are_expanded_separately(study):
+    study["ablations"] = {"kd": [{"temperature": [2.0, 4.0]}, {"kd_weight": [0.5, 0.9]}]}
+    kd = [j for j in expand_study(study).jobs if j.method == "kd"]
+    pairs = sorted((j.method_cfg["temperature"], j.method_cfg["kd_weight"]) for j in kd)
+    assert pairs == [(2.0, 0.9), (4.0, 0.5), (4.0, 0.9)]  # not crossed; the base once
