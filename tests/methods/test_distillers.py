@@ -2,48 +2,25 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from methods.config import parse_config
 from methods.distillers import DISTILLERS, DataInfo
-from methods.distillers.crd import (CRD, NCE_EPS, CRDConfig, contrast_scores, crd_nce_loss,
+from methods.distillers.crd import (NCE_EPS, CRDConfig, contrast_scores, crd_nce_loss,
                                     momentum_update, sample_other_class)
 from methods.distillers.fitnet import FitNet, FitNetConfig, HintRegressor, hint_loss
 from methods.distillers.kd import KDConfig, kd_loss
 from methods.distillers.vanilla import Vanilla
 from methods.errors import ConfigError
-from methods.features import Features, TapShapes
-from methods.models.base import TappedModel
+from methods.features import TapShapes
+from tiny_net import TinyNet
 
 NUM_CLASSES = 4
 NUM_SAMPLES = 40
 INPUT_SHAPE = (3, 8, 8)
-
-
-class TinyNet(TappedModel):
-    """conv+ReLU stages (no BN, so forwards are deterministic), GAP embedding, linear head."""
-
-    def __init__(self, widths: Sequence[int], strides: Sequence[int]) -> None:
-        super().__init__()
-        chans = [INPUT_SHAPE[0], *widths]
-        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, stride=s, padding=1)
-                                   for i, s in enumerate(strides))
-        self.fc = nn.Linear(widths[-1], NUM_CLASSES)
-
-    def forward_features(self, x: torch.Tensor) -> Features:
-        stages, preact = [], []
-        for conv in self.convs:
-            x = conv(x)
-            preact.append(x)
-            x = F.relu(x)
-            stages.append(x)
-        emb = x.mean(dim=(2, 3))
-        return Features(logits=self.fc(emb), stages=stages, preact=preact, embedding=emb)
 
 
 def teacher_net() -> TinyNet:

@@ -8,7 +8,6 @@ from typing import List, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import methods.distillers.msdcrd  # noqa: F401  (registers "msdcrd")
 from methods.config import parse_config
@@ -17,8 +16,9 @@ from methods.distillers.kd import kd_loss
 from methods.distillers.msdcrd import (MSDCRD, MSDCRDConfig, decouple, feature_contrast,
                                        msdcrd_terms, sample_contrast)
 from methods.errors import ConfigError
-from methods.features import Features, TapShapes
-from methods.models.base import TappedModel, build_model, probe_taps
+from methods.features import TapShapes
+from methods.models.base import build_model, probe_taps
+from tiny_net import TinyNet
 
 NUM_CLASSES = 4
 INPUT_SHAPE = (3, 8, 8)
@@ -199,26 +199,6 @@ def test_losses_stay_float32_under_bf16_autocast():
 
 
 # ---- the distiller on small nets ---------------------------------------------------------------
-
-class TinyNet(TappedModel):
-    """conv+ReLU stages, GAP embedding, linear head."""
-
-    def __init__(self, widths: Sequence[int], strides: Sequence[int],
-                 num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        chans = [INPUT_SHAPE[0], *widths]
-        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, stride=s, padding=1)
-                                   for i, s in enumerate(strides))
-        self.fc = nn.Linear(widths[-1], num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> Features:
-        stages = []
-        for conv in self.convs:
-            x = F.relu(conv(x))
-            stages.append(x)
-        emb = x.mean(dim=(2, 3))
-        return Features(logits=self.fc(emb), stages=stages, preact=stages, embedding=emb)
-
 
 def data_info(input_shape=INPUT_SHAPE, num_classes: int = NUM_CLASSES) -> DataInfo:
     return DataInfo(20, torch.arange(20) % num_classes, num_classes, input_shape)

@@ -11,7 +11,6 @@ from typing import List, Sequence
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from methods.config import parse_config
@@ -20,30 +19,12 @@ from methods.distillers.projection import (ProjectionConfig, ProjectionKD, check
                                            linear_projection_decomposition, projection_loss)
 from methods.distillers.spectral import SpectralConfig, SpectralReg, spectral_penalty
 from methods.errors import ConfigError
-from methods.features import Features, TapShapes
-from methods.models.base import TappedModel, build_model
+from methods.features import TapShapes
+from methods.models.base import build_model
+from tiny_net import TinyNet
 
 NUM_CLASSES = 4
 INPUT_SHAPE = (3, 8, 8)
-
-
-class TinyNet(TappedModel):
-    """conv+ReLU stages, GAP embedding, linear head."""
-
-    def __init__(self, widths: Sequence[int], strides: Sequence[int]) -> None:
-        super().__init__()
-        chans = [INPUT_SHAPE[0], *widths]
-        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, stride=s, padding=1)
-                                   for i, s in enumerate(strides))
-        self.fc = nn.Linear(widths[-1], NUM_CLASSES)
-
-    def forward_features(self, x: torch.Tensor) -> Features:
-        stages = []
-        for conv in self.convs:
-            x = F.relu(conv(x))
-            stages.append(x)
-        emb = x.mean(dim=(2, 3))
-        return Features(logits=self.fc(emb), stages=stages, preact=stages, embedding=emb)
 
 
 def teacher_net() -> TinyNet:
