@@ -9,7 +9,7 @@ from torch import nn
 
 from methods.errors import ConfigError
 from methods.features import Features, TapShapes
-from methods.models.base import build_model
+from methods.models.base import build_model, probe_taps
 from methods.registry import Registry
 
 LossTerms = Dict[str, torch.Tensor]
@@ -74,6 +74,14 @@ class Distiller(nn.Module):
     def build_teacher(cls, cfg: Any, name: str, num_classes: int) -> nn.Module:
         """The teacher module, before its job's weights are loaded: model ``name`` by default."""
         return build_model(name, num_classes)
+
+    def checked_taps(self, data: DataInfo) -> Tuple[TapShapes | None, TapShapes]:
+        """Probe the teacher's and the student's taps on ``data.input_shape`` (one forward
+        pass of 2 images each), refuse them through ``check_taps``, and return them."""
+        teacher = None if self.teacher is None else probe_taps(self.teacher, data.input_shape)
+        student = probe_taps(self.student, data.input_shape)
+        self.check_taps(self.cfg, teacher, student)
+        return teacher, student
 
     def start_epoch(self, epoch: int, total_epochs: int) -> None:
         """Called by the job runner before each epoch (0-based), also on resume; methods whose

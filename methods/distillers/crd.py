@@ -20,7 +20,6 @@ from methods.distillers.base import DataInfo, Distiller, LossTerms, register_dis
 from methods.distillers.kd import check_same_classes, kd_loss
 from methods.errors import ConfigError
 from methods.features import TapShapes
-from methods.models.base import probe_taps
 
 NCE_EPS = 1e-7
 """Added to the NCE denominators, as RepDistiller's ``ContrastLoss`` does."""
@@ -145,9 +144,7 @@ class CRD(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: CRDConfig,
                  data: DataInfo) -> None:
         super().__init__(student, teacher, cfg, data)
-        t_shapes = probe_taps(teacher, data.input_shape)
-        s_shapes = probe_taps(student, data.input_shape)
-        self.check_taps(cfg, t_shapes, s_shapes)
+        t_shapes, s_shapes = self.checked_taps(data)
         self.num_samples = data.num_samples
         self.embed_s = Embed(s_shapes.embedding_dim, cfg.feat_dim)
         self.embed_t = Embed(t_shapes.embedding_dim, cfg.feat_dim)

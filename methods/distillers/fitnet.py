@@ -16,7 +16,6 @@ from methods.config import require_non_negative, require_positive
 from methods.distillers.base import DataInfo, Distiller, LossTerms, register_distiller
 from methods.errors import ConfigError
 from methods.features import TapShapes
-from methods.models.base import probe_taps
 
 
 def hint_loss(regressed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -78,9 +77,7 @@ class FitNet(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: FitNetConfig,
                  data: DataInfo) -> None:
         super().__init__(student, teacher, cfg, data)
-        t_shapes = probe_taps(teacher, data.input_shape)
-        s_shapes = probe_taps(student, data.input_shape)
-        self.check_taps(cfg, t_shapes, s_shapes)
+        t_shapes, s_shapes = self.checked_taps(data)
         c_s = s_shapes.stages[cfg.hint_stage][0]
         c_t, h_t, w_t = t_shapes.stages[cfg.hint_stage]
         self.regressor = HintRegressor(c_s, c_t, (h_t, w_t))

@@ -31,7 +31,6 @@ from methods.distillers.base import DataInfo, Distiller, LossTerms, register_dis
 from methods.distillers.kd import check_same_classes, kd_loss
 from methods.errors import ConfigError
 from methods.features import TapShapes
-from methods.models.base import probe_taps
 
 NEGATIVES = ("same_location", "all_locations")
 """Which other-image vectors an anchor is contrasted with: those at its own location, or all."""
@@ -272,9 +271,7 @@ class MSDCRD(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: MSDCRDConfig,
                  data: DataInfo) -> None:
         super().__init__(student, teacher, cfg, data)
-        t_shapes = probe_taps(teacher, data.input_shape)
-        s_shapes = probe_taps(student, data.input_shape)
-        self.check_taps(cfg, t_shapes, s_shapes)
+        t_shapes, s_shapes = self.checked_taps(data)
         c_s, c_t = s_shapes.stages[-1][0], t_shapes.stages[-1][0]
         self.align = None if c_s == c_t else nn.Sequential(
             nn.Conv2d(c_s, c_t, 1, bias=False), nn.BatchNorm2d(c_t))

@@ -35,7 +35,6 @@ from methods.distillers.base import (DataInfo, Distiller, LossTerms, TeacherRequ
                                      register_distiller)
 from methods.errors import ConfigError
 from methods.features import Features, TapShapes
-from methods.models.base import probe_taps
 
 DIRECTIONS = ("standard", "inverted")
 FEATURES = ("stage", "embedding")
@@ -203,9 +202,7 @@ class ProjectionKD(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: ProjectionConfig,
                  data: DataInfo) -> None:
         super().__init__(student, teacher, cfg, data)
-        t_shapes = probe_taps(teacher, data.input_shape)
-        s_shapes = probe_taps(student, data.input_shape)
-        self.check_taps(cfg, t_shapes, s_shapes)
+        t_shapes, s_shapes = self.checked_taps(data)
         if cfg.feature == "stage":
             c_s, c_t = s_shapes.stages[cfg.stage][0], t_shapes.stages[cfg.stage][0]
         else:

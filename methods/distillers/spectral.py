@@ -30,7 +30,6 @@ from methods.config import require_non_negative
 from methods.distillers.base import DataInfo, Distiller, LossTerms, register_distiller
 from methods.errors import ConfigError
 from methods.features import TapShapes
-from methods.models.base import probe_taps
 
 FEATURES = ("embedding", "stage")
 MODES = ("tail", "soft")
@@ -113,7 +112,7 @@ class SpectralReg(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: SpectralConfig,
                  data: DataInfo) -> None:
         super().__init__(student, teacher, cfg, data)
-        self.check_taps(cfg, None, probe_taps(student, data.input_shape))
+        self.checked_taps(data)
 
     @classmethod
     def check_taps(cls, cfg: Any, teacher: TapShapes | None, student: TapShapes) -> None:

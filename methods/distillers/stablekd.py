@@ -41,7 +41,6 @@ from methods.distillers.base import DataInfo, Distiller, LossTerms, register_dis
 from methods.distillers.kd import check_same_classes, kd_loss
 from methods.errors import ConfigError
 from methods.features import TapShapes
-from methods.models.base import probe_taps
 from methods.models.blocks import default_num_blocks, split_blocks
 
 Shape = Tuple[int, int, int]
@@ -340,8 +339,7 @@ class StableKD(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: StableKDConfig,
                  data: DataInfo) -> None:
         super().__init__(student, teacher, cfg, data)
-        self.check_taps(cfg, probe_taps(teacher, data.input_shape),
-                        probe_taps(student, data.input_shape))
+        self.checked_taps(data)
         n = resolve_num_blocks(cfg, default_num_blocks(teacher), default_num_blocks(student))
         self.schedule = RecompositionSchedule(n, cfg.partitions, cfg.boundaries)
         # Plain lists: views onto the models' modules, kept out of the module tree so the
