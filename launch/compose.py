@@ -46,8 +46,13 @@ def _as_config_error(err: Exception, overrides: List[str]) -> ConfigError:
                            fix=f"pass {group}=<one of the allowed values>")
     key = re.search(r"override '([^']+)'", message) or re.search(r"Key '([^']+)'", message)
     field = key.group(1) if key else "overrides"
-    return ConfigError(field, message.splitlines()[0].rstrip("."), allowed=_sibling_keys(field, overrides),
-                       fix="check the spelling against `kdflow run --cfg` or the files in configs/")
+    allowed = _sibling_keys(field, overrides)
+    fix = "check the spelling against `kdflow run --cfg` or the files in configs/"
+    if not allowed:
+        allowed = None
+        fix = (f"to add a setting the config does not have yet, prefix it with '+' "
+               f"(+{field}=...); else {fix}")
+    return ConfigError(field, message.splitlines()[0].rstrip("."), allowed=allowed, fix=fix)
 
 
 def _sibling_keys(field: str, overrides: List[str]) -> List[str] | None:
