@@ -3,6 +3,12 @@
 Every launcher (local worker processes, SLURM, Ray) calls :func:`run_job`, so a job behaves the
 same wherever it runs. A job resumes from its newest checkpoint and, on CPU, ends with exactly
 the weights and metrics of a run that was never interrupted.
+
+With ``RunOptions.distributed`` (``world_size >= 2``) the process runs as one rank of a
+multi-process job (:mod:`orchestrator.distributed`): each rank trains on its contiguous slice
+of every global batch, the gradients are averaged over the ranks, and rank 0 alone writes the
+job's files and talks to MLflow. Such a run resumes from its checkpoints too, but it is not
+bit-identical to a single-process run (BatchNorm normalises over each rank's slice).
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,6 +29,7 @@ from methods.models import build_model
 from orchestrator.atomic import atomic_write, write_json
 from orchestrator.checkpoint import load_latest_checkpoint, save_checkpoint
 from orchestrator.data import Data, build_data
+from orchestrator.distributed import ALONE, DistEnv, Ranks, process_group
 from orchestrator.recipe import Recipe
 from orchestrator.spec import JobSpec
 from orchestrator.store import JobStore
@@ -32,7 +39,18 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
 class JobInterrupted(Exception):
-    """Raised after a preemption signal once the job's checkpoint is safely on disk."""
+    """Raised after a preemption signal once the job's checkpoint is safely on disk.
+
+    signum: the signal that stopped the run: this process's own or, in a multi-process run
+            where another rank alone was signalled, the lowest-numbered one the ranks received.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    def __reduce__(self) -> Tuple[Any, ...]:  # picklable, e.g. out of a worker process
+        return type(self), (str(self), self.signum)
 
 
 class JobFailed(Exception):
@@ -41,12 +59,17 @@ class JobFailed(Exception):
 
 @dataclass
 class RunOptions:
-    """Runtime-only settings of a job run (not part of the job id)."""
+    """Runtime-only settings of a job run (not part of the job id).
+
+    distributed: this process's place in a multi-process run of the job (every rank calls
+                 :func:`run_job` with its own); None, or a world of one, runs it here alone.
+    """
 
     tracking_uri: Optional[str] = None
     experiment: str = "kdflow"
     progress: bool = True
     progress_position: int = 0
+    distributed: Optional[DistEnv] = None
 
 
 @dataclass
@@ -99,14 +122,26 @@ def _trainable_state(distiller: Distiller) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in distiller.state_dict().items() if not k.startswith("teacher.")}
 
 
+def _trained_modules(distiller: Distiller) -> List[nn.Module]:
+    """The distiller's modules outside the (frozen) teacher."""
+    frozen = set(distiller.teacher.modules()) if distiller.teacher is not None else set()
+    return [m for m in distiller.modules() if m not in frozen]
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Data, device: torch.device, recipe: Recipe) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy in percent over the whole held-out split."""
+def evaluate(model: nn.Module, data: Data, device: torch.device, recipe: Recipe,
+             ranks: Ranks = ALONE) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy in percent over the whole held-out split.
+
+    Over several ``ranks`` (which must hold the same ``model``), rank r evaluates the batches
+    ``i`` with ``i % world_size == r`` and the counts are summed: every rank returns the same.
+    """
     model.eval()
-    correct1 = torch.zeros((), device=device)
-    correct5 = torch.zeros((), device=device)
-    total = 0
-    for batch in data.val.batches():
+    rank, world_size = ranks.part
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 hits, top-5 hits, samples
+    for i, batch in enumerate(data.val.batches()):
+        if i % world_size != rank:
+            continue
         x = batch.x.to(device)
         if recipe.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -114,10 +149,11 @@ def evaluate(model: nn.Module, data: Data, device: torch.device, recipe: Recipe)
             logits = model(x).float()
         y = batch.y.to(device)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == y).sum()
-        correct5 += (top == y[:, None]).any(dim=1).sum()
-        total += y.numel()
-    return {"top1": 100.0 * correct1.item() / total, "top5": 100.0 * correct5.item() / total}
+        counts[0] += (top[:, 0] == y).sum()
+        counts[1] += (top == y[:, None]).any(dim=1).sum()
+        counts[2] += y.numel()
+    correct1, correct5, total = ranks.sum(counts).tolist()
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
 
 
 @torch.no_grad()
@@ -150,45 +186,69 @@ def run_job(spec: JobSpec, store: JobStore, options: RunOptions | None = None) -
 
     Raises :class:`JobInterrupted` after SIGTERM/SIGUSR2 (checkpoint written, state
     ``interrupted``) and :class:`JobFailed` or the original error otherwise (state ``failed``).
+    The job's lock is held throughout: a second process asked to run the same job (two sweep
+    points sharing a teacher) waits, then finds it done.
+    With ``options.distributed`` every rank of the job calls this: they join one process group,
+    return the same result and raise together when any of them is signalled.
     """
     options = options or RunOptions()
+    ranks = Ranks(options.distributed)
+    if ranks.env is None:
+        with store.lock(spec):
+            return _run(spec, store, options, ranks)
+    recipe = parse_config(Recipe, spec.recipe, f"{spec.job_id}.recipe")
+    with process_group(ranks.env, ranks.device(select_device(recipe.device))):
+        with store.lock(spec) if ranks.is_main else contextlib.nullcontext():
+            return _run(spec, store, options, ranks)
+
+
+def _run(spec: JobSpec, store: JobStore, options: RunOptions, ranks: Ranks) -> Dict[str, Any]:
+    """:func:`run_job` on ``ranks``: rank 0 keeps the job's state; all ranks train."""
     job_id = spec.job_id
-    store.add(spec)
-    done = store.result(job_id)
+    done = state = None
+    if ranks.is_main:
+        store.add(spec)
+        done = store.result(job_id)
+        if done is None:
+            state = store.update_state(job_id, status="running", error=None,
+                                       attempts=store.state(job_id).attempts + 1)
+    done = ranks.from_main(done)
     if done is not None:
         return done
-    state = store.update_state(job_id, status="running", error=None,
-                               attempts=store.state(job_id).attempts + 1)
     tracker = None
     try:
-        if options.tracking_uri:
+        if options.tracking_uri and ranks.is_main:
             tracker = JobTracker(options.tracking_uri, options.experiment, spec, state.mlflow_run_id)
             store.update_state(job_id, mlflow_run_id=tracker.run_id)
-        result = _train(spec, store, options, tracker)
+        result = _train(spec, store, options, tracker, ranks)
     except JobInterrupted:
-        store.update_state(job_id, status="interrupted")
+        if ranks.is_main:
+            store.update_state(job_id, status="interrupted")
         if tracker:
             tracker.finish("KILLED")
         raise
     except BaseException as err:
-        store.update_state(job_id, status="failed", error=f"{type(err).__name__}: {err}")
+        if ranks.is_main:
+            store.update_state(job_id, status="failed", error=f"{type(err).__name__}: {err}")
         if tracker:
             tracker.finish("FAILED")
         raise
-    store.update_state(job_id, status="done", last_metric=result["metrics"]["top1"])
+    if ranks.is_main:
+        store.update_state(job_id, status="done", last_metric=result["metrics"]["top1"])
     if tracker:
         tracker.finish("FINISHED")
     return result
 
 
-def _train(spec: JobSpec, store: JobStore, options: RunOptions,
-           tracker: Optional[JobTracker]) -> Dict[str, Any]:
+def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optional[JobTracker],
+           ranks: Ranks) -> Dict[str, Any]:
     started = time.time()
     recipe = parse_config(Recipe, spec.recipe, f"{spec.job_id}.recipe")
-    device = select_device(recipe.device)
+    device = ranks.device(select_device(recipe.device))
     torch.manual_seed(spec.seed)
     data = build_data(spec.dataset, spec.dataset_cfg, f"{spec.job_id}.dataset_cfg",
                       recipe.batch_size, spec.seed, device)
+    ranks.check_batches(data.info.num_samples, recipe.batch_size)
     distiller = _build_distiller(spec, store, data, device)
     if recipe.channels_last:
         distiller.to(memory_format=torch.channels_last)
@@ -199,7 +259,7 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions,
                                                     gamma=recipe.lr_decay)
     progress = _Progress()
     ckpt_dir = store.checkpoint_dir(spec.job_id)
-    checkpoint = load_latest_checkpoint(ckpt_dir)
+    checkpoint = ranks.from_main(load_latest_checkpoint(ckpt_dir) if ranks.is_main else None)
     if checkpoint is not None:
         distiller.load_state_dict(checkpoint["distiller"], strict=False)
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -207,8 +267,12 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions,
         torch.set_rng_state(checkpoint["rng"])
         progress = _Progress(**{**checkpoint["progress"],
                                 "sums": {k: v.to(device) for k, v in checkpoint["progress"]["sums"].items()}})
+    if ranks.is_main:
+        store.update_state(spec.job_id, resumed_step=progress.global_step if checkpoint else None)
+    ranks.share_state(_trainable_state(distiller).values())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
 
-    def save() -> None:
+    def save() -> None:  # rank 0 only
         save_checkpoint(ckpt_dir, progress.global_step, {
             "distiller": _trainable_state(distiller), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
@@ -220,45 +284,55 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions,
 
     steps = data.train.steps_per_epoch
     bar = _progress_bar(spec, options, total=recipe.epochs * steps,
-                        initial=progress.epoch * steps + progress.step)
+                        initial=progress.epoch * steps + progress.step) if ranks.is_main else None
     with _preemption_flag() as preempted:
         while progress.epoch < recipe.epochs:
             distiller.start_epoch(progress.epoch, recipe.epochs)
             distiller.train()
             for batch in data.train.batches(progress.epoch, progress.step):
-                x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
+                part = ranks.my_part(batch)
+                x, y = part.x.to(device, non_blocking=True), part.y.to(device, non_blocking=True)
                 if recipe.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with _autocast(device, recipe):
-                    _, terms = distiller(x, y, batch.index.to(device))
+                    _, terms = distiller(x, y, part.index.to(device))
                 loss = sum(terms.values())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                sums, signals = ranks.reduce_step(
+                    params, {name: value.detach().float() * y.numel()
+                             for name, value in {"loss": loss, **terms}.items()},
+                    share=y.numel() / batch.y.numel(), received=preempted)
                 optimizer.step()
-                for name, value in {"loss": loss, **terms}.items():
-                    progress.sums[name] = progress.sums.get(name, 0) + value.detach().float() * y.numel()
-                progress.seen += y.numel()
+                for name, value in sums.items():
+                    progress.sums[name] = progress.sums.get(name, 0) + value
+                progress.seen += batch.y.numel()
                 progress.step += 1
                 progress.global_step += 1
                 if bar is not None:
                     bar.update(1)
-                if preempted:
+                if signals:
+                    if ranks.is_main:
+                        save()
+                    ranks.wait()  # no rank leaves before the checkpoint is on disk
+                    raise _interrupted(preempted, signals, progress.global_step)
+                if progress.global_step % recipe.checkpoint_every_steps == 0 and ranks.is_main:
                     save()
-                    raise JobInterrupted(f"signal {preempted[0]} at step {progress.global_step}")
-                if progress.global_step % recipe.checkpoint_every_steps == 0:
-                    save()
-            metrics = _end_epoch(progress, distiller, data, device, recipe, schedule)
-            store.update_state(spec.job_id, epoch=progress.epoch, last_metric=metrics["val/top1"])
+            metrics = _end_epoch(progress, distiller, data, device, recipe, schedule, ranks)
+            if ranks.is_main:
+                store.update_state(spec.job_id, epoch=progress.epoch,
+                                   last_metric=metrics["val/top1"])
             if tracker:
                 tracker.log_metrics(metrics, step=progress.epoch - 1)
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", top1=f"{metrics['val/top1']:.1f}")
-            save()
+            if ranks.is_main:
+                save()
     if bar is not None:
         bar.close()
     if not progress.history:  # zero epochs: the initial weights are the result
         calibrate_batchnorm(distiller.student, data, device, recipe)
-        val = evaluate(distiller.student, data, device, recipe)
+        val = evaluate(distiller.student, data, device, recipe, ranks)
         progress.history.append({"epoch": 0, "val/top1": val["top1"], "val/top5": val["top5"]})
     final = progress.history[-1]
     result = {
@@ -269,23 +343,39 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions,
                     "top1_best": max(h["val/top1"] for h in progress.history)},
         "history": progress.history,
         "wall_time_s": time.time() - started,
+        "world_size": ranks.part[1],
     }
-    weights = store.weights_path(spec.job_id)
-    atomic_write(weights, lambda f: torch.save(distiller.exported_model().state_dict(), f))
-    write_json(store.job_dir(spec.job_id) / "result.json", result)
+    if ranks.is_main:
+        weights = store.weights_path(spec.job_id)
+        atomic_write(weights, lambda f: torch.save(distiller.exported_model().state_dict(), f))
+        write_json(store.job_dir(spec.job_id) / "result.json", result)
     if tracker:
         tracker.log_artifact(store.job_dir(spec.job_id) / "result.json")
-    return result
+    return ranks.from_main(result)
+
+
+def _interrupted(received: List[int], anywhere: List[int], step: int) -> JobInterrupted:
+    """The error of a run stopped after ``step`` by this process's signal (``received``) or,
+    if it got none, by one another rank received (``anywhere``)."""
+    if received:
+        return JobInterrupted(f"signal {received[0]} at step {step}", received[0])
+    return JobInterrupted(f"signal {anywhere[0]} to another rank at step {step}", anywhere[0])
 
 
 def _end_epoch(progress: _Progress, distiller: Distiller, data: Data, device: torch.device,
-               recipe: Recipe, schedule: torch.optim.lr_scheduler.LRScheduler) -> Dict[str, float]:
-    """Evaluate, record the epoch's metrics, step the LR schedule and reset the accumulators."""
+               recipe: Recipe, schedule: torch.optim.lr_scheduler.LRScheduler,
+               ranks: Ranks) -> Dict[str, float]:
+    """Evaluate, record the epoch's metrics, step the LR schedule and reset the accumulators.
+
+    The loss sums are already summed over the ranks; the ranks' BatchNorm statistics are
+    averaged first, so every rank evaluates (its share of) the same network.
+    """
     train = {f"train/{k}": (v / max(progress.seen, 1)).item() for k, v in progress.sums.items()}
     for name, value in train.items():
         if not math.isfinite(value):
             raise JobFailed(f"non-finite {name} = {value} in epoch {progress.epoch}")
-    val = evaluate(distiller.student, data, device, recipe)
+    ranks.average_norms(_trained_modules(distiller))
+    val = evaluate(distiller.student, data, device, recipe, ranks)
     metrics = {**train, "val/top1": val["top1"], "val/top5": val["top5"],
                "lr": schedule.get_last_lr()[0]}
     progress.history.append({"epoch": progress.epoch, **metrics})

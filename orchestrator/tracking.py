@@ -1,11 +1,13 @@
 """MLflow tracking of jobs: one experiment per study, one run per job, per-epoch metrics."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, TypeVar
 
 from orchestrator.spec import JobSpec
 
@@ -66,8 +68,30 @@ def job_params(spec: JobSpec) -> Dict[str, str]:
     })
 
 
+@contextlib.contextmanager
+def _schema_lock(tracking_uri: str) -> Iterator[None]:
+    """For a SQLite store, an exclusive flock beside the database file: processes that open a
+    fresh store at once (sweep points starting together) would race creating its tables."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(tracking_uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Create the study's experiment if needed (also creates the SQLite schema); its id."""
+    with _schema_lock(tracking_uri):
+        return _ensure_experiment(tracking_uri, name)
+
+
+def _ensure_experiment(tracking_uri: str, name: str) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
