@@ -6,9 +6,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from methods.errors import ConfigError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from launch.launchers import StudyRun
 
 USAGE_EXAMPLES = """examples:
   kdflow run                                   the demo study (digits; KD, FitNet, CRD)
@@ -18,6 +23,11 @@ USAGE_EXAMPLES = """examples:
   kdflow report                                the results table, CSV and plots
   kdflow run --cfg                             print the composed config and exit
   kdflow run study=cifar100_benchmark --dry-run  validate and show the plan without data
+  kdflow run study=cifar100_benchmark launcher=slurm launcher.resources.partition=gpu
+                                               submit the whole study to SLURM and return
+  kdflow status launcher=slurm                 job states joined with squeue/sacct
+  kdflow cancel launcher=slurm                 cancel the study's queued and running jobs
+  kdflow run -m study.methods.kd.temperature=2,4,8   one study per value (a Hydra sweep)
 """
 
 
@@ -28,10 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, text in (("run", "validate the study, then run every unfinished job and report"),
                        ("status", "show each job of the study: state, attempts, last metric"),
-                       ("report", "write the study's table (markdown, CSV) and plots")):
+                       ("report", "write the study's table (markdown, CSV) and plots"),
+                       ("cancel", "cancel the study's queued and running jobs (launcher=slurm)")):
         sub = verbs.add_parser(verb, help=text, description=text)
         sub.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. study=demo a.b=1")
         sub.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+        sub.add_argument("-m", "--multirun", action="store_true",
+                         help="sweep: a=1,2 b=x,y runs (or shows) one study per combination")
         if verb == "run":
             sub.add_argument("--dry-run", action="store_true",
                              help="validate the study and print its job plan; run nothing "
@@ -40,45 +53,55 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class Session:
-    """The composed config of one command and the paths and graph derived from it."""
+    """The composed config of one command and the paths and graph derived from it.
 
-    def __init__(self, overrides: List[str], require_data: bool = True) -> None:
-        from launch.compose import compose_config
+    ``point``: for one point of a ``-m`` sweep, its name; its report goes to
+    ``reports/<study>/<point>`` so that the points do not overwrite each other's tables.
+    """
+
+    def __init__(self, cfg: "DictConfig", require_data: bool = True, point: str = "") -> None:
+        from launch.launchers import build_launcher
         from orchestrator.store import JobStore
         from orchestrator.study import expand_study
         from orchestrator.tracking import resolve_tracking_uri
         from omegaconf import OmegaConf
 
-        self.cfg = compose_config(overrides)
+        self.cfg = cfg
+        self.point = point
         self.plain = OmegaConf.to_container(self.cfg, resolve=True)
         self.output_dir = str(Path(self.plain["output_dir"]).resolve())
         self.graph = expand_study(self.plain["study"], require_data)
         self.store = JobStore(Path(self.output_dir) / "jobs")
         self.tracking_uri = resolve_tracking_uri(self.plain.get("tracking_uri"), self.output_dir)
+        self.launcher = build_launcher(self.plain["launcher"])
+
+    @classmethod
+    def compose(cls, overrides: List[str], require_data: bool = True, point: str = "") -> "Session":
+        from launch.compose import compose_config
+
+        return cls(compose_config(overrides), require_data, point)
 
     @property
     def report_dir(self) -> Path:
-        return Path(self.output_dir) / "reports" / self.graph.study
+        return Path(self.output_dir) / "reports" / self.graph.study / self.point
+
+    def study_run(self) -> "StudyRun":
+        from launch.launchers import StudyRun
+        from orchestrator.runner import RunOptions
+
+        options = RunOptions(tracking_uri=self.tracking_uri, experiment=self.graph.study,
+                             progress=bool(self.plain.get("progress", True)))
+        return StudyRun(self.graph, self.output_dir, options, self.report_dir)
 
 
 def _run(session: Session) -> int:
-    from launch.local import run_local
-    from orchestrator.report import write_report
-    from orchestrator.runner import RunOptions
     from orchestrator.tracking import ensure_experiment
 
-    launcher = session.plain["launcher"]
     jobs = session.graph.jobs
     print(f"study {session.graph.study}: {len(jobs)} jobs "
           f"({sum(j.stage == 'teacher' for j in jobs)} of them teacher jobs), outputs in {session.output_dir}")
     ensure_experiment(session.tracking_uri, session.graph.study)
-    options = RunOptions(tracking_uri=session.tracking_uri, experiment=session.graph.study,
-                         progress=bool(session.plain.get("progress", True)))
-    summary = run_local(session.graph, session.output_dir, options, launcher.get("workers"))
-    print(summary.render())
-    print(write_report(session.graph, session.store, session.report_dir))
-    print(f"report: {session.report_dir}/report.md (.csv, accuracy.png, curves.png)")
-    return 0 if summary.ok else 1
+    return session.launcher.run(session.study_run())
 
 
 def _plan(session: Session) -> int:
@@ -99,8 +122,12 @@ def _plan(session: Session) -> int:
 def _status(session: Session) -> int:
     from orchestrator.status import status_table
 
-    print(status_table(session.graph, session.store))
+    print(status_table(session.graph, session.store, session.launcher.views(session.study_run())))
     return 0
+
+
+def _cancel(session: Session) -> int:
+    return session.launcher.cancel(session.study_run())
 
 
 def _report(session: Session) -> int:
@@ -111,7 +138,7 @@ def _report(session: Session) -> int:
     return 0
 
 
-VERBS = {"run": _run, "status": _status, "report": _report}
+VERBS = {"run": _run, "status": _status, "report": _report, "cancel": _cancel}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -126,13 +153,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         dry_run = getattr(args, "dry_run", False)
-        session = Session(args.overrides, require_data=not dry_run)
+        points = [(args.overrides, "")]
+        if args.multirun:
+            from launch.multirun import point_name, sweep_points
+
+            points = [(p, point_name(p, args.overrides)) for p in sweep_points(args.overrides)]
+        # every point is composed and validated before any job starts
+        sessions = [Session.compose(p, require_data=not dry_run, point=name) for p, name in points]
         if args.cfg:
             from omegaconf import OmegaConf
 
-            print(OmegaConf.to_yaml(session.cfg))
+            print("\n---\n".join(OmegaConf.to_yaml(s.cfg) for s in sessions))
             return 0
-        return _plan(session) if dry_run else VERBS[args.verb](session)
+        codes = []
+        for session in sessions:
+            if args.multirun:
+                print(f"=== sweep point {session.point}")
+            codes.append(_plan(session) if dry_run else VERBS[args.verb](session))
+        return max(codes)
     except ConfigError as err:
         print(f"kdflow: error: {err}", file=sys.stderr)
         print("No job was started.", file=sys.stderr)

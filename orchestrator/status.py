@@ -1,23 +1,47 @@
 """The state of every job of a study, as a table."""
 from __future__ import annotations
 
+from typing import Mapping, Optional, Protocol
+
 from orchestrator.store import JobStore
 from orchestrator.study import JobGraph
 
 
-def status_table(graph: JobGraph, store: JobStore) -> str:
-    """One line per job: id, what it trains, state, attempts, epochs done and last val top-1."""
+class SchedulerView(Protocol):
+    """What a scheduler adds to a job's line (see ``launch.slurm.JobView``)."""
+
+    status: str
+    scheduler_id: str
+    note: str
+
+
+def status_table(graph: JobGraph, store: JobStore,
+                 views: Optional[Mapping[str, SchedulerView]] = None) -> str:
+    """One line per job: id, what it trains, state, attempts, epochs done and last val top-1.
+
+    With ``views`` (a scheduler's account of each job), the state comes from there and a
+    ``scheduler`` column shows the job's scheduler id; notes (why a job is blocked, failed or
+    lost) follow the table.
+    """
     width = max([len("job title")] + [len(job.title) for job in graph.jobs])
-    header = (f"{'job':16}  {'stage':8}  {'job title':{width}}  {'state':11}  {'tries':>5}  "
-              f"{'epoch':>5}  {'top1':>6}")
+    sched = 14 if views is not None else 0
+    sched_head = f"  {'scheduler':{sched}}" if sched else ""
+    header = (f"{'job':16}  {'stage':8}  {'job title':{width}}  {'state':11}{sched_head}  "
+              f"{'tries':>5}  {'epoch':>5}  {'top1':>6}")
     lines = [header, "-" * len(header)]
+    notes = []
     counts: dict[str, int] = {}
     for job in graph.jobs:
         state = store.state(job.job_id)
-        status = "done" if store.is_done(job.job_id) else state.status
+        view = views.get(job.job_id) if views is not None else None
+        status = view.status if view else ("done" if store.is_done(job.job_id) else state.status)
+        note = view.note if view else (state.error or "")
         counts[status] = counts.get(status, 0) + 1
         metric = "" if state.last_metric is None else f"{state.last_metric:6.2f}"
-        lines.append(f"{job.job_id:16}  {job.stage:8}  {job.title:{width}}  {status:11}  "
+        sched_col = f"  {(view.scheduler_id if view else ''):{sched}}" if sched else ""
+        lines.append(f"{job.job_id:16}  {job.stage:8}  {job.title:{width}}  {status:11}{sched_col}  "
                      f"{state.attempts:>5}  {state.epoch:>5}  {metric:>6}")
+        if note and status != "done":
+            notes.append(f"  {job.job_id} ({status}): {note}")
     lines.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    return "\n".join(lines)
+    return "\n".join(lines + notes)

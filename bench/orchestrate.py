@@ -1,0 +1,166 @@
+"""How fast kdflow plans a 1,000-job study and submits it to SLURM, and how many scheduler calls
+that takes.
+
+What is measured:
+1. plan: composing ``study=cifar100_benchmark`` with enough seeds for >= ``--jobs`` jobs and
+   expanding it into a validated job graph (every pair probed on the dataset's input shape, every
+   method's settings checked), with ``require_data=False`` (no CIFAR files needed); seconds.
+2. submit: ``launch.slurm.submit_study`` of the whole graph to the running cluster (SLURM_CONF),
+   from a fresh output folder: seconds and scheduler calls. Calls are counted by shims put first
+   on PATH for sbatch / squeue / sacct / scancel, which log and exec the real commands, so
+   submitit's own calls count too. The jobs exit at once: the interpreter the jobs start is
+   ``true`` (``launcher.python``), so each array task runs ``true -u -m submitit...``.
+3. re-run: ``submit_study`` again while the jobs are queued: nothing is submitted; seconds, calls.
+4. drain (unless ``--no-drain``): seconds until the cluster has run every job (they exit at
+   once, so this is the scheduler's own throughput, including afterok chains).
+
+A markdown table is printed and a JSON record written (``--out``, default
+``bench/results/orchestrate-<date>.json``).
+
+    scripts/slurm-dev-cluster.sh start && export "$(scripts/slurm-dev-cluster.sh env)"
+    python bench/orchestrate.py                 # ~1,000 jobs
+    python bench/orchestrate.py --jobs 100      # a quick run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from launch.compose import compose_config  # noqa: E402
+from launch.slurm import submit_study  # noqa: E402
+from launch.slurm_config import parse_slurm_settings  # noqa: E402
+from launch.slurm_queue import SlurmQueue  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from orchestrator.runner import RunOptions  # noqa: E402
+from orchestrator.study import expand_study  # noqa: E402
+
+SHIMMED = ("sbatch", "squeue", "sacct", "scancel")
+
+
+def install_shims(folder: Path, log: Path) -> None:
+    """Put logging wrappers of SLURM's client commands in ``folder`` and first on PATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SHIMMED:
+        real = shutil.which(name)
+        if real is None:
+            sys.exit(f"{name} not found: start a cluster first (scripts/slurm-dev-cluster.sh start)")
+        shim = folder / name
+        shim.write_text(f'#!/bin/sh\necho {name} >> "{log}"\nexec "{real}" "$@"\n')
+        shim.chmod(shim.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
+def calls_since(log: Path, start: int) -> Dict[str, int]:
+    lines = log.read_text().split() if log.exists() else []
+    return dict(Counter(lines[start:]))
+
+
+def call_count(log: Path) -> int:
+    return len(log.read_text().split()) if log.exists() else 0
+
+
+def plan(jobs: int) -> tuple:
+    """The benchmark study with enough seeds for ``jobs`` jobs; (graph, seconds, seeds)."""
+    seeds = 1
+    while True:
+        started = time.perf_counter()
+        cfg = compose_config(["study=cifar100_benchmark", f"study.seeds=[{','.join(map(str, range(seeds)))}]"])
+        graph = expand_study(OmegaConf.to_container(cfg.study, resolve=True), require_data=False)
+        seconds = time.perf_counter() - started
+        if len(graph.jobs) >= jobs:
+            return graph, seconds, seeds
+        per_seed = max(1, (len(graph.jobs) - 9) // seeds)
+        seeds = max(seeds + 1, -(-(jobs - 9) // per_seed))
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=1000, help="at least this many jobs")
+    parser.add_argument("--no-drain", action="store_true", help="cancel instead of waiting")
+    parser.add_argument("--drain-timeout", type=float, default=1800)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="kdflow-bench-orchestrate-"))
+    log = work / "calls.log"
+    install_shims(work / "shims", log)
+    graph, plan_s, seeds = plan(args.jobs)
+    launcher = OmegaConf.to_container(compose_config(["launcher=slurm_dev"]).launcher, resolve=True)
+    settings = parse_slurm_settings({**launcher, "python": "true", "array_parallelism": 1000})
+    options = RunOptions(progress=False)
+    output_dir = str(work / "outputs")
+
+    before = call_count(log)
+    submission = submit_study(graph, output_dir, options, settings)
+    submit_calls = calls_since(log, before)
+    before = call_count(log)
+    rerun = submit_study(graph, output_dir, options, settings)
+    rerun_calls = calls_since(log, before)
+    assert rerun.submitted == 0, "a re-run while queued must submit nothing"
+
+    queue = SlurmQueue()
+    ids = {job_id.split("_")[0] for job_id in (a.scheduler_id for a in submission.arrays)}
+    drain_s = None
+    if args.no_drain:
+        queue.cancel(sorted(ids))
+    else:
+        started = time.perf_counter()
+        deadline = started + args.drain_timeout
+        while any(sid.split("_")[0] in ids for sid in queue.live()):
+            if time.perf_counter() > deadline:
+                queue.cancel(sorted(ids))
+                break
+            time.sleep(1)
+        else:
+            drain_s = time.perf_counter() - started
+
+    record: Dict[str, Any] = {
+        "benchmark": "orchestrate", "date": datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(), "cpus": os.cpu_count(),
+        "slurm": subprocess.run(["sinfo", "--version"], capture_output=True, text=True).stdout.strip(),
+        "study": "cifar100_benchmark", "seeds": seeds, "jobs": len(graph.jobs),
+        "stages": dict(Counter(job.stage for job in graph.jobs)),
+        "plan_s": plan_s, "submit_s": submission.seconds, "arrays": len(submission.arrays),
+        "submit_calls": submit_calls, "rerun_s": rerun.seconds, "rerun_calls": rerun_calls,
+        "drain_s": drain_s,
+    }
+    rows = [
+        ("plan + validate", f"{len(graph.jobs)} jobs ({seeds} seeds)", f"{plan_s:.2f}", "0"),
+        ("submit", f"{submission.submitted} jobs in {len(submission.arrays)} arrays",
+         f"{submission.seconds:.2f}", _calls(submit_calls)),
+        ("re-run while queued", f"{rerun.submitted} submitted", f"{rerun.seconds:.2f}", _calls(rerun_calls)),
+        ("drain (jobs exit at once)", "all ended" if drain_s is not None else "cancelled",
+         "-" if drain_s is None else f"{drain_s:.1f}", "-"),
+    ]
+    print("| step | what | seconds | scheduler calls |\n|---|---|---:|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    out = args.out or REPO / "bench" / "results" / f"orchestrate-{datetime.now():%Y-%m-%d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"written to {out}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _calls(calls: Dict[str, int]) -> str:
+    return ", ".join(f"{n} {name}" for name, n in sorted(calls.items())) or "0"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

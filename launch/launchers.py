@@ -1,0 +1,129 @@
+"""The launchers ``kdflow`` can run a study with, by ``launcher.name``.
+
+Each launcher gets the whole ``launcher`` config node at construction (and checks it there,
+before any job starts) and answers three verbs: ``run`` (start or submit the study's
+unfinished jobs), ``views`` (its account of each job for ``kdflow status``) and ``cancel``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Protocol
+
+from methods.errors import ConfigError
+from methods.registry import Registry
+from orchestrator.report import write_report
+from orchestrator.runner import RunOptions
+from orchestrator.status import SchedulerView, status_table
+from orchestrator.store import JobStore
+from orchestrator.study import JobGraph
+
+
+@dataclass
+class StudyRun:
+    """What a launcher needs to know about the study it runs."""
+
+    graph: JobGraph
+    output_dir: str
+    options: RunOptions
+    report_dir: Path
+
+    @property
+    def store(self) -> JobStore:
+        return JobStore(Path(self.output_dir) / "jobs")
+
+    def write_report(self) -> None:
+        print(write_report(self.graph, self.store, self.report_dir))
+        print(f"report: {self.report_dir}/report.md (.csv, accuracy.png, curves.png)")
+
+
+class Launcher(Protocol):
+    def run(self, study: StudyRun) -> int: ...
+
+    def views(self, study: StudyRun) -> Optional[Mapping[str, SchedulerView]]: ...
+
+    def cancel(self, study: StudyRun) -> int: ...
+
+
+LAUNCHERS: Registry = Registry("launcher", "launcher")
+
+
+@LAUNCHERS.register("local")
+class LocalLauncher:
+    """Runs the graph on this machine with ``workers`` processes (null: one per core)."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        unknown = set(settings) - {"name", "workers"}
+        if unknown:
+            raise ConfigError(f"launcher.{sorted(unknown)[0]}", "unknown setting of the local launcher",
+                              allowed=["workers"])
+        self.workers = settings.get("workers")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise ConfigError("launcher.workers", f"must be a positive integer or null, got {self.workers!r}",
+                              fix="set launcher.workers=2, or null for one per core")
+
+    def run(self, study: StudyRun) -> int:
+        from launch.local import run_local
+
+        summary = run_local(study.graph, study.output_dir, study.options, self.workers)
+        print(summary.render())
+        study.write_report()
+        return 0 if summary.ok else 1
+
+    def views(self, study: StudyRun) -> None:
+        return None
+
+    def cancel(self, study: StudyRun) -> int:
+        print("the local launcher runs in the foreground: stop it with Ctrl-C "
+              "(jobs checkpoint and resume on the next `kdflow run`)")
+        return 0
+
+
+@LAUNCHERS.register("slurm")
+class SlurmLauncher:
+    """Submits the graph as job arrays and returns (``wait: true`` stays with a progress bar)."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        from launch.slurm_config import parse_slurm_settings
+
+        self.settings = parse_slurm_settings(settings)
+
+    def run(self, study: StudyRun) -> int:
+        from launch.slurm import submit_study, wait_for_study
+        from launch.slurm_queue import SlurmQueue
+
+        queue = SlurmQueue()
+        submission = submit_study(study.graph, study.output_dir, study.options, self.settings, queue)
+        print(submission.render())
+        if not self.settings.wait:
+            print("SLURM runs the jobs now; this terminal may close. Follow them with "
+                  "`kdflow status <same overrides>`, stop them with `kdflow cancel <same overrides>`, "
+                  "and write the table with `kdflow report <same overrides>`.")
+            return 0
+        views = wait_for_study(study.graph, study.store, queue, self.settings.poll_s,
+                               study.options.progress)
+        print(status_table(study.graph, study.store, views))
+        study.write_report()
+        return 0 if all(view.status == "done" for view in views.values()) else 1
+
+    def views(self, study: StudyRun) -> Dict[str, SchedulerView]:
+        from launch.slurm import reconcile
+        from launch.slurm_queue import SlurmQueue, require_slurm
+
+        require_slurm()
+        return reconcile(study.graph, study.store, SlurmQueue())
+
+    def cancel(self, study: StudyRun) -> int:
+        from launch.slurm import cancel_study
+        from launch.slurm_queue import require_slurm
+
+        require_slurm()
+        cancelled = cancel_study(study.graph, study.store)
+        print(f"cancelled {len(cancelled)} SLURM jobs of study {study.graph.study}"
+              + (f": {' '.join(cancelled)}" if cancelled else ""))
+        return 0
+
+
+def build_launcher(settings: Mapping[str, Any]) -> Launcher:
+    """The launcher named by ``settings['name']``, with its settings checked."""
+    return LAUNCHERS.get(str(settings.get("name", "local")), "launcher")(settings)

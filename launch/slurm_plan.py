@@ -1,0 +1,68 @@
+"""Which job arrays a study becomes on SLURM, and what each waits for (pure logic, no sbatch)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Set
+
+from launch.slurm_config import Resources
+from orchestrator.study import JobGraph
+
+
+@dataclass
+class ArrayPlan:
+    """One ``sbatch --array`` call.
+
+    job_ids:      the kdflow jobs, one array task each (task i runs job_ids[i]).
+    after_arrays: indices (in the plan) of earlier arrays this one waits for (``afterok``).
+    after_ids:    scheduler ids of jobs submitted earlier and still queued or running that some
+                  job of this array needs (``afterok`` on exactly those tasks).
+    """
+
+    stage: str
+    level: int
+    resources: Resources
+    job_ids: List[str] = field(default_factory=list)
+    after_arrays: List[int] = field(default_factory=list)
+    after_ids: List[str] = field(default_factory=list)
+
+
+def dependency_levels(graph: JobGraph, todo: Set[str]) -> Dict[str, int]:
+    """For each job in ``todo``: 0 when none of its needs is in ``todo``, else one more than
+    the highest level among them. Jobs of one level never need each other."""
+    levels: Dict[str, int] = {}
+    for job in graph.jobs:  # dependency order: needs come first
+        if job.job_id in todo:
+            levels[job.job_id] = 1 + max((levels[n] for n in job.needs if n in todo), default=-1)
+    return levels
+
+
+def plan_arrays(graph: JobGraph, todo: Set[str], in_flight: Mapping[str, str],
+                resources_of: Callable[[str], Resources]) -> List[ArrayPlan]:
+    """Group the jobs of ``todo`` into arrays by (dependency level, stage, resources).
+
+    ``in_flight`` maps jobs already queued or running to their scheduler ids: they are not
+    submitted again, and arrays that need them wait for those ids. Needs that are neither in
+    ``todo`` nor in flight are done. Arrays come in submission order (levels ascending).
+    """
+    levels = dependency_levels(graph, todo)
+    by_id = graph.by_id()
+    arrays: Dict[tuple, ArrayPlan] = {}
+    for job in graph.jobs:
+        if job.job_id not in todo:
+            continue
+        resources = resources_of(job.stage)
+        key = (levels[job.job_id], job.stage, resources.shape())
+        if key not in arrays:
+            arrays[key] = ArrayPlan(job.stage, levels[job.job_id], resources)
+        arrays[key].job_ids.append(job.job_id)
+    plan = sorted(arrays.values(), key=lambda a: a.level)
+    index_of = {job_id: i for i, array in enumerate(plan) for job_id in array.job_ids}
+    for i, array in enumerate(plan):
+        for job_id in array.job_ids:
+            for need in by_id[job_id].needs:
+                if need in index_of and index_of[need] not in array.after_arrays:
+                    array.after_arrays.append(index_of[need])
+                elif need in in_flight and in_flight[need] not in array.after_ids:
+                    array.after_ids.append(in_flight[need])
+        assert all(j < i for j in array.after_arrays), "arrays must come after what they need"
+    return plan

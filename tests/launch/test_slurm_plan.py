@@ -1,0 +1,81 @@
+"""Pure logic of the slurm launcher: settings, array grouping and dependencies (no sbatch)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from launch.slurm_config import parse_slurm_settings
+from launch.slurm_plan import dependency_levels, plan_arrays
+from methods.errors import ConfigError
+from orchestrator.study import expand_study
+
+
+def _graph(study, **changes):
+    study = copy.deepcopy(study)
+    study.update(changes)
+    return expand_study(study)
+
+
+def test_one_array_per_stage_and_dependency_on_the_teacher_array(study):
+    graph = _graph(study, seeds=[0, 1, 2], methods={"vanilla": {}, "kd": {}, "fitnet": {}})
+    todo = {job.job_id for job in graph.jobs}
+    settings = parse_slurm_settings({"name": "slurm"})
+    plan = plan_arrays(graph, todo, {}, settings.stage_resources)
+    # the student-alone jobs need no teacher: they start at once, in an array of their own
+    assert [(a.stage, len(a.job_ids), a.after_arrays) for a in plan] == [
+        ("teacher", 1, []), ("distill", 3, []), ("distill", 6, [0])]
+    teacher = plan[0].job_ids[0]
+    assert all(job.teacher_job in (None, teacher) for job in graph.jobs if job.stage == "distill")
+
+
+def test_per_stage_resources_split_arrays_and_are_merged_over_defaults(study):
+    graph = _graph(study, methods={"kd": {}}, ablations={"kd": {"temperature": [2.0, 8.0]}})
+    settings = parse_slurm_settings({
+        "resources": {"partition": "gpu", "mem_gb": 16},
+        "stages": {"ablation": {"mem_gb": 4, "time_min": 30}}})
+    plan = plan_arrays(graph, {j.job_id for j in graph.jobs}, {}, settings.stage_resources)
+    assert [a.stage for a in plan] == ["teacher", "distill", "ablation"]
+    ablation = plan[2].resources
+    assert (ablation.partition, ablation.mem_gb, ablation.time_min) == ("gpu", 4, 30)
+    assert plan[1].resources.mem_gb == 16 and plan[2].after_arrays == [0]
+    flags = ablation.sbatch_flags()
+    assert "--partition=gpu" in flags and "--mem=4096MB" in flags and "--time=30" in flags
+
+
+def test_done_and_in_flight_needs_are_not_resubmitted(study):
+    graph = _graph(study, seeds=[0, 1])
+    teacher = next(j.job_id for j in graph.jobs if j.stage == "teacher")
+    students = {j.job_id for j in graph.jobs if j.stage != "teacher"}
+    settings = parse_slurm_settings({})
+    in_flight = plan_arrays(graph, students, {teacher: "41_0"}, settings.stage_resources)
+    assert len(in_flight) == 1 and in_flight[0].after_ids == ["41_0"] and not in_flight[0].after_arrays
+    done = plan_arrays(graph, students, {}, settings.stage_resources)
+    assert not done[0].after_ids and not done[0].after_arrays
+
+
+def test_chained_teachers_get_increasing_levels(study):
+    # HSAKD's frozen-backbone teacher needs the plain teacher: two teacher levels, two arrays
+    graph = _graph(study, methods={"hsakd": {"teacher_mode": "frozen"}})
+    levels = dependency_levels(graph, {j.job_id for j in graph.jobs})
+    by_id = graph.by_id()
+    assert sorted(levels.values()) == [0, 1, 2]
+    for job_id, level in levels.items():
+        assert all(levels[n] < level for n in by_id[job_id].needs)
+    plan = plan_arrays(graph, set(levels), {}, parse_slurm_settings({}).stage_resources)
+    assert [a.stage for a in plan] == ["teacher", "teacher", "distill"]
+    assert [a.after_arrays for a in plan] == [[], [0], [1]]
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"resources": {"mem_gb": 0}}, "launcher.resources.mem_gb"),
+    ({"resources": {"gpu": 1}}, "launcher.resources.gpu"),
+    ({"stages": {"student": {}}}, "launcher.stages.student"),
+    ({"stages": {"teacher": {"time_min": -5}}}, "launcher.stages.teacher.time_min"),
+    ({"resources": {"time_min": 1, "signal_delay_s": 90}}, "launcher.resources.signal_delay_s"),
+    ({"retries": -1}, "launcher.retries"),
+])
+def test_bad_launcher_settings_name_the_field(settings, field):
+    with pytest.raises(ConfigError) as err:
+        parse_slurm_settings(settings)
+    assert err.value.field == field
