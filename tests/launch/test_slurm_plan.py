@@ -79,3 +79,60 @@ def test_bad_launcher_settings_name_the_field(settings, field):
     with pytest.raises(ConfigError) as err:
         parse_slurm_settings(settings)
     assert err.value.field == field
+
+
+def test_missing_slurm_commands_are_a_config_error(monkeypatch, tmp_path):
+    from launch.slurm_queue import require_slurm
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        require_slurm()
+    assert err.value.field == "launcher" and "sbatch" in str(err.value) and "launcher=local" in str(err.value)
+
+
+class RecordedQueue:
+    """squeue/sacct answers fixed in advance (reconcile is pure logic over them)."""
+
+    def __init__(self, live, ended):
+        self._live, self._ended = live, ended
+        self.asked = []
+
+    def live(self):
+        return dict(self._live)
+
+    def accounting(self, ids):
+        self.asked.append(sorted(ids))
+        return {i: self._ended[i] for i in ids if i in self._ended}
+
+
+def test_reconcile_joins_the_store_with_squeue_and_sacct(study, tmp_path):
+    from launch.slurm import reconcile
+    from launch.slurm_queue import QueueEntry
+    from orchestrator.atomic import write_json
+    from orchestrator.store import JobStore
+
+    graph = _graph(study, seeds=[0, 1, 2], methods={"vanilla": {}, "kd": {}})
+    store = JobStore(tmp_path)
+    jobs = [job.job_id for job in graph.jobs]
+    for i, job_id in enumerate(jobs):
+        store.add(graph.by_id()[job_id])
+        store.record_submission(job_id, f"7_{i}")
+    done, queued, running, lost, stuck, failed, never = jobs
+    write_json(store.job_dir(done) / "result.json", {"metrics": {"top1": 1.0}})
+    store.update_state(running, status="running", attempts=1)
+    store.update_state(lost, status="running", attempts=1)
+    store.update_state(failed, status="failed", error="JobFailed: non-finite train/loss")
+    (store.job_dir(never) / "submissions.json").unlink()
+    queue = RecordedQueue(
+        live={"7_1": QueueEntry("7_1", "PENDING", "Dependency"),
+              "7_2": QueueEntry("7_2", "RUNNING", "None"),
+              "7_4": QueueEntry("7_4", "PENDING", "DependencyNeverSatisfied")},
+        ended={"7_3": QueueEntry("7_3", "OUT_OF_MEMORY", "0:125")})
+    views = reconcile(graph, store, queue)
+    assert {job: (v.status, v.scheduler_id) for job, v in views.items()} == {
+        done: ("done", "7_0"), queued: ("queued", "7_1"), running: ("running", "7_2"),
+        lost: ("lost", "7_3"), stuck: ("stuck", "7_4"), failed: ("failed", "7_5"),
+        never: ("pending", "")}
+    assert queue.asked == [["7_3"]]  # sacct only for the jobs squeue no longer shows
+    assert "OUT_OF_MEMORY" in views[lost].note and "resubmits" in views[lost].note
+    assert views[queued].note == "Dependency" and "non-finite" in views[failed].note

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from slurm_wait import wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -22,18 +21,6 @@ def run(*cmd: str, timeout: float = CMD_TIMEOUT_S) -> str:
 def sbatch(*args: str, timeout: float = CMD_TIMEOUT_S) -> str:
     """Submits, returns the job id (for an array: the array's job id)."""
     return run("sbatch", "--parsable", *args, timeout=timeout).strip().split(";")[0]
-
-
-def wait_until(what: str, check: Callable[[], object], timeout: float = 60,
-               interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def sacct_states(job_id: str, *extra: str) -> list[str]:

@@ -6,11 +6,11 @@ import copy
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import pytest
+from slurm_wait import wait_until
 
 from launch.compose import compose_config
 from launch.slurm import submit_study
@@ -34,16 +34,6 @@ def kdflow(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def jobs_by_title(output_dir: Path) -> Dict[str, str]:
     store = JobStore(output_dir / "jobs")
     return {store.spec(p.name).title: p.name for p in store.root.iterdir()}
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 300, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def dev_settings(**changes: Any):
@@ -118,7 +108,7 @@ def test_usr2_and_scontrol_requeue_resume_from_the_checkpoint_with_the_same_resu
     signalled, requeued = (job.job_id for job in graph.jobs)
     queue = SlurmQueue()
     for job_id in (signalled, requeued):
-        wait_until(f"{job_id} to finish an epoch", lambda: store.state(job_id).epoch >= 1, timeout=180)
+        wait_until(f"{job_id} to finish an epoch", lambda: store.state(job_id).epoch >= 1, timeout=180, interval=0.2)
     # submitit's way: SIGUSR2 -> checkpoint -> `scontrol requeue` from inside the job
     queue.cancel([store.submissions(signalled)[-1]], signal="USR2")
     # the operator's (or preemption's) way: SLURM kills the job and queues it again
@@ -199,3 +189,37 @@ def test_hydra_sweep_through_hydra_submitit_launcher(tmp_path):
     assert len(job_ids) == 7 and all(store.is_done(j) for j in job_ids)
     teacher = store.state(titles["teacher resnet14 digits s0"])
     assert teacher.attempts == 1  # both points needed it; the job lock let one train it
+
+
+def test_a_request_slurm_would_refuse_is_an_error_before_anything_is_submitted(tmp_path):
+    refused = kdflow("run", "study=quick", *DEV, "launcher.resources.partition=nosuchpartition",
+                     f"output_dir={tmp_path}")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "launcher.resources" in refused.stderr and "nosuchpartition" in refused.stderr.lower() or \
+        "invalid partition" in refused.stderr.lower(), refused.stderr
+    assert "No job was started." in refused.stderr
+    assert not list(tmp_path.glob("jobs/*/submissions.json"))
+
+
+def test_a_job_killed_outright_strands_its_dependents_and_a_rerun_recovers(tmp_path):
+    out = f"output_dir={tmp_path}"
+    first = kdflow("run", "study=quick", *DEV, out)
+    assert first.returncode == 0, first.stdout + first.stderr
+    store = JobStore(tmp_path / "jobs")
+    teacher = jobs_by_title(tmp_path)["teacher resnet14 digits s0"]
+    wait_until("the teacher to finish an epoch", lambda: store.state(teacher).epoch >= 1,
+               timeout=180, interval=0.2)
+    # SIGKILL: no checkpoint on the way out, SLURM records FAILED, afterok can never be met
+    SlurmQueue().cancel([store.submissions(teacher)[-1]], signal="KILL")
+    status = wait_until("the students to be stuck", lambda: (
+        s := kdflow("status", "study=quick", *DEV, out)).stdout.count("DependencyNeverSatisfied") == 4 and s,
+        timeout=120, interval=1)
+    assert "\n1 lost, 4 stuck\n" in status.stdout, status.stdout
+
+    rerun = kdflow("run", "study=quick", *DEV, "launcher.wait=true", out)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "submitted 5 jobs in 2 sbatch calls" in rerun.stdout
+    assert "4 stuck on a failed dependency resubmitted" in rerun.stdout
+    state = store.state(teacher)
+    assert state.attempts == 2 and state.resumed_step > 0  # from its last periodic checkpoint
+    assert all(store.is_done(job_id) for job_id in jobs_by_title(tmp_path).values())
