@@ -10,9 +10,11 @@ What is measured:
    on PATH for sbatch / squeue / sacct / scancel, which log and exec the real commands, so
    submitit's own calls count too. The jobs exit at once: the interpreter the jobs start is
    ``true`` (``launcher.python``), so each array task runs ``true -u -m submitit...``.
-3. re-run: ``submit_study`` again while the jobs are queued: nothing is submitted; seconds, calls.
-4. drain (unless ``--no-drain``): seconds until the cluster has run every job (they exit at
-   once, so this is the scheduler's own throughput, including afterok chains).
+   The arrays are submitted held (``--hold``), so that
+3. re-run: ``submit_study`` again sees every job still queued: nothing is submitted; seconds, calls.
+4. drain (unless ``--no-drain``): the arrays are released (``scontrol release``) and timed until
+   the cluster has run every job (they exit at once, so this is the scheduler's own throughput,
+   including the afterok chains).
 
 A markdown table is printed and a JSON record written (``--out``, default
 ``bench/results/orchestrate-<date>.json``).
@@ -101,6 +103,8 @@ def main(argv: List[str] | None = None) -> int:
     install_shims(work / "shims", log)
     graph, plan_s, seeds = plan(args.jobs)
     launcher = OmegaConf.to_container(compose_config(["launcher=slurm_dev"]).launcher, resolve=True)
+    # held at submission, so that the re-run below sees every job still queued; released after
+    launcher["resources"]["additional"] = {"hold": True}
     settings = parse_slurm_settings({**launcher, "python": "true", "array_parallelism": 1000})
     options = RunOptions(progress=False)
     output_dir = str(work / "outputs")
@@ -108,18 +112,22 @@ def main(argv: List[str] | None = None) -> int:
     before = call_count(log)
     submission = submit_study(graph, output_dir, options, settings)
     submit_calls = calls_since(log, before)
-    before = call_count(log)
-    rerun = submit_study(graph, output_dir, options, settings)
-    rerun_calls = calls_since(log, before)
-    assert rerun.submitted == 0, "a re-run while queued must submit nothing"
-
     queue = SlurmQueue()
     ids = {job_id.split("_")[0] for job_id in (a.scheduler_id for a in submission.arrays)}
+    try:
+        before = call_count(log)
+        rerun = submit_study(graph, output_dir, options, settings)
+        rerun_calls = calls_since(log, before)
+        assert rerun.submitted == 0, "a re-run while queued must submit nothing"
+    except BaseException:
+        queue.cancel(sorted(ids))
+        raise
     drain_s = None
     if args.no_drain:
         queue.cancel(sorted(ids))
     else:
         started = time.perf_counter()
+        subprocess.run(["scontrol", "release", ",".join(sorted(ids))], check=True)
         deadline = started + args.drain_timeout
         while any(sid.split("_")[0] in ids for sid in queue.live()):
             if time.perf_counter() > deadline:

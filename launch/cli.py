@@ -155,9 +155,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         dry_run = getattr(args, "dry_run", False)
         points = [(args.overrides, "")]
         if args.multirun:
-            from launch.multirun import point_name, sweep_points
+            from launch.multirun import sweep_points
 
-            points = [(p, point_name(p, args.overrides)) for p in sweep_points(args.overrides)]
+            points = sweep_points(args.overrides)
         # every point is composed and validated before any job starts
         sessions = [Session.compose(p, require_data=not dry_run, point=name) for p, name in points]
         if args.cfg:

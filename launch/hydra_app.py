@@ -58,7 +58,7 @@ def _sweep_point() -> str:
         return ""
     kept = [o for o in hydra_cfg.overrides.task
             if o.split("=")[0].lstrip("+~") not in SETUP_KEYS and not o.startswith("launcher.")]
-    return point_name(kept, []) if kept else str(hydra_cfg.job.num)
+    return point_name(kept) if kept else str(hydra_cfg.job.num)
 
 
 if __name__ == "__main__":

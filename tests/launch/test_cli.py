@@ -85,3 +85,21 @@ def test_benchmark_study_dry_run_without_data_and_clear_error_otherwise(tmp_path
     assert not (tmp_path / "jobs").exists()
     assert main(["run", *args]) == 2
     assert "`study.datasets.cifar100.root`" in capsys.readouterr().err
+
+
+def test_multirun_runs_one_study_per_point_and_shares_the_teacher(tmp_path):
+    proc = _kdflow("run", "-m", *SMOKE, f"output_dir={tmp_path}", "study.methods.kd.temperature=2,8")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("=== sweep point") == 2
+    # point 1 runs 5 jobs; point 2 only its own KD job (teacher and the other students are shared)
+    assert "5 run, 0 skipped" in proc.stdout and "1 run, 4 skipped" in proc.stdout
+    reports = tmp_path / "reports" / "smoke"
+    assert sorted(p.name for p in reports.iterdir()) == ["study.methods.kd.temperature=2",
+                                                         "study.methods.kd.temperature=8"]
+    assert all((p / "report.md").exists() for p in reports.iterdir())
+
+
+def test_multirun_validates_every_point_before_running_any(tmp_path):
+    proc = _kdflow("run", "-m", *SMOKE, f"output_dir={tmp_path}", "study.methods.kd.temperature=2,-1")
+    assert proc.returncode == 2 and "study.methods.kd.temperature" in proc.stderr
+    assert not (tmp_path / "jobs").exists()
