@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping
 
 from methods.config import parse_config
 from methods.distillers import DISTILLERS, TeacherRequest
+from methods.features import TapShapes
 from methods.errors import ConfigError
 from methods.models import MODELS, build_model, probe_taps
 from orchestrator.data import validate_dataset
@@ -41,13 +43,20 @@ def _require_list(study: Mapping[str, Any], key: str) -> List[Any]:
     return list(value)
 
 
+@functools.lru_cache(maxsize=None)
+def _model_taps(model: str, num_classes: int, input_shape: tuple[int, int, int]) -> TapShapes:
+    """A zoo model's tap shapes on inputs of ``input_shape`` (C, H, W). Probing builds the model
+    and runs a forward pass, so each (model, classes, shape) is probed once per process, not
+    once per method of every pair."""
+    return probe_taps(build_model(model, num_classes), input_shape)
+
+
 def _check_pair(method: str, method_cfg: Any, teacher: str | None, student: str,
                 input_shape: tuple[int, int, int], num_classes: int, field: str) -> None:
     """Probe both models on the dataset's input shape and let the method refuse the pair."""
     try:
-        student_taps = probe_taps(build_model(student, num_classes), input_shape)
-        teacher_taps = (probe_taps(build_model(teacher, num_classes), input_shape)
-                        if teacher else None)
+        student_taps = _model_taps(student, num_classes, input_shape)
+        teacher_taps = _model_taps(teacher, num_classes, input_shape) if teacher else None
     except RuntimeError as err:
         raise ConfigError(field, f"{teacher or ''}->{student} cannot run on inputs of shape "
                           f"{input_shape}: {str(err).splitlines()[0]}",
