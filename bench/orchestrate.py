@@ -49,7 +49,7 @@ from launch.slurm_config import parse_slurm_settings  # noqa: E402
 from launch.slurm_queue import SlurmQueue  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from orchestrator.runner import RunOptions  # noqa: E402
-from orchestrator.study import expand_study  # noqa: E402
+from orchestrator.study import _model_taps, expand_study  # noqa: E402
 
 SHIMMED = ("sbatch", "squeue", "sacct", "scancel")
 
@@ -80,6 +80,7 @@ def plan(jobs: int) -> tuple:
     """The benchmark study with enough seeds for ``jobs`` jobs; (graph, seconds, seeds)."""
     seeds = 1
     while True:
+        _model_taps.cache_clear()  # time a cold plan: every model probed afresh
         started = time.perf_counter()
         cfg = compose_config(["study=cifar100_benchmark", f"study.seeds=[{','.join(map(str, range(seeds)))}]"])
         graph = expand_study(OmegaConf.to_container(cfg.study, resolve=True), require_data=False)
