@@ -124,6 +124,32 @@ class SlurmLauncher:
         return 0
 
 
+@LAUNCHERS.register("ray")
+class RayLauncher:
+    """Runs the graph as Ray tasks: on an embedded Ray, or a cluster given by ``address``."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        from launch.ray_config import parse_ray_settings
+
+        self.settings = parse_ray_settings(settings)
+
+    def run(self, study: StudyRun) -> int:
+        from launch.ray_engine import run_ray
+
+        summary = run_ray(study.graph, study.output_dir, study.options, self.settings)
+        print(summary.render())
+        study.write_report()
+        return 0 if summary.ok else 1
+
+    def views(self, study: StudyRun) -> None:
+        return None
+
+    def cancel(self, study: StudyRun) -> int:
+        print("the ray launcher runs in the foreground: stop it with Ctrl-C "
+              "(jobs checkpoint and resume on the next `kdflow run`)")
+        return 0
+
+
 def build_launcher(settings: Mapping[str, Any]) -> Launcher:
     """The launcher named by ``settings['name']``, with its settings checked."""
     return LAUNCHERS.get(str(settings.get("name", "local")), "launcher")(settings)

@@ -1,0 +1,34 @@
+"""scripts/ray-on-slurm.sh on the dev cluster: a Ray cluster inside a SLURM job runs a study."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.store import JobStore
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_study_runs_on_ray_started_inside_a_slurm_job(tmp_path):
+    study = (f"{sys.executable} -m launch.cli run study=smoke launcher=ray launcher.address=auto "
+             f"output_dir={tmp_path / 'out'} progress=false")
+    log = tmp_path / "job.out"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["sbatch", "--wait", "--parsable", "--partition=debug", "--nodes=1", "--ntasks=1",
+         "--cpus-per-task=2", "--mem=4G", "--time=10", f"--chdir={REPO}", f"--output={log}",
+         f"--wrap=scripts/ray-on-slurm.sh -- {study}"],
+        capture_output=True, text=True, timeout=400, env=env)
+    text = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, proc.stdout + proc.stderr + text
+    assert "ray-on-slurm: cluster up with 2 CPUs" in text
+    assert "5 run, 0 skipped" in text and "| KD |" in text
+    store = JobStore(tmp_path / "out" / "jobs")
+    jobs = [p.name for p in store.root.iterdir()]
+    assert len(jobs) == 5 and all(store.is_done(job) for job in jobs)
