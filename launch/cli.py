@@ -28,6 +28,8 @@ USAGE_EXAMPLES = """examples:
   kdflow status launcher=slurm                 job states joined with squeue/sacct
   kdflow cancel launcher=slurm                 cancel the study's queued and running jobs
   kdflow run -m study.methods.kd.temperature=2,4,8   one study per value (a Hydra sweep)
+  kdflow tune search=kd study=quick            a Ray Tune search over one KD job's settings
+  kdflow tune search=kd search.num_samples=32 search.max_concurrent=4
 """
 
 
@@ -39,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     for verb, text in (("run", "validate the study, then run every unfinished job and report"),
                        ("status", "show each job of the study: state, attempts, last metric"),
                        ("report", "write the study's table (markdown, CSV) and plots"),
-                       ("cancel", "cancel the study's queued and running jobs (launcher=slurm)")):
+                       ("cancel", "cancel the study's queued and running jobs (launcher=slurm)"),
+                       ("tune", "search one job's settings with Ray Tune (search=<name>; "
+                                "configs/search/)")):
         sub = verbs.add_parser(verb, help=text, description=text)
         sub.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. study=demo a.b=1")
         sub.add_argument("--cfg", action="store_true", help="print the composed config and exit")
@@ -57,6 +61,7 @@ class Session:
 
     ``point``: for one point of a ``-m`` sweep, its name; its report goes to
     ``reports/<study>/<point>`` so that the points do not overwrite each other's tables.
+    ``overrides``: the command's overrides that composed ``cfg`` (empty when not known).
     """
 
     def __init__(self, cfg: "DictConfig", require_data: bool = True, point: str = "") -> None:
@@ -74,12 +79,15 @@ class Session:
         self.store = JobStore(Path(self.output_dir) / "jobs")
         self.tracking_uri = resolve_tracking_uri(self.plain.get("tracking_uri"), self.output_dir)
         self.launcher = build_launcher(self.plain["launcher"])
+        self.overrides: List[str] = []
 
     @classmethod
     def compose(cls, overrides: List[str], require_data: bool = True, point: str = "") -> "Session":
         from launch.compose import compose_config
 
-        return cls(compose_config(overrides), require_data, point)
+        session = cls(compose_config(overrides), require_data, point)
+        session.overrides = list(overrides)
+        return session
 
     @property
     def report_dir(self) -> Path:
@@ -138,7 +146,13 @@ def _report(session: Session) -> int:
     return 0
 
 
-VERBS = {"run": _run, "status": _status, "report": _report, "cancel": _cancel}
+def _tune(session: Session) -> int:
+    from launch.tune import plan_search, run_search
+
+    return run_search(plan_search(session))
+
+
+VERBS = {"run": _run, "status": _status, "report": _report, "cancel": _cancel, "tune": _tune}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -148,6 +162,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
+    if args.verb == "tune":
+        from launch.tune import tune_overrides
+
+        args.overrides = tune_overrides(args.overrides)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the bars
     logging.basicConfig(level=os.environ.get("KDFLOW_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")

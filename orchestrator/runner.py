@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -63,6 +64,9 @@ class RunOptions:
 
     distributed: this process's place in a multi-process run of the job (every rank calls
                  :func:`run_job` with its own); None, or a world of one, runs it here alone.
+    on_epoch:    called on rank 0 after each epoch with the epoch's 0-based index and its
+                 metrics (``val/top1`` in percent, ``train/loss``...), once they are logged
+                 and checkpointed (a hyperparameter search reports them from here).
     """
 
     tracking_uri: Optional[str] = None
@@ -70,6 +74,7 @@ class RunOptions:
     progress: bool = True
     progress_position: int = 0
     distributed: Optional[DistEnv] = None
+    on_epoch: Optional[Callable[[int, Dict[str, float]], None]] = None
 
 
 @dataclass
@@ -92,8 +97,15 @@ def select_device(name: str) -> torch.device:
 
 @contextlib.contextmanager
 def _preemption_flag() -> Iterator[List[int]]:
-    """Within the block, SIGTERM / SIGUSR2 / SIGINT set a flag instead of killing the process."""
+    """Within the block, SIGTERM / SIGUSR2 / SIGINT set a flag instead of killing the process.
+
+    Off the main thread (a Ray Tune trial), where handlers cannot be installed, the flag is
+    never set: the process's owner stops the run and the job resumes from its checkpoints.
+    """
     received: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
     previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
                 for sig in PREEMPTION_SIGNALS}
     try:
@@ -328,6 +340,8 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", top1=f"{metrics['val/top1']:.1f}")
             if ranks.is_main:
                 save()
+                if options.on_epoch is not None:
+                    options.on_epoch(progress.epoch - 1, metrics)
     if bar is not None:
         bar.close()
     if not progress.history:  # zero epochs: the initial weights are the result

@@ -1,0 +1,558 @@
+"""``kdflow tune``: a Ray Tune search over the settings of one distillation job of a study.
+
+Each trial is the study's job with the sampled settings applied, so it is itself a
+content-addressed job in the store (a trial equal to a finished job reuses it); it trains
+through :func:`orchestrator.runner.run_job`, reporting every epoch to Tune. The teacher the job
+needs is trained (or reused) before the search starts; trials never train a teacher.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import signal
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional
+
+import yaml
+
+from launch.search_space import Param, apply_settings, flat_settings, parse_space, run_overrides, tune_space
+from methods.config import parse_config, require_positive
+from methods.errors import ConfigError
+from orchestrator.runner import JobInterrupted, RunOptions, run_job
+from orchestrator.spec import JobSpec
+from orchestrator.store import JobStore
+from orchestrator.study import JobGraph
+
+if TYPE_CHECKING:
+    from launch.cli import Session
+
+METRICS = ("val/top1", "val/top5", "train/loss")
+MODES = ("max", "min")
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+
+
+@dataclass
+class SearchConfig:
+    """The ``search`` config node (``configs/search/<name>.yaml``).
+
+    job: which job of the study is tuned: ``pair`` (index into study.pairs), ``seed`` (None:
+    the study's first) and ``dataset`` (None: the first); asha: ``grace_period`` (epochs a
+    trial always runs) and ``reduction_factor`` (1 in this many trials goes on at each rung).
+    max_concurrent: trials run at once (None: as many as the resources allow).
+    cpus_per_trial / gpus_per_trial: Ray resources of one trial (fractions allowed).
+    ray_address: an existing Ray cluster (None: start one on this machine).
+    """
+
+    name: str
+    method: str
+    space: Dict[str, Any]
+    job: Dict[str, Any] = field(default_factory=dict)
+    num_samples: int = 8
+    metric: str = "val/top1"
+    mode: str = "max"
+    search_alg: str = "random"
+    scheduler: str = "asha"
+    asha: Dict[str, Any] = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
+    max_concurrent: Optional[int] = None
+    cpus_per_trial: float = 1
+    gpus_per_trial: float = 0
+    ray_address: Optional[str] = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("num_samples", *(("max_concurrent",) if self.max_concurrent is not None else ())):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+        if self.metric not in METRICS:
+            raise ConfigError("metric", f"unknown metric {self.metric!r}", allowed=METRICS)
+        if self.mode not in MODES:
+            raise ConfigError("mode", f"unknown mode {self.mode!r}", allowed=MODES)
+        require_positive("cpus_per_trial", self.cpus_per_trial)
+        if self.gpus_per_trial < 0:
+            raise ConfigError("gpus_per_trial", f"must be >= 0, got {self.gpus_per_trial!r}")
+        if self.search_alg not in SEARCH_ALGS:
+            raise ConfigError("search_alg", f"unknown search algorithm {self.search_alg!r}",
+                              allowed=list(SEARCH_ALGS))
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError("scheduler", f"unknown scheduler {self.scheduler!r}",
+                              allowed=list(SCHEDULERS))
+        for name in ("grace_period", "reduction_factor"):
+            value = self.asha.get(name)
+            if not isinstance(value, int) or value < 1 or (name == "reduction_factor" and value < 2):
+                raise ConfigError(f"asha.{name}", f"must be an integer >= "
+                                  f"{2 if name == 'reduction_factor' else 1}, got {value!r}")
+
+
+# --- search algorithms and schedulers -------------------------------------------------------
+
+def _no_check(_params: List[Param]) -> None:
+    return None
+
+
+def _all_discrete(params: List[Param]) -> None:
+    for param in params:
+        if not param.kind.discrete:
+            raise ConfigError(f"search.space.{param.path}.type",
+                              f"a grid search cannot enumerate a {param.type} parameter",
+                              allowed=["choice", "grid"], fix="list its values, or use search_alg=random")
+
+
+def _no_grid(params: List[Param]) -> None:
+    for param in params:
+        if param.type == "grid":
+            raise ConfigError(f"search.space.{param.path}.type", "Optuna samples; it takes no grid "
+                              "parameter", fix="use type: choice")
+    if importlib.util.find_spec("optuna") is None:
+        raise ConfigError("search.search_alg", "optuna is not installed",
+                          fix="pip install optuna, or use search_alg=random")
+
+
+def _optuna(search: SearchConfig) -> Any:
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=search.seed)
+
+
+def _basic(search: SearchConfig) -> Any:
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=search.seed)
+
+
+@dataclass(frozen=True)
+class SearchAlg:
+    """check: refuses a space the algorithm cannot search (ConfigError, before Ray starts);
+    grid: enumerate every parameter; build: the Tune searcher."""
+
+    check: Callable[[List[Param]], None]
+    grid: bool
+    build: Callable[[SearchConfig], Any]
+
+
+SEARCH_ALGS: Dict[str, SearchAlg] = {
+    "random": SearchAlg(_no_check, False, _basic),
+    "grid": SearchAlg(_all_discrete, True, _basic),
+    "optuna": SearchAlg(_no_grid, False, _optuna),
+}
+
+
+def _asha(search: SearchConfig, max_epochs: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", max_t=max_epochs,
+                         grace_period=min(search.asha["grace_period"], max_epochs),
+                         reduction_factor=search.asha["reduction_factor"])
+
+
+def _fifo(_search: SearchConfig, _max_epochs: int) -> Any:
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler()
+
+
+SCHEDULERS: Dict[str, Callable[[SearchConfig, int], Any]] = {"asha": _asha, "fifo": _fifo}
+
+
+# --- the plan: everything validated before Ray starts ---------------------------------------
+
+@dataclass
+class SearchPlan:
+    """A validated search: the tuned job ``base``, its parameters and where things go.
+
+    overrides: the ``kdflow`` overrides of the command without the search ones (the best
+    trial's ``kdflow run`` line starts from them, so it composes the same study).
+    """
+
+    search: SearchConfig
+    params: List[Param]
+    base: JobSpec
+    graph: JobGraph
+    output_dir: str
+    tracking_uri: str
+    overrides: List[str]
+
+    @property
+    def experiment_name(self) -> str:
+        """The Tune experiment's and MLflow experiment's name: ``<study>-tune-<search>``."""
+        return f"{self.graph.study}-tune-{self.search.name}"
+
+    @property
+    def search_dir(self) -> Path:
+        """``<output_dir>/tune/<study>/<search>``: best.yaml, best.overrides, the parent run id."""
+        return Path(self.output_dir) / "tune" / self.graph.study / self.search.name
+
+    @property
+    def tune_path(self) -> Path:
+        """The Tune experiment: ``<output_dir>/tune/<experiment_name>``."""
+        return Path(self.output_dir) / "tune" / self.experiment_name
+
+    @property
+    def expected_trials(self) -> int:
+        """Trials a complete search runs: num_samples times every grid's size."""
+        grid = SEARCH_ALGS[self.search.search_alg].grid
+        sizes = [len(p.values()) for p in self.params if grid or p.type == "grid"]
+        return self.search.num_samples * math.prod(sizes)
+
+
+def plan_search(session: "Session") -> SearchPlan:
+    """Validate the ``search`` node of ``session``'s config against its study; the plan."""
+    values = session.plain.get("search")
+    if not values:
+        raise ConfigError("search", "no search chosen", allowed=_search_names(),
+                          fix="pass search=<name>, e.g. kdflow tune search=kd study=quick")
+    search = parse_config(SearchConfig, values, "search")
+    base = _base_job(session.graph, session.plain["study"], search)
+    params = parse_space(search.space, base)
+    SEARCH_ALGS[search.search_alg].check(params)
+    return SearchPlan(search, params, base, session.graph, session.output_dir,
+                      session.tracking_uri, session.overrides)
+
+
+def _search_names() -> List[str]:
+    from launch.compose import group_options
+
+    return group_options("search")
+
+
+def _base_job(graph: JobGraph, study: Mapping[str, Any], search: SearchConfig) -> JobSpec:
+    """The study's distill job of ``search.method`` for the chosen pair, seed and dataset."""
+    if search.method not in (study.get("methods") or {}):
+        raise ConfigError("search.method", f"{search.method!r} is not a method of study "
+                          f"{graph.study}", allowed=list(study.get("methods") or {}),
+                          fix="pick a study that has it (study=demo has every method)")
+    choice = dict(search.job)
+    pairs = study["pairs"]
+    pair_index = choice.get("pair", 0)
+    if not isinstance(pair_index, int) or not 0 <= pair_index < len(pairs):
+        raise ConfigError("search.job.pair", f"no pair {pair_index!r}",
+                          allowed=list(range(len(pairs))))
+    pair = pairs[pair_index]
+    seed = choice.get("seed")
+    seed = study["seeds"][0] if seed is None else seed
+    dataset = choice.get("dataset") or next(iter(study["datasets"]))
+    for job in graph.jobs:
+        if (job.stage, job.method, job.model, job.teacher, job.seed, job.dataset) == (
+                "distill", search.method, pair["student"], pair["teacher"], seed, dataset):
+            return job
+    raise ConfigError("search.job", f"study {graph.study} has no {search.method} job for pair "
+                      f"{pair_index}, seed {seed}, dataset {dataset}",
+                      fix="pick a seed from study.seeds and a dataset from study.datasets")
+
+
+def tune_overrides(overrides: List[str]) -> List[str]:
+    """``overrides`` with ``search=<name>`` turned into ``+search=<name>`` (``search`` is a
+    config group that the top-level config does not list: only ``kdflow tune`` uses it)."""
+    return [f"+{o}" if o.startswith("search=") else o for o in overrides]
+
+
+# --- the trials ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs, shipped to Ray once (``tune.with_parameters``)."""
+
+    base: JobSpec
+    output_dir: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+
+
+class _EpochReporter:
+    """Reports each epoch of one trial's job to Tune, with a checkpoint naming the job.
+
+    The job's real state is in its store checkpoints; Tune's checkpoint records the job id and
+    the epochs reported, so a restored trial reports only the epochs it has not reported yet.
+    The last epoch is reported once the job has written its result (Tune may end the trial at
+    that report). A trial the scheduler stops ends its job as ``interrupted``: it resumes from
+    its checkpoint if a later trial asks for the same settings.
+    """
+
+    def __init__(self, spec: JobSpec, context: TrialContext) -> None:
+        from ray import tune
+
+        self.spec = spec
+        self.context = context
+        self.store = JobStore(Path(context.output_dir) / "jobs")
+        checkpoint = tune.get_checkpoint()
+        self.reported = 0
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                self.reported = json.loads((Path(folder) / "trial.json").read_text())["epochs"]
+        self.tagged = False
+        self.epochs = int(spec.recipe["epochs"])
+
+    def epoch(self, index: int, metrics: Dict[str, float]) -> None:
+        """:class:`RunOptions` ``on_epoch``: ``index`` is the 0-based epoch just finished."""
+        if index + 1 < self.epochs:
+            try:
+                self._report(index, metrics)
+            except SystemExit as stop:  # how Tune ends a trial it stops, inside report()
+                raise JobInterrupted(f"stopped by the search after epoch {index + 1}", 0) from stop
+
+    def _report(self, index: int, metrics: Dict[str, float]) -> None:
+        from ray import tune
+
+        if index < self.reported:
+            return
+        self._tag_parent()
+        self.reported = index + 1
+        with tempfile.TemporaryDirectory() as folder:
+            state = {"job_id": self.spec.job_id, "epochs": self.reported}
+            (Path(folder) / "trial.json").write_text(json.dumps(state))
+            tune.report({**metrics, "epoch": self.reported, "job_id": self.spec.job_id},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+
+    def catch_up(self, history: List[Dict[str, float]]) -> None:
+        """Report the epochs of the finished job not reported yet (the last one; all of them
+        for a job that was already done)."""
+        for index, metrics in enumerate(history):
+            self._report(index, {k: v for k, v in metrics.items() if k != "epoch"})
+
+    def _tag_parent(self) -> None:
+        """Nest the job's MLflow run under the search's run (once, on its first epoch)."""
+        if self.tagged:
+            return
+        from mlflow.tracking import MlflowClient
+
+        from orchestrator.tracking import _retry
+
+        run_id = self.store.state(self.spec.job_id).mlflow_run_id
+        if run_id:
+            client = MlflowClient(self.context.tracking_uri)
+            _retry(lambda: client.set_tag(run_id, "mlflow.parentRunId",
+                                          self.context.parent_run_id), "set_tag")
+        self.tagged = True
+
+
+def run_trial(config: Dict[str, Any], context: TrialContext) -> None:
+    """One trial: the base job with ``config``'s settings, trained (or resumed, or reused)."""
+    spec = apply_settings(context.base, flat_settings(config))
+    reporter = _EpochReporter(spec, context)
+    options = RunOptions(tracking_uri=context.tracking_uri, experiment=context.experiment,
+                         progress=False, on_epoch=reporter.epoch)
+    try:
+        result = run_job(spec, JobStore(Path(context.output_dir) / "jobs"), options)
+    except JobInterrupted:
+        return
+    reporter.catch_up(result["history"])
+
+
+# --- the driver ----------------------------------------------------------------------------
+
+def _progress_callback(metric: str, mode: str, max_epochs: int) -> Any:
+    """A Tune callback printing one line per finished or failed trial."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            done = sum(t.status == "TERMINATED" for t in trials) + 1
+            last = trial.last_result or {}
+            epochs = last.get("epoch", 0)
+            best = trial.metric_analysis.get(metric, {}).get(mode)
+            how = "" if epochs >= max_epochs else " (stopped early)"
+            print(f"trial {trial.trial_id} finished [{done}/{len(trials)}]: {epochs} epochs{how}, "
+                  f"best {metric} {best if best is None else round(best, 2)}", flush=True)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            print(f"trial {trial.trial_id} failed: {trial.error_file}", flush=True)
+
+    return TrialLines()
+
+
+def _init_ray(address: Optional[str]) -> None:
+    """Connect to ``address``, or start Ray here on this machine's CPUs, without a dashboard."""
+    import logging
+
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then prints nothing of Ray's
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    else:
+        ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
+                 logging_level=logging.ERROR, log_to_driver=False)
+
+
+def _parent_run(plan: SearchPlan) -> str:
+    """The search's MLflow run (the same run again when the search resumes); its id."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import _retry, ensure_experiment, flatten
+
+    saved = plan.search_dir / PARENT_RUN_FILE
+    client = MlflowClient(plan.tracking_uri)
+    if saved.exists():
+        run_id = saved.read_text().strip()
+        _retry(lambda: client.update_run(run_id, status="RUNNING"), "update_run")
+        return run_id
+    experiment_id = ensure_experiment(plan.tracking_uri, plan.experiment_name)
+    run = _retry(lambda: client.create_run(experiment_id, run_name=f"tune {plan.search.name}", tags={
+        "kdflow.search": plan.search.name, "kdflow.base_job": plan.base.job_id}), "create_run")
+    params = flatten({k: v for k, v in dataclasses.asdict(plan.search).items() if k != "name"})
+    for key, value in params.items():
+        _retry(lambda: client.log_param(run.info.run_id, key, value[:6000]), "log_param")
+    plan.search_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def _tuner(plan: SearchPlan, context: TrialContext) -> Any:
+    """A new Tuner for ``plan``, or the unfinished experiment of the same name restored."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
+                                    {"cpu": plan.search.cpus_per_trial,
+                                     "gpu": plan.search.gpus_per_trial})
+    path = plan.tune_path
+    if tune.Tuner.can_restore(str(path)):
+        print(f"resuming the search in {path}")
+        return tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    search, max_epochs = plan.search, int(plan.base.recipe["epochs"])
+    algorithm = SEARCH_ALGS[search.search_alg]
+    return tune.Tuner(
+        trainable,
+        param_space=tune_space(plan.params, tune, grid=algorithm.grid),
+        tune_config=tune.TuneConfig(
+            metric=search.metric, mode=search.mode, num_samples=search.num_samples,
+            search_alg=algorithm.build(search), scheduler=SCHEDULERS[search.scheduler](search, max_epochs),
+            max_concurrent_trials=search.max_concurrent),
+        run_config=tune.RunConfig(
+            name=plan.experiment_name, storage_path=str(path.parent), verbose=0,
+            callbacks=[_progress_callback(search.metric, search.mode, max_epochs)],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def _train_teacher(plan: SearchPlan) -> bool:
+    """Train (or reuse) the teacher jobs the tuned job needs, before any trial; True if done."""
+    from launch.local import run_local
+
+    by_id = plan.graph.by_id()
+    needed: List[JobSpec] = []
+    todo = list(plan.base.needs)
+    while todo:
+        job = by_id[todo.pop()]
+        needed.insert(0, job)
+        todo.extend(job.needs)
+    if not needed:
+        return True
+    options = RunOptions(tracking_uri=plan.tracking_uri, experiment=plan.graph.study, progress=False)
+    summary = run_local(JobGraph(plan.graph.study, needed), plan.output_dir, options, workers=1)
+    print(f"teacher: {summary.render()}")
+    return summary.ok
+
+
+def _saved_outcome(plan: SearchPlan) -> tuple[int, int]:
+    """Trials finished and failed, as the experiment's saved state records them (the in-memory
+    ResultGrid of an interrupted search shows its pending trials as terminated)."""
+    import logging
+
+    from ray.tune import ExperimentAnalysis
+
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    trials = ExperimentAnalysis(str(plan.tune_path)).trials
+    return (sum(t.status == "TERMINATED" for t in trials), sum(t.status == "ERROR" for t in trials))
+
+
+def run_search(plan: SearchPlan) -> int:
+    """Run (or resume) the search of ``plan``; print the top trials and write the best one.
+
+    Returns 0 when every trial finished, 1 when the search stopped early (Ctrl-C, SIGTERM:
+    the same command resumes it) or a trial failed.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import ensure_experiment
+
+    print(f"search {plan.search.name}: tuning {plan.base.title} (job {plan.base.job_id}), "
+          f"{plan.expected_trials} trials, outputs in {plan.search_dir}")
+    if not _train_teacher(plan):
+        return 1
+    ensure_experiment(plan.tracking_uri, plan.experiment_name)
+    parent = _parent_run(plan)
+    context = TrialContext(plan.base, plan.output_dir, plan.tracking_uri, plan.experiment_name, parent)
+    _init_ray(plan.search.ray_address)
+    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        grid = _tuner(plan, context).fit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    rows = trial_rows(grid, plan.search.metric, plan.search.mode)
+    finished, errors = _saved_outcome(plan)
+    complete = finished >= plan.expected_trials and not errors
+    MlflowClient(plan.tracking_uri).set_terminated(parent, status="FINISHED" if complete else "KILLED")
+    print(top_table(rows, plan.search.metric))
+    if rows:
+        print(write_best(plan, rows[0]))
+    if not complete:
+        print(f"search incomplete: {finished} of {plan.expected_trials} trials finished, "
+              f"{errors} failed; run the same command again to continue")
+    return 0 if complete else 1
+
+
+# --- the results -----------------------------------------------------------------------------
+
+@dataclass
+class TrialRow:
+    """One trial's outcome: metric values in the metric's unit (percent for top-1)."""
+
+    trial: str
+    settings: Dict[str, Any]
+    best: float
+    last: float
+    epochs: int
+    job_id: str
+
+
+def trial_rows(grid: Any, metric: str, mode: str) -> List[TrialRow]:
+    """The trials of Tune's ResultGrid that reported at least one epoch, best first."""
+    rows = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        if frame is None or metric not in frame:
+            continue
+        values = frame[metric]
+        rows.append(TrialRow(result.metrics["trial_id"], flat_settings(result.config),
+                             float(values.max() if mode == "max" else values.min()),
+                             float(values.iloc[-1]), int(frame["epoch"].max()),
+                             str(frame["job_id"].iloc[-1])))
+    return sorted(rows, key=lambda r: r.best, reverse=mode == "max")
+
+
+def top_table(rows: List[TrialRow], metric: str, count: int = 5) -> str:
+    """A markdown table of the ``count`` best trials."""
+    lines = [f"| trial | settings | best {metric} | last {metric} | epochs |",
+             "|---|---|---|---|---|"]
+    for row in rows[:count]:
+        settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in row.settings.items())
+        lines.append(f"| {row.trial} | {settings} | {row.best:.2f} | {row.last:.2f} | {row.epochs} |")
+    return "\n".join(lines)
+
+
+def write_best(plan: SearchPlan, best: TrialRow) -> str:
+    """Write ``best.yaml`` (the best trial) and ``best.overrides`` (a ``kdflow run`` line's
+    arguments, one per line, that give the study with the best settings); the line to run."""
+    tuned = run_overrides(plan.search.method, best.settings)
+    tuned_keys = {o.split("=", 1)[0] for o in tuned}
+    kept = [o for o in plan.overrides
+            if not o.lstrip("+~").startswith("search") and o.split("=", 1)[0] not in tuned_keys]
+    overrides = [*kept, *tuned]
+    plan.search_dir.mkdir(parents=True, exist_ok=True)
+    record = {"study": plan.graph.study, "search": plan.search.name, "trial": best.trial,
+              "job_id": best.job_id, "metric": plan.search.metric, "best": best.best,
+              "settings": best.settings, "overrides": overrides}
+    (plan.search_dir / "best.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    path = plan.search_dir / "best.overrides"
+    path.write_text("\n".join(overrides) + "\n")
+    return f"best settings written to {plan.search_dir / 'best.yaml'}; run them with:\n" \
+           f"  kdflow run $(cat {path})"
