@@ -12,17 +12,20 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
 from launch.search_space import Param, apply_settings, flat_settings, parse_space, run_overrides, tune_space
 from methods.config import parse_config, require_positive
 from methods.errors import ConfigError
+from orchestrator.atomic import atomic_write
+from orchestrator.checkpoint import init_checkpoint_path, latest_checkpoint_path
 from orchestrator.runner import JobInterrupted, RunOptions, run_job
 from orchestrator.spec import JobSpec
 from orchestrator.store import JobStore
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
 METRICS = ("val/top1", "val/top5", "train/loss")
 MODES = ("max", "min")
 PARENT_RUN_FILE = "mlflow_parent_run_id"
+TRIAL_FILE = "trial.json"
+DONOR_FILE = "state.pt"
 
 
 @dataclass
@@ -43,6 +48,8 @@ class SearchConfig:
     job: which job of the study is tuned: ``pair`` (index into study.pairs), ``seed`` (None:
     the study's first) and ``dataset`` (None: the first); asha: ``grace_period`` (epochs a
     trial always runs) and ``reduction_factor`` (1 in this many trials goes on at each rung).
+    pbt: ``perturbation_interval`` (epochs between exploit/explore steps) and
+    ``resample_probability`` (chance a perturbed setting is drawn afresh from its range).
     max_concurrent: trials run at once (None: as many as the resources allow).
     cpus_per_trial / gpus_per_trial: Ray resources of one trial (fractions allowed).
     ray_address: an existing Ray cluster (None: start one on this machine).
@@ -58,6 +65,8 @@ class SearchConfig:
     search_alg: str = "random"
     scheduler: str = "asha"
     asha: Dict[str, Any] = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
+    pbt: Dict[str, Any] = field(default_factory=lambda: {"perturbation_interval": 2,
+                                                         "resample_probability": 0.25})
     max_concurrent: Optional[int] = None
     cpus_per_trial: float = 1
     gpus_per_trial: float = 0
@@ -87,6 +96,20 @@ class SearchConfig:
             if not isinstance(value, int) or value < 1 or (name == "reduction_factor" and value < 2):
                 raise ConfigError(f"asha.{name}", f"must be an integer >= "
                                   f"{2 if name == 'reduction_factor' else 1}, got {value!r}")
+        self._validate_pbt()
+
+    def _validate_pbt(self) -> None:
+        interval = self.pbt.get("perturbation_interval")
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+            raise ConfigError("pbt.perturbation_interval",
+                              f"must be an integer >= 1, got {interval!r}")
+        chance = self.pbt.get("resample_probability")
+        if not isinstance(chance, (int, float)) or isinstance(chance, bool) or not 0 <= chance <= 1:
+            raise ConfigError("pbt.resample_probability",
+                              f"must be a number in [0, 1], got {chance!r}")
+        if self.scheduler == "pbt" and self.search_alg != "random":
+            raise ConfigError("search_alg", "scheduler pbt takes no searcher, got "
+                              f"{self.search_alg!r}", allowed=["random"], fix="use search_alg=random with scheduler=pbt")
 
 
 # --- search algorithms and schedulers -------------------------------------------------------
@@ -142,7 +165,7 @@ SEARCH_ALGS: Dict[str, SearchAlg] = {
 }
 
 
-def _asha(search: SearchConfig, max_epochs: int) -> Any:
+def _asha(search: SearchConfig, max_epochs: int, _params: List[Param]) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(time_attr="epoch", max_t=max_epochs,
@@ -150,13 +173,58 @@ def _asha(search: SearchConfig, max_epochs: int) -> Any:
                          reduction_factor=search.asha["reduction_factor"])
 
 
-def _fifo(_search: SearchConfig, _max_epochs: int) -> Any:
+def _fifo(_search: SearchConfig, _max_epochs: int, _params: List[Param]) -> Any:
     from ray.tune.schedulers import FIFOScheduler
 
     return FIFOScheduler()
 
 
-SCHEDULERS: Dict[str, Callable[[SearchConfig, int], Any]] = {"asha": _asha, "fifo": _fifo}
+def perturbable(params: List[Param]) -> List[Param]:
+    """The parameters PBT may change during a trial: all but the ``grid`` ones."""
+    return [p for p in params if p.type != "grid"]
+
+
+def check_pbt(params: List[Param]) -> None:
+    """Refuse a PBT search with nothing to perturb (ConfigError, before Ray starts)."""
+    if not perturbable(params):
+        raise ConfigError("search.space", "scheduler pbt needs at least one parameter it can "
+                          "perturb; a grid parameter is fixed for the whole trial",
+                          fix="give a parameter type uniform, loguniform, randint or choice")
+
+
+@dataclass(frozen=True)
+class ClampToSpace:
+    """PBT's ``custom_explore_fn``: a perturbed value (multiplied by 0.8 or 1.2) is put back
+    inside its parameter's range (integers stay integers), so every explored trial is valid."""
+
+    params: Tuple[Param, ...]
+
+    def __call__(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        for param in self.params:
+            if param.kind.discrete:
+                continue
+            low, high = param.kind.edges(param.path, param.args)
+            value = min(max(config[param.target][param.name], low), high)
+            config[param.target][param.name] = round(value) if param.type == "randint" else value
+        return config
+
+
+def _pbt(search: SearchConfig, _max_epochs: int, params: List[Param]) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    mutations: Dict[str, Dict[str, Any]] = {}
+    for param in perturbable(params):
+        mutation = param.values() if param.kind.discrete else param.kind.sampler(tune, param.args)
+        mutations.setdefault(param.target, {})[param.name] = mutation
+    return PopulationBasedTraining(
+        time_attr="training_iteration", perturbation_interval=search.pbt["perturbation_interval"],
+        resample_probability=search.pbt["resample_probability"], hyperparam_mutations=mutations,
+        custom_explore_fn=ClampToSpace(tuple(perturbable(params))))
+
+
+SCHEDULERS: Dict[str, Callable[[SearchConfig, int, List[Param]], Any]] = {
+    "asha": _asha, "fifo": _fifo, "pbt": _pbt}
 
 
 # --- the plan: everything validated before Ray starts ---------------------------------------
@@ -210,6 +278,8 @@ def plan_search(session: "Session") -> SearchPlan:
     base = _base_job(session.graph, session.plain["study"], search)
     params = parse_space(search.space, base)
     SEARCH_ALGS[search.search_alg].check(params)
+    if search.scheduler == "pbt":
+        check_pbt(params)
     return SearchPlan(search, params, base, session.graph, session.output_dir,
                       session.tracking_uri, session.overrides)
 
@@ -255,36 +325,37 @@ def tune_overrides(overrides: List[str]) -> List[str]:
 
 @dataclass(frozen=True)
 class TrialContext:
-    """What every trial needs, shipped to Ray once (``tune.with_parameters``)."""
+    """What every trial needs, shipped to Ray once (``tune.with_parameters``).
+
+    keep_state: each Tune checkpoint also holds the job's training checkpoint of that epoch
+    (PBT: a trial that exploits this one starts from it, whatever this job has pruned since).
+    """
 
     base: JobSpec
     output_dir: str
     tracking_uri: str
     experiment: str
     parent_run_id: str
+    keep_state: bool = False
 
 
 class _EpochReporter:
     """Reports each epoch of one trial's job to Tune, with a checkpoint naming the job.
 
-    The job's real state is in its store checkpoints; Tune's checkpoint records the job id and
-    the epochs reported, so a restored trial reports only the epochs it has not reported yet.
+    The job's real state is in its store checkpoints; Tune's checkpoint records the job id, its
+    ``init_from``, the epochs reported and the job's newest checkpoint step (with
+    ``keep_state``, that checkpoint too), so a restored trial reports only the epochs it has
+    not reported yet, and a PBT trial that exploits this one starts from that step.
     The last epoch is reported once the job has written its result (Tune may end the trial at
     that report). A trial the scheduler stops ends its job as ``interrupted``: it resumes from
     its checkpoint if a later trial asks for the same settings.
     """
 
-    def __init__(self, spec: JobSpec, context: TrialContext) -> None:
-        from ray import tune
-
+    def __init__(self, spec: JobSpec, context: TrialContext, reported: int) -> None:
         self.spec = spec
         self.context = context
         self.store = JobStore(Path(context.output_dir) / "jobs")
-        checkpoint = tune.get_checkpoint()
-        self.reported = 0
-        if checkpoint is not None:
-            with checkpoint.as_directory() as folder:
-                self.reported = json.loads((Path(folder) / "trial.json").read_text())["epochs"]
+        self.reported = reported
         self.tagged = False
         self.epochs = int(spec.recipe["epochs"])
 
@@ -304,8 +375,12 @@ class _EpochReporter:
         self._tag_parent()
         self.reported = index + 1
         with tempfile.TemporaryDirectory() as folder:
-            state = {"job_id": self.spec.job_id, "epochs": self.reported}
-            (Path(folder) / "trial.json").write_text(json.dumps(state))
+            latest = latest_checkpoint_path(self.store.checkpoint_dir(self.spec.job_id))
+            state = {"job_id": self.spec.job_id, "init_from": self.spec.init_from,
+                     "epochs": self.reported, "step": _step_of(latest)}
+            (Path(folder) / TRIAL_FILE).write_text(json.dumps(state))
+            if self.context.keep_state and latest is not None:
+                _link_or_copy(latest, Path(folder) / DONOR_FILE)
             tune.report({**metrics, "epoch": self.reported, "job_id": self.spec.job_id},
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
@@ -331,14 +406,55 @@ class _EpochReporter:
         self.tagged = True
 
 
+def _step_of(path: Optional[Path]) -> Optional[int]:
+    """The global step of the checkpoint file ``path`` (``step-<n>.pt``)."""
+    return None if path is None else int(path.stem.split("-", 1)[1])
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (a copy across file systems)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def trial_job(spec: JobSpec, store: JobStore) -> tuple[JobSpec, int]:
+    """The job a trial with settings ``spec`` runs, and the epochs it has reported already.
+
+    A trial Tune restores from its own checkpoint goes on with the job it names (which may
+    start from a donor). A trial restored from another trial's checkpoint (PBT exploited it)
+    runs ``spec`` started from that trial's job at its checkpoint step; the donor's training
+    checkpoint in Tune's checkpoint, if any, is kept in the new job's ``init`` folder.
+    """
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return spec, 0
+    with checkpoint.as_directory() as folder:
+        state = json.loads((Path(folder) / TRIAL_FILE).read_text())
+        own = dataclasses.replace(spec, init_from=state.get("init_from"))
+        if state["job_id"] == own.job_id or state.get("step") is None:
+            return own, state["epochs"]
+        job = dataclasses.replace(spec, init_from=f"{state['job_id']}@{state['step']}")
+        kept = init_checkpoint_path(store.checkpoint_dir(job.job_id), state["step"])
+        donated = Path(folder) / DONOR_FILE
+        if donated.exists() and not kept.exists():
+            atomic_write(kept, lambda f: f.write(donated.read_bytes()))
+        return job, state["epochs"]
+
+
 def run_trial(config: Dict[str, Any], context: TrialContext) -> None:
-    """One trial: the base job with ``config``'s settings, trained (or resumed, or reused)."""
-    spec = apply_settings(context.base, flat_settings(config))
-    reporter = _EpochReporter(spec, context)
+    """One trial: the base job with ``config``'s settings, trained (or resumed, or reused);
+    after a PBT exploit, the same started from the donor trial's job (:func:`trial_job`)."""
+    store = JobStore(Path(context.output_dir) / "jobs")
+    spec, reported = trial_job(apply_settings(context.base, flat_settings(config)), store)
+    reporter = _EpochReporter(spec, context, reported)
     options = RunOptions(tracking_uri=context.tracking_uri, experiment=context.experiment,
                          progress=False, on_epoch=reporter.epoch)
     try:
-        result = run_job(spec, JobStore(Path(context.output_dir) / "jobs"), options)
+        result = run_job(spec, store, options)
     except JobInterrupted:
         return
     reporter.catch_up(result["history"])
@@ -423,13 +539,20 @@ def _tuner(plan: SearchPlan, context: TrialContext) -> Any:
         param_space=tune_space(plan.params, tune, grid=algorithm.grid),
         tune_config=tune.TuneConfig(
             metric=search.metric, mode=search.mode, num_samples=search.num_samples,
-            search_alg=algorithm.build(search), scheduler=SCHEDULERS[search.scheduler](search, max_epochs),
+            search_alg=algorithm.build(search),
+            scheduler=SCHEDULERS[search.scheduler](search, max_epochs, plan.params),
             max_concurrent_trials=search.max_concurrent),
         run_config=tune.RunConfig(
             name=plan.experiment_name, storage_path=str(path.parent), verbose=0,
             callbacks=[_progress_callback(search.metric, search.mode, max_epochs)],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=_checkpoints_kept(search)),
             failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def _checkpoints_kept(search: SearchConfig) -> Optional[int]:
+    """Tune checkpoints kept per trial: the newest, or every one under PBT (a trial may exploit
+    another's checkpoint after that trial has reported newer ones)."""
+    return None if search.scheduler == "pbt" else 1
 
 
 def _train_teacher(plan: SearchPlan) -> bool:
@@ -479,7 +602,8 @@ def run_search(plan: SearchPlan) -> int:
         return 1
     ensure_experiment(plan.tracking_uri, plan.experiment_name)
     parent = _parent_run(plan)
-    context = TrialContext(plan.base, plan.output_dir, plan.tracking_uri, plan.experiment_name, parent)
+    context = TrialContext(plan.base, plan.output_dir, plan.tracking_uri, plan.experiment_name,
+                           parent, keep_state=plan.search.scheduler == "pbt")
     _init_ray(plan.search.ray_address)
     previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
@@ -541,18 +665,37 @@ def top_table(rows: List[TrialRow], metric: str, count: int = 5) -> str:
 
 def write_best(plan: SearchPlan, best: TrialRow) -> str:
     """Write ``best.yaml`` (the best trial) and ``best.overrides`` (a ``kdflow run`` line's
-    arguments, one per line, that give the study with the best settings); the line to run."""
+    arguments, one per line, that give the study with the best settings); the line to run.
+
+    A best trial whose job starts from another's checkpoint (a PBT exploit) has a lineage the
+    overrides cannot give: they carry its settings only, ``best.yaml`` records its
+    ``init_from``, and the message says so."""
     tuned = run_overrides(plan.search.method, best.settings)
     tuned_keys = {o.split("=", 1)[0] for o in tuned}
     kept = [o for o in plan.overrides
             if not o.lstrip("+~").startswith("search") and o.split("=", 1)[0] not in tuned_keys]
     overrides = [*kept, *tuned]
     plan.search_dir.mkdir(parents=True, exist_ok=True)
+    init_from = _init_from(plan, best.job_id)
     record = {"study": plan.graph.study, "search": plan.search.name, "trial": best.trial,
-              "job_id": best.job_id, "metric": plan.search.metric, "best": best.best,
-              "settings": best.settings, "overrides": overrides}
+              "job_id": best.job_id, "init_from": init_from, "metric": plan.search.metric,
+              "best": best.best, "settings": best.settings, "overrides": overrides}
     (plan.search_dir / "best.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
     path = plan.search_dir / "best.overrides"
     path.write_text("\n".join(overrides) + "\n")
-    return f"best settings written to {plan.search_dir / 'best.yaml'}; run them with:\n" \
-           f"  kdflow run $(cat {path})"
+    lines = f"best settings written to {plan.search_dir / 'best.yaml'}; run them with:\n" \
+            f"  kdflow run $(cat {path})"
+    if init_from is None:
+        return lines
+    return lines + f"\nnote: the best trial descends from another via PBT (job {best.job_id} " \
+                   f"starts from job {init_from}); this run trains its settings from scratch " \
+                   "and does not reproduce that lineage"
+
+
+def _init_from(plan: SearchPlan, job_id: str) -> Optional[str]:
+    """The ``init_from`` of the stored job ``job_id`` (None if it has none or is not stored)."""
+    store = JobStore(Path(plan.output_dir) / "jobs")
+    try:
+        return store.spec(job_id).init_from
+    except FileNotFoundError:
+        return None

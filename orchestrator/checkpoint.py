@@ -13,9 +13,26 @@ log = logging.getLogger(__name__)
 KEEP = 2
 
 
+def checkpoint_path(folder: Path, global_step: int) -> Path:
+    """Where the checkpoint at ``global_step`` of the job whose checkpoints are in ``folder`` is."""
+    return folder / f"step-{global_step:09d}.pt"
+
+
+def init_checkpoint_path(folder: Path, global_step: int) -> Path:
+    """Where a job whose checkpoints are in ``folder`` keeps its own copy of the donor checkpoint
+    (at ``global_step``) it starts from (``JobSpec.init_from``); never pruned."""
+    return checkpoint_path(folder / "init", global_step)
+
+
+def latest_checkpoint_path(folder: Path) -> Optional[Path]:
+    """The newest checkpoint file in ``folder`` (None when there is none)."""
+    paths = sorted(folder.glob("step-*.pt"))
+    return paths[-1] if paths else None
+
+
 def save_checkpoint(folder: Path, global_step: int, state: Dict[str, Any]) -> Path:
     """Write ``state`` as ``folder/step-<global_step>.pt`` atomically; prune older ones."""
-    path = folder / f"step-{global_step:09d}.pt"
+    path = checkpoint_path(folder, global_step)
     atomic_write(path, lambda f: torch.save(state, f))
     for old in sorted(folder.glob("step-*.pt"))[:-KEEP]:
         old.unlink(missing_ok=True)

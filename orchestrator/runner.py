@@ -12,6 +12,7 @@ bit-identical to a single-process run (BatchNorm normalises over each rank's sli
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import signal
@@ -28,7 +29,8 @@ from methods.config import parse_config
 from methods.distillers import DISTILLERS, Distiller
 from methods.models import build_model
 from orchestrator.atomic import atomic_write, write_json
-from orchestrator.checkpoint import load_latest_checkpoint, save_checkpoint
+from orchestrator.checkpoint import (checkpoint_path, init_checkpoint_path, load_latest_checkpoint,
+                                     save_checkpoint)
 from orchestrator.data import Data, build_data
 from orchestrator.distributed import ALONE, DistEnv, Ranks, process_group
 from orchestrator.recipe import Recipe
@@ -127,6 +129,31 @@ def _build_distiller(spec: JobSpec, store: JobStore, data: Data, device: torch.d
         teacher = cls.build_teacher(cfg, spec.teacher, data.info.num_classes)
         teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return cls(student, teacher, cfg, data.info).to(device)
+
+
+def load_donor_checkpoint(spec: JobSpec, store: JobStore) -> Dict[str, Any]:
+    """The checkpoint ``spec.init_from`` names: the copy kept in the job's own ``init`` folder
+    (a search puts it there) or else the donor job's own; JobFailed if neither exists."""
+    donor, step = spec.donor
+    for path in (init_checkpoint_path(store.checkpoint_dir(spec.job_id), step),
+                 checkpoint_path(store.checkpoint_dir(donor), step)):
+        if path.exists():
+            return torch.load(path, map_location="cpu", weights_only=False)
+    raise JobFailed(f"job {spec.job_id} starts from job {donor} at step {step}, but no checkpoint "
+                    f"of that job at that step exists (in {store.checkpoint_dir(donor)})")
+
+
+def _restart_schedule(optimizer: torch.optim.Optimizer,
+                      schedule: torch.optim.lr_scheduler.MultiStepLR, recipe: Recipe,
+                      epoch: int) -> None:
+    """Put ``schedule`` (built from this job's recipe) and the learning rate of ``optimizer``
+    (loaded from a donor) where this job's own schedule stands at the start of ``epoch``."""
+    decay = recipe.lr_decay ** bisect.bisect_right(sorted(recipe.lr_milestones), epoch)
+    for group, base_lr in zip(optimizer.param_groups, schedule.base_lrs):
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * decay
+    schedule.last_epoch = epoch
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _trainable_state(distiller: Distiller) -> Dict[str, torch.Tensor]:
@@ -272,10 +299,16 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
     progress = _Progress()
     ckpt_dir = store.checkpoint_dir(spec.job_id)
     checkpoint = ranks.from_main(load_latest_checkpoint(ckpt_dir) if ranks.is_main else None)
+    donated = checkpoint is None and spec.donor is not None
+    if donated:
+        checkpoint = ranks.from_main(load_donor_checkpoint(spec, store) if ranks.is_main else None)
     if checkpoint is not None:
         distiller.load_state_dict(checkpoint["distiller"], strict=False)
         optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["schedule"])
+        if donated:
+            _restart_schedule(optimizer, schedule, recipe, checkpoint["progress"]["epoch"])
+        else:
+            schedule.load_state_dict(checkpoint["schedule"])
         torch.set_rng_state(checkpoint["rng"])
         progress = _Progress(**{**checkpoint["progress"],
                                 "sums": {k: v.to(device) for k, v in checkpoint["progress"]["sums"].items()}})

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 STAGES = ("teacher", "distill", "ablation")
 
@@ -20,6 +20,9 @@ class JobSpec:
     teacher:     the teacher architecture a distill job reads (None when the method needs none).
     teacher_job: the id of the job whose weights are the teacher.
     method_cfg, dataset_cfg, recipe: resolved settings (plain JSON-able dicts).
+    init_from:   ``"<job_id>@<global_step>"``: the job starts from that job's checkpoint at that
+                 step instead of from scratch (a Population Based Training exploit). Part of the
+                 id only when set, so the ids of jobs without it are unchanged.
     """
 
     stage: str
@@ -32,6 +35,7 @@ class JobSpec:
     recipe: Dict[str, Any]
     teacher: Optional[str] = None
     teacher_job: Optional[str] = None
+    init_from: Optional[str] = None
     labels: Dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -39,6 +43,8 @@ class JobSpec:
         """sha256 of the canonical JSON of the spec, labels (runtime-only) excluded; 16 hex."""
         content = asdict(self)
         content.pop("labels")
+        if content["init_from"] is None:
+            content.pop("init_from")
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -57,7 +63,16 @@ class JobSpec:
             what += " (random init)" if self.recipe.get("epochs") == 0 else ""
         variant = f" [{self.labels['variant']}]" if self.labels.get("variant") else ""
         share = f" {float(self.labels['fraction']):.0%}" if self.labels.get("fraction") else ""
-        return f"{what}{variant} {pair} {self.dataset}{share} s{self.seed}"
+        origin = f" (from {self.init_from[:8]})" if self.init_from else ""
+        return f"{what}{variant} {pair} {self.dataset}{share} s{self.seed}{origin}"
+
+    @property
+    def donor(self) -> Optional[Tuple[str, int]]:
+        """``init_from`` as (job id, global step); None when the job starts from scratch."""
+        if self.init_from is None:
+            return None
+        job_id, _, step = self.init_from.partition("@")
+        return job_id, int(step)
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
