@@ -32,3 +32,22 @@ def test_a_study_runs_on_ray_started_inside_a_slurm_job(tmp_path):
     store = JobStore(tmp_path / "out" / "jobs")
     jobs = [p.name for p in store.root.iterdir()]
     assert len(jobs) == 5 and all(store.is_done(job) for job in jobs)
+
+
+def test_a_tune_search_runs_on_ray_started_inside_a_slurm_job(tmp_path):
+    search = (f"{sys.executable} -m launch.cli tune search=kd study=quick search.ray_address=auto "
+              f"search.num_samples=2 study.student_recipe.epochs=2 study.student_recipe.lr_milestones=[1] "
+              f"study.teacher_recipe.epochs=2 study.teacher_recipe.lr_milestones=[1] "
+              f"output_dir={tmp_path / 'out'} progress=false")
+    log = tmp_path / "job.out"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["sbatch", "--wait", "--parsable", "--partition=debug", "--nodes=1", "--ntasks=1",
+         "--cpus-per-task=2", "--mem=4G", "--time=10", f"--chdir={REPO}", f"--output={log}",
+         f"--wrap=scripts/ray-on-slurm.sh -- {search}"],
+        capture_output=True, text=True, timeout=500, env=env)
+    text = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, proc.stdout + proc.stderr + text
+    assert "ray-on-slurm: cluster up with 2 CPUs" in text
+    assert text.count(" finished [") == 2, text  # one line per finished trial
+    assert (tmp_path / "out" / "tune" / "quick" / "kd" / "best.overrides").exists()
