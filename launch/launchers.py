@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Protocol
 
 from methods.errors import ConfigError
 from methods.registry import Registry
@@ -17,6 +17,9 @@ from orchestrator.runner import RunOptions
 from orchestrator.status import SchedulerView, status_table
 from orchestrator.store import JobStore
 from orchestrator.study import JobGraph
+
+if TYPE_CHECKING:
+    from launch.local import Summary
 
 
 @dataclass
@@ -48,8 +51,32 @@ class Launcher(Protocol):
 LAUNCHERS: Registry = Registry("launcher", "launcher")
 
 
+class ForegroundLauncher:
+    """A launcher that runs the graph while ``kdflow run`` waits: ``run_graph`` returns the
+    summary, printed with the report; nothing outlives the command, so nothing to cancel."""
+
+    name = "local"
+
+    def run_graph(self, study: StudyRun) -> "Summary":
+        raise NotImplementedError
+
+    def run(self, study: StudyRun) -> int:
+        summary = self.run_graph(study)
+        print(summary.render())
+        study.write_report()
+        return 0 if summary.ok else 1
+
+    def views(self, study: StudyRun) -> None:
+        return None
+
+    def cancel(self, study: StudyRun) -> int:
+        print(f"the {self.name} launcher runs in the foreground: stop it with Ctrl-C "
+              "(jobs checkpoint and resume on the next `kdflow run`)")
+        return 0
+
+
 @LAUNCHERS.register("local")
-class LocalLauncher:
+class LocalLauncher(ForegroundLauncher):
     """Runs the graph on this machine with ``workers`` processes (null: one per core)."""
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
@@ -62,21 +89,10 @@ class LocalLauncher:
             raise ConfigError("launcher.workers", f"must be a positive integer or null, got {self.workers!r}",
                               fix="set launcher.workers=2, or null for one per core")
 
-    def run(self, study: StudyRun) -> int:
+    def run_graph(self, study: StudyRun) -> "Summary":
         from launch.local import run_local
 
-        summary = run_local(study.graph, study.output_dir, study.options, self.workers)
-        print(summary.render())
-        study.write_report()
-        return 0 if summary.ok else 1
-
-    def views(self, study: StudyRun) -> None:
-        return None
-
-    def cancel(self, study: StudyRun) -> int:
-        print("the local launcher runs in the foreground: stop it with Ctrl-C "
-              "(jobs checkpoint and resume on the next `kdflow run`)")
-        return 0
+        return run_local(study.graph, study.output_dir, study.options, self.workers)
 
 
 @LAUNCHERS.register("slurm")
@@ -125,29 +141,20 @@ class SlurmLauncher:
 
 
 @LAUNCHERS.register("ray")
-class RayLauncher:
+class RayLauncher(ForegroundLauncher):
     """Runs the graph as Ray tasks: on an embedded Ray, or a cluster given by ``address``."""
+
+    name = "ray"
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         from launch.ray_config import parse_ray_settings
 
         self.settings = parse_ray_settings(settings)
 
-    def run(self, study: StudyRun) -> int:
+    def run_graph(self, study: StudyRun) -> "Summary":
         from launch.ray_engine import run_ray
 
-        summary = run_ray(study.graph, study.output_dir, study.options, self.settings)
-        print(summary.render())
-        study.write_report()
-        return 0 if summary.ok else 1
-
-    def views(self, study: StudyRun) -> None:
-        return None
-
-    def cancel(self, study: StudyRun) -> int:
-        print("the ray launcher runs in the foreground: stop it with Ctrl-C "
-              "(jobs checkpoint and resume on the next `kdflow run`)")
-        return 0
+        return run_ray(study.graph, study.output_dir, study.options, self.settings)
 
 
 def build_launcher(settings: Mapping[str, Any]) -> Launcher:

@@ -6,7 +6,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from methods.config import parse_config, require_non_negative, require_positive
 from methods.errors import ConfigError
-from orchestrator.spec import STAGES
+from launch.stages import check_stages, stage_resources
 
 
 @dataclass
@@ -56,18 +56,11 @@ class RaySettings:
         if not isinstance(self.retries, int):
             raise ConfigError("retries", f"must be an integer, got {self.retries!r}")
         require_non_negative("retries", self.retries)
-        for stage in self.stages:
-            if stage not in STAGES:
-                raise ConfigError(f"stages.{stage}", "unknown stage", allowed=list(STAGES),
-                                  fix="set resources per stage under stages.<stage>")
-        for stage in STAGES:
-            self.stage_resources(stage)
+        check_stages(RayResources, self.resources, self.stages)
 
     def stage_resources(self, stage: str) -> RayResources:
         """The resources of the jobs of ``stage``: ``resources`` updated by ``stages.<stage>``."""
-        field_name = f"stages.{stage}" if self.stages.get(stage) else "resources"
-        merged = {**(self.resources or {}), **(self.stages.get(stage) or {})}
-        return parse_config(RayResources, merged, field_name)
+        return stage_resources(RayResources, self.resources, self.stages, stage)
 
 
 def parse_ray_settings(launcher: Mapping[str, Any]) -> RaySettings:

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from methods.config import parse_config, require_non_negative, require_positive
 from methods.errors import ConfigError
-from orchestrator.spec import STAGES
+from launch.stages import check_stages, stage_resources
 
 
 @dataclass
@@ -108,18 +108,11 @@ class SlurmSettings:
         require_non_negative("retries", self.retries)
         require_non_negative("max_requeues", self.max_requeues)
         require_positive("array_parallelism", self.array_parallelism)
-        for stage in self.stages:
-            if stage not in STAGES:
-                raise ConfigError(f"stages.{stage}", "unknown stage", allowed=list(STAGES),
-                                  fix="set resources per stage under stages.<stage>")
-        for stage in STAGES:
-            self.stage_resources(stage)
+        check_stages(Resources, self.resources, self.stages)
 
     def stage_resources(self, stage: str) -> Resources:
         """The resources of the jobs of ``stage``: ``resources`` updated by ``stages.<stage>``."""
-        field_name = f"stages.{stage}" if self.stages.get(stage) else "resources"
-        merged = {**(self.resources or {}), **(self.stages.get(stage) or {})}
-        return parse_config(Resources, merged, field_name)
+        return stage_resources(Resources, self.resources, self.stages, stage)
 
 
 def parse_slurm_settings(launcher: Mapping[str, Any]) -> SlurmSettings:
