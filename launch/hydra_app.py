@@ -26,7 +26,6 @@ from launch.compose import CONFIG_DIR
 def main(cfg: DictConfig) -> Dict[str, float]:
     from launch.cli import Session
     from launch.local import run_local
-    from orchestrator.report import write_report
     from orchestrator.tracking import ensure_experiment
 
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
@@ -36,7 +35,7 @@ def main(cfg: DictConfig) -> Dict[str, float]:
     ensure_experiment(session.tracking_uri, session.graph.study)
     summary = run_local(session.graph, session.output_dir, run.options, workers)
     print(summary.render())
-    print(write_report(session.graph, session.store, session.report_dir))
+    run.write_report()
     if not summary.ok:
         raise RuntimeError(summary.render())
     return {job.title: session.store.result(job.job_id)["metrics"]["top1"] for job in session.graph.jobs}

@@ -195,8 +195,9 @@ def test_a_request_slurm_would_refuse_is_an_error_before_anything_is_submitted(t
     refused = kdflow("run", "study=quick", *DEV, "launcher.resources.partition=nosuchpartition",
                      f"output_dir={tmp_path}")
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert "launcher.resources" in refused.stderr and "nosuchpartition" in refused.stderr.lower() or \
-        "invalid partition" in refused.stderr.lower(), refused.stderr
+    reason = refused.stderr.lower()
+    assert "launcher.resources" in refused.stderr, refused.stderr
+    assert "nosuchpartition" in reason or "invalid partition" in reason, refused.stderr
     assert "No job was started." in refused.stderr
     assert not list(tmp_path.glob("jobs/*/submissions.json"))
 
