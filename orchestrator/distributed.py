@@ -1,10 +1,11 @@
 """One job run by several processes: where each process sits, and their process group.
 
 A multi-process job has ``world_size`` ranks, one per process (one per GPU on a GPU node).
-Every rank builds the same data and distiller; each trains on its own slice of every global
-batch, and the ranks exchange one buffer per step (gradients, loss sums and preemption
-flags). The launcher tells a process its place through environment variables: torchrun's
-(``RANK``, ``WORLD_SIZE``...) or SLURM's (``SLURM_PROCID``, ``SLURM_NTASKS``...).
+Every rank builds the same data and distiller; each asks its loader for its own slice of
+every global batch (:func:`orchestrator.data.loaders.local_rows`), and the ranks exchange one
+buffer per step (gradients, loss sums and preemption flags). The launcher tells a process its
+place through environment variables: torchrun's (``RANK``, ``WORLD_SIZE``...) or SLURM's
+(``SLURM_PROCID``, ``SLURM_NTASKS``...).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from orchestrator.data.loaders import Batch
 
 #: How long a collective waits for the slowest rank (data loading, rank 0's checkpoint writes)
 #: before it fails; a rank that died without closing its connection is noticed after this.
@@ -149,16 +149,6 @@ def process_group(env: DistEnv, device: torch.device,
         dist.destroy_process_group()
 
 
-def local_rows(batch_size: int, rank: int, world_size: int) -> slice:
-    """The contiguous rows of a global batch of ``batch_size`` that ``rank`` trains on.
-
-    The first ``batch_size % world_size`` ranks get one row more than the others.
-    """
-    base, extra = divmod(batch_size, world_size)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (1 if rank < extra else 0))
-
-
 def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     """Copy consecutive pieces of the 1-D ``flat`` into ``tensors`` (in place)."""
     offset = 0
@@ -276,13 +266,6 @@ class Ranks:
             raise ValueError(f"a batch of {min(batch_size, last)} samples (batch_size "
                              f"{batch_size}, {num_samples} samples) cannot be split over "
                              f"{world_size} processes")
-
-    def my_part(self, batch: Batch) -> Batch:
-        """This rank's contiguous rows (:func:`local_rows`) of the global ``batch``."""
-        if self.env is None:
-            return batch
-        rows = local_rows(batch.y.numel(), self.env.rank, self.env.world_size)
-        return Batch(batch.x[rows], batch.y[rows], batch.index[rows])
 
     def reduce_step(self, params: Sequence[torch.Tensor], stats: Dict[str, torch.Tensor],
                     share: float, received: Sequence[int],

@@ -176,14 +176,9 @@ def evaluate(model: nn.Module, data: Data, device: torch.device, recipe: Recipe,
     ``i`` with ``i % world_size == r`` and the counts are summed: every rank returns the same.
     """
     model.eval()
-    rank, world_size = ranks.part
     counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 hits, top-5 hits, samples
-    for i, batch in enumerate(data.val.batches()):
-        if i % world_size != rank:
-            continue
+    for batch in data.val.batches(shard=ranks.part):
         x = batch.x.to(device)
-        if recipe.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, recipe):
             logits = model(x).float()
         y = batch.y.to(device)
@@ -209,10 +204,7 @@ def calibrate_batchnorm(model: nn.Module, data: Data, device: torch.device, reci
         norm.momentum = None  # cumulative average over the pass
     model.train()
     for batch in data.train.batches(0):
-        x = batch.x.to(device)
-        if recipe.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        model(x)
+        model(batch.x.to(device))
     model.eval()
 
 
@@ -286,7 +278,7 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
     device = ranks.device(select_device(recipe.device))
     torch.manual_seed(spec.seed)
     data = build_data(spec.dataset, spec.dataset_cfg, f"{spec.job_id}.dataset_cfg",
-                      recipe.batch_size, spec.seed, device)
+                      recipe.batch_size, spec.seed, device, recipe.channels_last)
     ranks.check_batches(data.info.num_samples, recipe.batch_size)
     distiller = _build_distiller(spec, store, data, device)
     if recipe.channels_last:
@@ -334,24 +326,23 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
         while progress.epoch < recipe.epochs:
             distiller.start_epoch(progress.epoch, recipe.epochs)
             distiller.train()
-            for batch in data.train.batches(progress.epoch, progress.step):
-                part = ranks.my_part(batch)
-                x, y = part.x.to(device, non_blocking=True), part.y.to(device, non_blocking=True)
-                if recipe.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+            for batch in data.train.batches(progress.epoch, progress.step, shard=ranks.part):
+                x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
+                global_size = min(recipe.batch_size,
+                                  data.info.num_samples - progress.step * recipe.batch_size)
                 with _autocast(device, recipe):
-                    _, terms = distiller(x, y, part.index.to(device))
+                    _, terms = distiller(x, y, batch.index.to(device))
                 loss = sum(terms.values())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 sums, signals = ranks.reduce_step(
                     params, {name: value.detach().float() * y.numel()
                              for name, value in {"loss": loss, **terms}.items()},
-                    share=y.numel() / batch.y.numel(), received=preempted)
+                    share=y.numel() / global_size, received=preempted)
                 optimizer.step()
                 for name, value in sums.items():
                     progress.sums[name] = progress.sums.get(name, 0) + value
-                progress.seen += batch.y.numel()
+                progress.seen += global_size
                 progress.step += 1
                 progress.global_step += 1
                 if bar is not None:

@@ -13,10 +13,11 @@ from methods.config import parse_config
 from methods.errors import ConfigError
 from orchestrator.data import cifar, digits, imagefolder, synthetic  # noqa: F401  (registers)
 from orchestrator.data.loaders import Batch, Data, EvalLoader, TrainLoader
-from orchestrator.data.registry import DATASETS, DatasetEntry, register_dataset
+from orchestrator.data.registry import (DATASETS, DEFAULT_LOADER, DatasetEntry, register_dataset,
+                                        register_loader)
 
 __all__ = ["Batch", "Data", "DATASETS", "DatasetEntry", "EvalLoader", "TrainLoader",
-           "build_data", "register_dataset", "validate_dataset"]
+           "build_data", "register_dataset", "register_loader", "validate_dataset"]
 
 
 def validate_dataset(dataset_name: str, settings: Mapping[str, Any] | None, field: str,
@@ -30,6 +31,11 @@ def validate_dataset(dataset_name: str, settings: Mapping[str, Any] | None, fiel
     """
     entry = DATASETS.get(dataset_name, field)
     cfg = parse_config(entry.Config, settings, field)
+    loader = getattr(cfg, "loader", DEFAULT_LOADER)
+    if loader not in entry.loaders:
+        raise ConfigError(f"{field}.loader", f"dataset {dataset_name!r} has no {loader!r} loader",
+                          allowed=sorted(entry.loaders),
+                          fix=f"set data.loader to one of {', '.join(sorted(entry.loaders))}")
     check = getattr(cfg, "check_data", None)
     if require_data and check is not None:
         try:
@@ -40,13 +46,16 @@ def validate_dataset(dataset_name: str, settings: Mapping[str, Any] | None, fiel
 
 
 def build_data(dataset_name: str, settings: Mapping[str, Any] | None, field: str,
-               batch_size: int, seed: int, device: torch.device) -> Data:
+               batch_size: int, seed: int, device: torch.device,
+               channels_last: bool = False) -> Data:
     """Validate ``settings`` and load the dataset as loaders of ``batch_size`` on ``device``.
 
     ``seed`` fixes the training order and augmentation (per epoch and step); the train/val
-    split itself is fixed by the dataset's own settings.
+    split itself is fixed by the dataset's own settings. Batches are laid out channels_last
+    when ``channels_last`` (else contiguous NCHW). The loader is the one ``settings`` name.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     cfg = validate_dataset(dataset_name, settings, field)
-    return DATASETS.get(dataset_name, field).build(cfg, batch_size, seed, device)
+    build = DATASETS.get(dataset_name, field).builder(cfg)
+    return build(cfg, batch_size, seed, device, channels_last)

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from methods.errors import ConfigError
+from orchestrator.data.beton import beton_path
 from orchestrator.data.checks import require_bool, require_folder
 from orchestrator.data.fraction import TrainFraction
+from orchestrator.data.loader_choice import LoaderChoice
 from orchestrator.data.loaders import Data
-from orchestrator.data.registry import register_dataset
+from orchestrator.data.registry import register_dataset, register_loader
 from orchestrator.data.tensor_loaders import tensor_data
 
 
@@ -27,6 +29,7 @@ from orchestrator.data.tensor_loaders import tensor_data
 class CifarLayout:
     """Where one CIFAR variant's files live under ``root`` and how its labels are keyed."""
 
+    dataset: str
     folder: str
     train_files: Sequence[str]
     test_files: Sequence[str]
@@ -36,21 +39,23 @@ class CifarLayout:
     std: Sequence[float]
 
 
-CIFAR10 = CifarLayout("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
+CIFAR10 = CifarLayout("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
                       ["test_batch"], "labels", 10,
                       (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-CIFAR100 = CifarLayout("cifar-100-python", ["train"], ["test"], "fine_labels", 100,
+CIFAR100 = CifarLayout("cifar100", "cifar-100-python", ["train"], ["test"], "fine_labels", 100,
                        (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
 
 PAD = 4
 
 
 @dataclass
-class CifarConfig(TrainFraction):
+class CifarConfig(TrainFraction, LoaderChoice):
     """Settings shared by ``cifar10`` / ``cifar100``; subclasses set ``layout``.
 
     root:            folder holding ``cifar-10-batches-py/`` or ``cifar-100-python/``.
-    device_resident: keep the whole uint8 dataset on the training device and augment there.
+    device_resident: keep the whole uint8 dataset on the training device and augment there
+                     (torchvision loader).
+    loader, beton_dir, workers: see :class:`LoaderChoice` (``workers`` is used by FFCV only).
     """
 
     root: str = "./data/cifar"
@@ -67,10 +72,14 @@ class CifarConfig(TrainFraction):
 
     def validate(self) -> None:
         self.validate_fraction()
+        self.validate_loader()
         require_bool("device_resident", self.device_resident)
 
     def check_data(self) -> None:
         """The files exist (a listing only; nothing is read)."""
+        if self.loader == "ffcv":
+            self.check_betons(self.layout.dataset)
+            return
         fix = (f"point root at a folder in torchvision's CIFAR layout "
                f"({self.layout.folder}/...), e.g. data.root=/path/to/cifar; kdflow never downloads")
         require_folder("root", self.root, fix)
@@ -106,7 +115,8 @@ def read_cifar_split(root: str, layout: CifarLayout, files: Sequence[str]
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
 
 
-def build_cifar(cfg: CifarConfig, batch_size: int, seed: int, device: torch.device) -> Data:
+def build_cifar(cfg: CifarConfig, batch_size: int, seed: int, device: torch.device,
+                channels_last: bool) -> Data:
     """CIFAR with random 32x32 crops of the 4-pixel zero-padded image and horizontal flips."""
     layout = cfg.layout
     train_x, train_y = read_cifar_split(cfg.root, layout, layout.train_files)
@@ -114,8 +124,25 @@ def build_cifar(cfg: CifarConfig, batch_size: int, seed: int, device: torch.devi
     keep = cfg.train_indices(train_y)
     return tensor_data(train_x[keep], train_y[keep], val_x, val_y, layout.num_classes, layout.mean,
                        layout.std, batch_size, seed, device, PAD, hflip=True,
-                       resident=cfg.device_resident)
+                       resident=cfg.device_resident, channels_last=channels_last)
 
 
-register_dataset("cifar10", Cifar10Config)(build_cifar)
-register_dataset("cifar100", Cifar100Config)(build_cifar)
+def build_cifar_ffcv(cfg: CifarConfig, batch_size: int, seed: int, device: torch.device,
+                     channels_last: bool) -> Data:
+    """CIFAR from .beton files, with the same crops of the padded image and flips as above."""
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+
+    from orchestrator.data.ffcv_loaders import ffcv_data
+    from orchestrator.data.ffcv_ops import SeededPadCropDecoder
+
+    layout, folder = cfg.layout, cfg.betons()
+    return ffcv_data(beton_path(folder, "train"), beton_path(folder, "val"),
+                     lambda: [SeededPadCropDecoder(PAD, seed, flip=True)],
+                     lambda: [SimpleRGBImageDecoder()], cfg.train_indices, layout.num_classes,
+                     cfg.input_shape(), layout.mean, layout.std, batch_size, seed, device,
+                     cfg.workers, channels_last)
+
+
+for _name, _Config in (("cifar10", Cifar10Config), ("cifar100", Cifar100Config)):
+    register_dataset(_name, _Config)(build_cifar)
+    register_loader(_name, "ffcv")(build_cifar_ffcv)

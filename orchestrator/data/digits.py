@@ -70,10 +70,12 @@ def load_digit_splits(cfg: DigitsConfig) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 @register_dataset("digits", DigitsConfig)
-def build_digits(cfg: DigitsConfig, batch_size: int, seed: int, device: torch.device) -> Data:
+def build_digits(cfg: DigitsConfig, batch_size: int, seed: int, device: torch.device,
+                 channels_last: bool) -> Data:
     """Digits normalised with the train split's mean/std; held on ``device`` (it is tiny)."""
     train_x, train_y, val_x, val_y = load_digit_splits(cfg)
     mean, std = train_x.mean().item(), train_x.std().item()
     keep = cfg.train_indices(train_y)
     return tensor_data(train_x[keep], train_y[keep], val_x, val_y, 10, [mean] * 3, [std] * 3, batch_size,
-                       seed, device, cfg.pad, cfg.hflip, resident=True)
+                       seed, device, cfg.pad, cfg.hflip, resident=True,
+                       channels_last=channels_last)

@@ -14,7 +14,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from orchestrator.data.loaders import Batch, check_start_step, derive_seed, generator
+from orchestrator.data.loaders import (Batch, Shard, check_start_step, derive_seed, generator,
+                                       local_rows)
 
 Sample = tuple[torch.Tensor, int, int]
 
@@ -45,20 +46,22 @@ class SeededSamples(Dataset[Sample]):
 
 
 class _Loading:
-    """Runs a DataLoader over explicit keys and moves its batches to ``device``."""
+    """Runs a DataLoader over explicit batches of keys and moves them to ``device``."""
 
     def __init__(self, samples: SeededSamples, batch_size: int, workers: int,
-                 device: torch.device) -> None:
+                 device: torch.device, channels_last: bool) -> None:
         self.samples = samples
         self.batch_size = batch_size
         self.workers = workers
         self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def run(self, keys: list[tuple[int, int]]) -> Iterator[Batch]:
-        loader = DataLoader(self.samples, batch_size=self.batch_size, sampler=keys,
-                            num_workers=self.workers, pin_memory=self.device.type == "cuda")
+    def run(self, batches: list[list[tuple[int, int]]]) -> Iterator[Batch]:
+        loader = DataLoader(self.samples, batch_sampler=batches, num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda")
         for x, y, index in loader:
-            yield Batch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            yield Batch(x, y.to(self.device, non_blocking=True),
                         index.to(self.device, non_blocking=True))
 
 
@@ -66,26 +69,35 @@ class FolderTrainLoader:
     """Shuffled, randomly transformed batches; the last partial batch is kept."""
 
     def __init__(self, samples: SeededSamples, batch_size: int, workers: int,
-                 device: torch.device) -> None:
-        self.loading = _Loading(samples, batch_size, workers, device)
+                 device: torch.device, channels_last: bool = False) -> None:
+        self.loading = _Loading(samples, batch_size, workers, device, channels_last)
         self.steps_per_epoch = math.ceil(len(samples) / batch_size)
 
-    def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """The batches of ``epoch`` from ``start_step`` on; each depends on (seed, epoch, step)."""
+    def batches(self, epoch: int, start_step: int = 0, shard: Shard = (0, 1)) -> Iterator[Batch]:
+        """The batches of ``epoch`` from ``start_step`` on; each depends on (seed, epoch, step).
+
+        A shard's rows are the only ones decoded.
+        """
         check_start_step(start_step, self.steps_per_epoch)
-        samples = self.loading.samples
-        order = torch.randperm(len(samples), generator=generator(samples.seed, epoch))
-        skip = start_step * self.loading.batch_size
-        yield from self.loading.run([(epoch, i) for i in order[skip:].tolist()])
+        samples, size = self.loading.samples, self.loading.batch_size
+        order = torch.randperm(len(samples), generator=generator(samples.seed, epoch)).tolist()
+        steps = [order[s * size:(s + 1) * size] for s in range(start_step, self.steps_per_epoch)]
+        yield from self.loading.run([[(epoch, i) for i in step[local_rows(len(step), *shard)]]
+                                     for step in steps])
 
 
 class FolderEvalLoader:
     """The split once, in order, with its deterministic transform."""
 
     def __init__(self, samples: SeededSamples, batch_size: int, workers: int,
-                 device: torch.device) -> None:
-        self.loading = _Loading(samples, batch_size, workers, device)
+                 device: torch.device, channels_last: bool = False) -> None:
+        self.loading = _Loading(samples, batch_size, workers, device, channels_last)
 
-    def batches(self) -> Iterator[Batch]:
-        """Every sample once, in split order; ``index`` is the position in the split."""
-        yield from self.loading.run([(0, i) for i in range(len(self.loading.samples))])
+    def batches(self, shard: Shard = (0, 1)) -> Iterator[Batch]:
+        """Every sample once, in split order; ``index`` is the position in the split.
+
+        With ``shard=(r, w)``, only the batches ``i`` with ``i % w == r``."""
+        rank, world = shard
+        count, size = len(self.loading.samples), self.loading.batch_size
+        yield from self.loading.run([[(0, i) for i in range(s, min(s + size, count))]
+                                     for s in range(rank * size, count, world * size)])

@@ -11,49 +11,63 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from methods.distillers.base import DataInfo
 from methods.errors import ConfigError
+from orchestrator.data.beton import beton_path, read_manifest
 from orchestrator.data.checks import require_folder, require_int
 from orchestrator.data.folder_loaders import FolderEvalLoader, FolderTrainLoader, SeededSamples
 from orchestrator.data.fraction import TrainFraction
+from orchestrator.data.loader_choice import LoaderChoice
 from orchestrator.data.loaders import Data
-from orchestrator.data.registry import register_dataset
+from orchestrator.data.registry import register_dataset, register_loader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+#: Validation crops keep this share of the shorter side (ImageNet's 224 of 256).
+CENTER_CROP_RATIO = 224 / 256
+
+
 @dataclass
-class ImageFolderConfig(TrainFraction):
+class ImageFolderConfig(TrainFraction, LoaderChoice):
     """Settings of ``imagefolder``.
 
     root:       folder holding the split folders.
     train_dir:  split folder (under root) of the training images, one sub-folder per class.
     val_dir:    split folder of the validation images; same class sub-folders as train_dir.
     image_size: side in pixels of the square crops fed to the network.
-    workers:    DataLoader worker processes decoding images (0: decode in the main process).
+    loader, beton_dir, workers: see :class:`LoaderChoice` (torchvision: ``workers`` DataLoader
+                processes, 0 decodes in the main process; FFCV: decoding threads).
     """
 
     root: str = "./data/imagenet"
     train_dir: str = "train"
     val_dir: str = "val"
     image_size: int = 224
-    workers: int = 2
 
     def input_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one network input (the crop)."""
         return (3, self.image_size, self.image_size)
 
     def class_count(self) -> int:
-        """The number of class folders under the train split (a directory listing)."""
+        """The number of classes: class folders of the train split, or the .beton's classes."""
+        if self.loader == "ffcv":
+            manifest = read_manifest(self.betons(), "train")
+            if manifest is not None:
+                return len(manifest.classes)
         path = os.path.join(self.root, self.train_dir)
         return sum(1 for e in os.scandir(path) if e.is_dir())
 
     def validate(self) -> None:
         self.validate_fraction()
+        self.validate_loader()
         require_int("image_size", self.image_size, 1)
-        require_int("workers", self.workers, 0)
 
     def check_data(self) -> None:
-        """Both splits exist with the same non-empty class folders (directory listings only)."""
+        """Both splits exist with the same non-empty class folders (directory listings only);
+        under ``loader=ffcv``, both .beton files were written completely instead."""
+        if self.loader == "ffcv":
+            self.check_betons("imagefolder")
+            return
         fix = ("point root at a folder holding train_dir/<class>/*.jpg and "
                "val_dir/<class>/*.jpg (an ImageNet-style tree)")
         require_folder("root", self.root, fix)
@@ -85,13 +99,13 @@ def _has_image(folder: str) -> bool:
 
 @register_dataset("imagefolder", ImageFolderConfig)
 def build_imagefolder(cfg: ImageFolderConfig, batch_size: int, seed: int,
-                      device: torch.device) -> Data:
+                      device: torch.device, channels_last: bool) -> Data:
     """Train: RandomResizedCrop + flip; val: Resize(size*256/224) + CenterCrop; ImageNet stats."""
     normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = transforms.Compose([transforms.RandomResizedCrop(cfg.image_size),
                                    transforms.RandomHorizontalFlip(), transforms.ToTensor(),
                                    normalise])
-    val_tf = transforms.Compose([transforms.Resize(int(cfg.image_size * 256 / 224)),
+    val_tf = transforms.Compose([transforms.Resize(int(cfg.image_size / CENTER_CROP_RATIO)),
                                  transforms.CenterCrop(cfg.image_size), transforms.ToTensor(),
                                  normalise])
     train = ImageFolder(os.path.join(cfg.root, cfg.train_dir))
@@ -104,6 +118,26 @@ def build_imagefolder(cfg: ImageFolderConfig, batch_size: int, seed: int,
     info = DataInfo(num_samples=len(keep), labels=targets[keep],
                     num_classes=len(train.classes),
                     input_shape=(3, cfg.image_size, cfg.image_size))
-    return Data(train=FolderTrainLoader(train_samples, batch_size, cfg.workers, device),
-                val=FolderEvalLoader(val_samples, batch_size, cfg.workers, device),
+    return Data(train=FolderTrainLoader(train_samples, batch_size, cfg.workers, device,
+                                        channels_last),
+                val=FolderEvalLoader(val_samples, batch_size, cfg.workers, device, channels_last),
                 info=info)
+
+
+@register_loader("imagefolder", "ffcv")
+def build_imagefolder_ffcv(cfg: ImageFolderConfig, batch_size: int, seed: int,
+                           device: torch.device, channels_last: bool) -> Data:
+    """The same transforms from .beton files: a random-resized crop + flip drawn per batch
+    row (:mod:`orchestrator.data.ffcv_ops`); val: the centre crop at the 224/256 ratio."""
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+
+    from orchestrator.data.ffcv_loaders import ffcv_data
+    from orchestrator.data.ffcv_ops import SeededResizedCropDecoder
+
+    size, folder = cfg.image_size, cfg.betons()
+    manifest = read_manifest(folder, "train")
+    return ffcv_data(beton_path(folder, "train"), beton_path(folder, "val"),
+                     lambda: [SeededResizedCropDecoder(size, seed, flip=True)],
+                     lambda: [CenterCropRGBImageDecoder((size, size), ratio=CENTER_CROP_RATIO)],
+                     cfg.train_indices, len(manifest.classes), cfg.input_shape(), IMAGENET_MEAN,
+                     IMAGENET_STD, batch_size, seed, device, cfg.workers, channels_last)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Protocol
+from typing import Iterator, NamedTuple, Protocol, Tuple
 
 import torch
 
@@ -29,21 +29,40 @@ class Batch(NamedTuple):
     index: torch.Tensor
 
 
+#: ``(rank, world_size)``: which of ``world_size`` processes is asking for batches.
+Shard = Tuple[int, int]
+
+
+def local_rows(batch_size: int, rank: int, world_size: int) -> slice:
+    """The contiguous rows of a global batch of ``batch_size`` that ``rank`` trains on.
+
+    The first ``batch_size % world_size`` ranks get one row more than the others.
+    """
+    base, extra = divmod(batch_size, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
 class TrainLoader(Protocol):
-    """Shuffled, augmented training batches; ``steps_per_epoch`` batches per epoch."""
+    """Shuffled, augmented training batches; ``steps_per_epoch`` global batches per epoch."""
 
     steps_per_epoch: int
 
-    def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """The batches of ``epoch`` from step ``start_step`` (0-based) to the epoch's end."""
+    def batches(self, epoch: int, start_step: int = 0, shard: Shard = (0, 1)) -> Iterator[Batch]:
+        """The batches of ``epoch`` from step ``start_step`` (0-based) to the epoch's end.
+
+        With ``shard=(r, w)`` each is rank r's rows (:func:`local_rows`) of the global batch;
+        a loader decodes only those rows when it can.
+        """
         ...
 
 
 class EvalLoader(Protocol):
     """Un-augmented batches covering the evaluation split once, in order."""
 
-    def batches(self) -> Iterator[Batch]:
-        """Every sample of the split exactly once, in split order."""
+    def batches(self, shard: Shard = (0, 1)) -> Iterator[Batch]:
+        """Every sample of the split exactly once, in split order; with ``shard=(r, w)`` only
+        the batches ``i`` with ``i % w == r``."""
         ...
 
 

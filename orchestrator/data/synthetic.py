@@ -72,11 +72,12 @@ def make_synthetic(cfg: SyntheticConfig) -> tuple[torch.Tensor, torch.Tensor, to
 
 @register_dataset("synthetic", SyntheticConfig)
 def build_synthetic(cfg: SyntheticConfig, batch_size: int, seed: int,
-                    device: torch.device) -> Data:
+                    device: torch.device, channels_last: bool) -> Data:
     """Synthetic splits normalised with the train split's per-channel mean/std; no augmentation."""
     train_x, train_y, val_x, val_y = make_synthetic(cfg)
     mean = train_x.mean(dim=(0, 2, 3)).tolist()
     std = train_x.std(dim=(0, 2, 3)).tolist()
     keep = cfg.train_indices(train_y)
     return tensor_data(train_x[keep], train_y[keep], val_x, val_y, cfg.num_classes, mean, std, batch_size,
-                       seed, device, pad=0, hflip=False, resident=True)
+                       seed, device, pad=0, hflip=False, resident=True,
+                       channels_last=channels_last)

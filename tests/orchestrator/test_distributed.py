@@ -19,8 +19,9 @@ from typing import Any, Dict, List
 import pytest
 import torch
 
+from orchestrator.data.loaders import local_rows
 from orchestrator.distributed import (DistEnv, Ranks, detect_env, env_from_slurm,
-                                      env_from_torchrun, first_host, local_rows)
+                                      env_from_torchrun, first_host)
 from orchestrator.runner import JobInterrupted, RunOptions, run_job
 from orchestrator.store import JobStore
 from orchestrator.study import expand_study
@@ -127,9 +128,9 @@ def _wait(procs: List[subprocess.Popen], timeout: float = 120) -> None:
 COLLECTIVES = textwrap.dedent("""
     import json, sys, torch
     import torch.nn.functional as F
+    from orchestrator.data.loaders import local_rows
     from orchestrator.distributed import (all_reduce_gradients, average_running_stats,
-                                          broadcast_from_main, detect_env, local_rows,
-                                          process_group)
+                                          broadcast_from_main, detect_env, process_group)
     torch.set_num_threads(1)
     env = detect_env()
     torch.manual_seed(0)  # the same model and global batch on both ranks

@@ -1,0 +1,228 @@
+"""FFCV image decoders whose random crops and flips are a fixed function of the batch.
+
+FFCV's own random decoders draw from numba's per-thread generator, so a resumed job would
+see different crops. These decoders draw every random number from a hash instead: the key of
+the image at row ``r`` of a batch is ``hash(seed, hash(the batch's sample ids), r)``. The
+loader fixes each epoch's order (a permutation seeded from ``(seed, epoch)``), so a batch's
+crops depend only on ``(seed, epoch, step)`` and the rank's rows, exactly like the other
+kdflow loaders, and a job resumed mid-epoch sees bit-identical batches.
+
+Decoders write (B, H, W, 3) uint8 images (HWC, as FFCV does); the loader turns them into
+normalised (B, 3, H, W) tensors on the training device.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Tuple
+
+import numpy as np
+from ffcv.fields.rgb_image import IMAGE_MODES
+from ffcv.libffcv import imdecode, memcpy, resize_crop
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX_A = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_B = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+_UNIT = 1.0 / float(1 << 53)
+#: Draws used by the crop attempts (4 per attempt); the flip uses the draw after them.
+_CROP_ATTEMPTS = 10
+_FLIP_DRAW = 4 * _CROP_ATTEMPTS
+
+
+def mix64(z: np.uint64) -> np.uint64:
+    """splitmix64's finaliser: a bijective 64-bit hash (uint64 in, uint64 out)."""
+    z = (z ^ (z >> _S30)) * _MIX_A
+    z = (z ^ (z >> _S27)) * _MIX_B
+    return z ^ (z >> _S31)
+
+
+def unit(key: np.uint64, draw: int) -> float:
+    """The ``draw``-th uniform number in [0, 1) of ``key``."""
+    return float(mix64(key + np.uint64(draw + 1) * _GOLDEN) >> _S11) * _UNIT
+
+
+def batch_key(seed: np.uint64, ids: np.ndarray) -> np.uint64:
+    """A hash of ``seed`` and the batch's sample ids, in order."""
+    h = mix64(seed)
+    for i in range(len(ids)):
+        h = mix64(h ^ np.uint64(ids[i]))
+    return h
+
+
+def random_resized_crop(height: int, width: int, scale: np.ndarray, log_ratio: np.ndarray,
+                        key: np.uint64) -> Tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (top, left, h, w) drawn from ``key``.
+
+    Up to 10 tries of an area share in ``scale`` and a log aspect ratio in ``log_ratio``; if
+    none fits, the largest centred box with a ratio inside the range.
+    """
+    area = height * width
+    for attempt in range(_CROP_ATTEMPTS):
+        target = area * (scale[0] + (scale[1] - scale[0]) * unit(key, 4 * attempt))
+        ratio = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * unit(key, 4 * attempt + 1))
+        w = int(round(np.sqrt(target * ratio)))
+        h = int(round(np.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(unit(key, 4 * attempt + 2) * (height - h + 1))
+            left = int(unit(key, 4 * attempt + 3) * (width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    lo, hi = np.exp(log_ratio[0]), np.exp(log_ratio[1])
+    if in_ratio < lo:
+        w, h = width, int(round(width / lo))
+    elif in_ratio > hi:
+        w, h = int(round(height * hi)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def flip_columns(image: np.ndarray) -> None:
+    """Mirror an (H, W, C) image left-right in place."""
+    width = image.shape[1]
+    for y in range(image.shape[0]):
+        for x in range(width // 2):
+            for c in range(image.shape[2]):
+                left = image[y, x, c]
+                image[y, x, c] = image[y, width - 1 - x, c]
+                image[y, width - 1 - x, c] = left
+
+
+def pad_crop(source: np.ndarray, destination: np.ndarray, pad: int, top: int, left: int) -> None:
+    """Copy the (H, W, C) window at (top, left) of ``source`` zero-padded by ``pad`` pixels."""
+    height, width = source.shape[0], source.shape[1]
+    destination[:] = 0
+    for y in range(height):
+        sy = y + top - pad
+        if 0 <= sy < height:
+            for x in range(width):
+                sx = x + left - pad
+                if 0 <= sx < width:
+                    destination[y, x] = source[sy, sx]
+
+
+class _SeededDecoder(Operation):
+    """Shared decoding of an RGBImageField sample (JPEG or raw) into a scratch buffer."""
+
+    def __init__(self, seed: int, flip: bool) -> None:
+        super().__init__()
+        self.seed = np.uint64(seed % (1 << 64))
+        self.flip = flip
+
+    def scratch_query(self) -> AllocationQuery:
+        widths, heights = self.metadata["width"], self.metadata["height"]
+        largest = np.uint64(widths.max()) * np.uint64(heights.max()) * np.uint64(3)
+        return AllocationQuery((largest,), np.dtype("<u1"))
+
+    def decoder(self) -> Callable:
+        """``decode_into(field, storage_state, scratch) -> (H, W, 3) view of the image``."""
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        imdecode_c = Compiler.compile(imdecode)
+        memcpy_c = Compiler.compile(memcpy)
+
+        def decode_into(field, storage_state, scratch):
+            data = mem_read(field["data_ptr"], storage_state)
+            height, width = np.uint32(field["height"]), np.uint32(field["width"])
+            size = 3 * height * width
+            if field["mode"] == jpg:
+                imdecode_c(data, scratch, height, width, height, width, 0, 0, 1, 1, False, False)
+            else:
+                memcpy_c(data, scratch[:size])
+            return scratch[:size].reshape(height, width, 3)
+
+        return Compiler.compile(decode_into)
+
+
+class SeededResizedCropDecoder(_SeededDecoder):
+    """Random-resized-crop to ``size`` x ``size`` then an optional flip (ImageNet training).
+
+    scale, ratio: ranges of the crop's area share and aspect ratio (torchvision's defaults).
+    """
+
+    def __init__(self, size: int, seed: int, flip: bool = True,
+                 scale: Tuple[float, float] = (0.08, 1.0),
+                 ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        super().__init__(seed, flip)
+        self.size = size
+        self.scale = np.array(scale, dtype=np.float64)
+        self.log_ratio = np.log(np.array(ratio, dtype=np.float64))
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Tuple]:
+        shape = (self.size, self.size, 3)
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("<u1")),
+                (AllocationQuery(shape, np.dtype("<u1")), self.scratch_query()))
+
+    def generate_code(self) -> Callable:
+        decode_into = self.decoder()
+        crop_box = Compiler.compile(random_resized_crop)
+        resize_crop_c = Compiler.compile(resize_crop)
+        key_of = Compiler.compile(batch_key)
+        sample_key = Compiler.compile(mix64)
+        flip_c = Compiler.compile(flip_columns)
+        flip_draw = Compiler.compile(unit)
+        rows = Compiler.get_iterator()
+        seed, scale, log_ratio, flip = self.seed, self.scale, self.log_ratio, self.flip
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, scratch = my_storage
+            base = key_of(seed, batch_indices)
+            for row in rows(len(batch_indices)):
+                image = decode_into(metadata[batch_indices[row]], storage_state, scratch[row])
+                key = sample_key(base ^ np.uint64(row))
+                top, left, h, w = crop_box(image.shape[0], image.shape[1], scale, log_ratio, key)
+                resize_crop_c(image, top, top + h, left, left + w, destination[row])
+                if flip and flip_draw(key, _FLIP_DRAW) < 0.5:
+                    flip_c(destination[row])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class SeededPadCropDecoder(_SeededDecoder):
+    """Random crop of the ``pad``-pixel zero-padded image, same size, then an optional flip
+    (the CIFAR recipe). Every image of the split must have the same size."""
+
+    def __init__(self, pad: int, seed: int, flip: bool = True) -> None:
+        super().__init__(seed, flip)
+        self.pad = pad
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Tuple]:
+        heights, widths = self.metadata["height"], self.metadata["width"]
+        if heights.min() != heights.max() or widths.min() != widths.max():
+            raise TypeError("SeededPadCropDecoder needs images of one size; this .beton mixes "
+                            f"{heights.min()}-{heights.max()} x {widths.min()}-{widths.max()}")
+        shape = (int(heights.max()), int(widths.max()), 3)
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("<u1")),
+                (AllocationQuery(shape, np.dtype("<u1")), self.scratch_query()))
+
+    def generate_code(self) -> Callable:
+        decode_into = self.decoder()
+        pad_crop_c = Compiler.compile(pad_crop)
+        key_of = Compiler.compile(batch_key)
+        sample_key = Compiler.compile(mix64)
+        flip_c = Compiler.compile(flip_columns)
+        draw = Compiler.compile(unit)
+        rows = Compiler.get_iterator()
+        seed, pad, flip = self.seed, self.pad, self.flip
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, scratch = my_storage
+            base = key_of(seed, batch_indices)
+            for row in rows(len(batch_indices)):
+                image = decode_into(metadata[batch_indices[row]], storage_state, scratch[row])
+                key = sample_key(base ^ np.uint64(row))
+                top = int(draw(key, 0) * (2 * pad + 1))
+                left = int(draw(key, 1) * (2 * pad + 1))
+                pad_crop_c(image, destination[row], pad, top, left)
+                if flip and draw(key, _FLIP_DRAW) < 0.5:
+                    flip_c(destination[row])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
