@@ -4,9 +4,10 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdflow-installed
+FFCV_STAMP := $(VENV)/.kdflow-ffcv-installed
 DEPS := setup.cfg pyproject.toml
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install ffcv bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +19,20 @@ $(STAMP): $(PY) $(DEPS)
 
 install: $(STAMP)
 
+# FFCV (data.loader=ffcv): its system libraries from Debian's packages, then the ffcv extra,
+# built from source. The library check runs every time: a reused venv needs them at run time.
+$(FFCV_STAMP): $(STAMP)
+	scripts/ffcv-system-deps.sh
+	$(PY) -m pip install --quiet -e '.[test,ffcv]'
+	touch $(FFCV_STAMP)
+
+ffcv: $(FFCV_STAMP)
+	scripts/ffcv-system-deps.sh
+
 demo: $(STAMP)
 	$(VENV)/bin/kdflow run
 
-test: $(STAMP)
+test: ffcv
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -30,6 +30,9 @@ USAGE_EXAMPLES = """examples:
   kdflow run -m study.methods.kd.temperature=2,4,8   one study per value (a Hydra sweep)
   kdflow tune search=kd study=quick            a Ray Tune search over one KD job's settings
   kdflow tune search=kd search.num_samples=32 search.max_concurrent=4
+  kdflow data prepare imagefolder data.root=/data/imagenet
+                                               write FFCV .beton files (then data.loader=ffcv)
+  kdflow data prepare cifar100 data.root=/data/cifar prepare.write_mode=jpg
 """
 
 
@@ -53,6 +56,17 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--dry-run", action="store_true",
                              help="validate the study and print its job plan; run nothing "
                                   "(the datasets' files need not exist)")
+    data = verbs.add_parser("data", help="dataset files: `kdflow data prepare DATASET`",
+                            description="dataset files")
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    text = ("write DATASET's train and val splits as FFCV .beton files into "
+            "<data.root>/ffcv/<DATASET>/ (finished splits are kept)")
+    prep = actions.add_parser("prepare", help=text, description=text)
+    prep.add_argument("dataset", help="imagefolder, cifar10 or cifar100")
+    prep.add_argument("overrides", nargs="*",
+                      help="Hydra overrides: data.root=..., prepare.max_side=256, "
+                           "prepare.dataset.train_dir=...")
+    prep.add_argument("--force", action="store_true", help="rewrite splits already written")
     return parser
 
 
@@ -152,6 +166,17 @@ def _tune(session: Session) -> int:
     return run_search(plan_search(session))
 
 
+def _data(args: argparse.Namespace) -> int:
+    from launch.data_cli import prepare_command
+
+    try:
+        return prepare_command(args.dataset, args.overrides, args.force)
+    except ConfigError as err:
+        print(f"kdflow: error: {err}", file=sys.stderr)
+        print("Nothing was written.", file=sys.stderr)
+        return 2
+
+
 VERBS = {"run": _run, "status": _status, "report": _report, "cancel": _cancel, "tune": _tune}
 
 
@@ -162,6 +187,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
+    if args.verb == "data":
+        return _data(args)
     if args.verb == "tune":
         from launch.tune import tune_overrides
 

@@ -12,7 +12,7 @@ from methods.distillers import DISTILLERS, TeacherRequest
 from methods.features import TapShapes
 from methods.errors import ConfigError
 from methods.models import MODELS, build_model, probe_taps
-from orchestrator.data import validate_dataset
+from orchestrator.data import dataset_record, validate_dataset
 from orchestrator.recipe import Recipe
 from orchestrator.spec import STAGES, JobSpec
 
@@ -140,7 +140,7 @@ def _fraction_variants(dataset: str, values: Mapping[str, Any] | None, field: st
         cfg = validate_dataset(dataset, {**(values or {}), "train_fraction": fraction},
                                field, require_data)
         labels = {**common["labels"], "fraction": str(fraction)}
-        out.append({**common, "dataset_cfg": dataclasses.asdict(cfg), "labels": labels})
+        out.append({**common, "dataset_cfg": dataset_record(cfg), "labels": labels})
     return out
 
 
@@ -197,7 +197,7 @@ def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGrap
         dataset_field = f"study.datasets.{dataset}"
         dataset_cfg = validate_dataset(dataset, dataset_values, dataset_field, require_data)
         input_shape, num_classes = dataset_cfg.input_shape(), dataset_cfg.class_count()
-        common = {"dataset": dataset, "dataset_cfg": dataclasses.asdict(dataset_cfg),
+        common = {"dataset": dataset, "dataset_cfg": dataset_record(dataset_cfg),
                   "labels": {"study": name}}
         student_data = _fraction_variants(dataset, dataset_values, dataset_field, require_data,
                                           study.get("train_fractions"), common)

@@ -5,7 +5,8 @@ any job is submitted); ``build_data`` loads the dataset and returns its loaders.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import dataclasses
+from typing import Any, Dict, Mapping
 
 import torch
 
@@ -17,7 +18,7 @@ from orchestrator.data.registry import (DATASETS, DEFAULT_LOADER, DatasetEntry, 
                                         register_loader)
 
 __all__ = ["Batch", "Data", "DATASETS", "DatasetEntry", "EvalLoader", "TrainLoader",
-           "build_data", "register_dataset", "register_loader", "validate_dataset"]
+           "build_data", "dataset_record", "register_dataset", "register_loader", "validate_dataset"]
 
 
 def validate_dataset(dataset_name: str, settings: Mapping[str, Any] | None, field: str,
@@ -43,6 +44,21 @@ def validate_dataset(dataset_name: str, settings: Mapping[str, Any] | None, fiel
         except ConfigError as err:
             raise err.under(field) from None
     return cfg
+
+
+def dataset_record(cfg: Any) -> Dict[str, Any]:
+    """``cfg`` as the plain dict a job spec holds (and hashes into the job id).
+
+    Fields the Config lists in ``omitted_at_default`` are left out while at their default, so
+    adding such a setting leaves the ids of existing jobs unchanged; the runner's parse fills
+    them back in.
+    """
+    record = dataclasses.asdict(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name in getattr(cfg, "omitted_at_default", ()):
+        if record[name] == defaults[name]:
+            del record[name]
+    return record
 
 
 def build_data(dataset_name: str, settings: Mapping[str, Any] | None, field: str,

@@ -1,7 +1,7 @@
 """Where a dataset's FFCV files live and what each one holds.
 
 ``kdflow data prepare`` writes one ``<split>.beton`` per split into the dataset's
-``beton_dir`` (default ``<root>/ffcv``), each with a ``<split>.beton.json`` manifest beside
+``beton_dir`` (default ``<root>/ffcv/<dataset>``), each with a ``<split>.beton.json`` manifest beside
 it: the source it was written from, its sample count, class names and image settings. The
 manifest is written after the ``.beton`` is in place, so a split with a manifest is complete.
 """
@@ -52,9 +52,9 @@ class Manifest:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
-def beton_folder(root: str, beton_dir: str) -> str:
-    """The folder of a dataset's .beton files: ``beton_dir``, or ``<root>/ffcv`` when empty."""
-    return beton_dir or os.path.join(root, "ffcv")
+def beton_folder(root: str, beton_dir: str, dataset: str) -> str:
+    """The folder of a dataset's .beton files: ``beton_dir``, or ``<root>/ffcv/<dataset>``."""
+    return beton_dir or os.path.join(root, "ffcv", dataset)
 
 
 def beton_path(folder: str, split: str) -> str:

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from dataclasses import dataclass, replace
+from typing import ClassVar, Dict, Sequence
 
 import numpy as np
 import torch
 
 from methods.errors import ConfigError
-from orchestrator.data.beton import beton_path
+from orchestrator.data.beton import ImageSettings, beton_path
 from orchestrator.data.checks import require_bool, require_folder
 from orchestrator.data.fraction import TrainFraction
 from orchestrator.data.loader_choice import LoaderChoice
 from orchestrator.data.loaders import Data
+from orchestrator.data.prepare import SplitSource, indexed, register_source
 from orchestrator.data.registry import register_dataset, register_loader
 from orchestrator.data.tensor_loaders import tensor_data
 
@@ -29,7 +30,6 @@ from orchestrator.data.tensor_loaders import tensor_data
 class CifarLayout:
     """Where one CIFAR variant's files live under ``root`` and how its labels are keyed."""
 
-    dataset: str
     folder: str
     train_files: Sequence[str]
     test_files: Sequence[str]
@@ -39,10 +39,10 @@ class CifarLayout:
     std: Sequence[float]
 
 
-CIFAR10 = CifarLayout("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
+CIFAR10 = CifarLayout("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
                       ["test_batch"], "labels", 10,
                       (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-CIFAR100 = CifarLayout("cifar100", "cifar-100-python", ["train"], ["test"], "fine_labels", 100,
+CIFAR100 = CifarLayout("cifar-100-python", ["train"], ["test"], "fine_labels", 100,
                        (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
 
 PAD = 4
@@ -78,7 +78,7 @@ class CifarConfig(TrainFraction, LoaderChoice):
     def check_data(self) -> None:
         """The files exist (a listing only; nothing is read)."""
         if self.loader == "ffcv":
-            self.check_betons(self.layout.dataset)
+            self.check_betons()
             return
         fix = (f"point root at a folder in torchvision's CIFAR layout "
                f"({self.layout.folder}/...), e.g. data.root=/path/to/cifar; kdflow never downloads")
@@ -94,6 +94,7 @@ class Cifar10Config(CifarConfig):
     """Settings of ``cifar10`` (see :class:`CifarConfig`)."""
 
     layout: ClassVar[CifarLayout] = CIFAR10
+    dataset: ClassVar[str] = "cifar10"
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Cifar100Config(CifarConfig):
     """Settings of ``cifar100`` (see :class:`CifarConfig`)."""
 
     layout: ClassVar[CifarLayout] = CIFAR100
+    dataset: ClassVar[str] = "cifar100"
 
 
 def read_cifar_split(root: str, layout: CifarLayout, files: Sequence[str]
@@ -137,12 +139,33 @@ def build_cifar_ffcv(cfg: CifarConfig, batch_size: int, seed: int, device: torch
 
     layout, folder = cfg.layout, cfg.betons()
     return ffcv_data(beton_path(folder, "train"), beton_path(folder, "val"),
-                     lambda: [SeededPadCropDecoder(PAD, seed, flip=True)],
-                     lambda: [SimpleRGBImageDecoder()], cfg.train_indices, layout.num_classes,
+                     lambda: SeededPadCropDecoder(PAD, seed, flip=True),
+                     SimpleRGBImageDecoder, cfg.train_indices, layout.num_classes,
                      cfg.input_shape(), layout.mean, layout.std, batch_size, seed, device,
                      cfg.workers, channels_last)
+
+
+#: FFCV's CIFAR recipe stores the 32x32 pixels as they are.
+CIFAR_BETON = ImageSettings(write_mode="raw", max_side=0)
+
+
+def cifar_splits(cfg: CifarConfig) -> Dict[str, SplitSource]:
+    """The pickled train and test batches (the test batch is the val split), HWC uint8."""
+    replace(cfg, loader="torchvision").check_data()
+    layout, splits = cfg.layout, {}
+    classes = [str(c) for c in range(layout.num_classes)]
+    for split, files in (("train", layout.train_files), ("val", layout.test_files)):
+        images, labels = read_cifar_split(cfg.root, layout, files)
+        pixels = images.permute(0, 2, 3, 1).contiguous().numpy()
+        splits[split] = SplitSource(indexed(range(len(labels)),
+                                            lambda i, x=pixels, y=labels: (x[i], int(y[i]))),
+                                    lambda i, files=files: f"{'+'.join(files)}[{i}]",
+                                    len(labels), classes,
+                                    os.path.abspath(os.path.join(cfg.root, layout.folder)))
+    return splits
 
 
 for _name, _Config in (("cifar10", Cifar10Config), ("cifar100", Cifar100Config)):
     register_dataset(_name, _Config)(build_cifar)
     register_loader(_name, "ffcv")(build_cifar_ffcv)
+    register_source(_name, CIFAR_BETON)(cifar_splits)

@@ -11,7 +11,7 @@ a (B, H, W, 3) batch permuted to (B, 3, H, W) already is channels_last.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,7 +22,25 @@ from orchestrator.data.loaders import Batch, Data, Shard, check_start_step, gene
 #: Batches FFCV decodes ahead of the one being trained on.
 BATCHES_AHEAD = 3
 
-PipelineFactory = Callable[[], List[object]]
+#: Makes the FFCV decoder of the image field (a fresh operation per FFCV Loader).
+DecoderFactory = Callable[[], object]
+
+
+def _numba_threads_only() -> None:
+    """Stop FFCV from resizing torch's thread pool.
+
+    FFCV's ``Compiler.set_num_threads`` (called when a Loader is made and at every epoch, from
+    FFCV's own thread) also calls ``torch.set_num_threads(workers)``, which would change the
+    training's intra-op threads. kdflow keeps it to numba's decoding threads.
+    """
+    import numba
+    from ffcv.pipeline.compiler import Compiler
+
+    def set_num_threads(cls, n: int) -> None:
+        cls.num_threads = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(cls.num_threads)
+
+    Compiler.set_num_threads = classmethod(set_num_threads)
 
 
 class _PlannedOrder:
@@ -38,9 +56,9 @@ class _PlannedOrder:
 class _Reader:
     """FFCV Loaders over one .beton, one per batch size (ranks' shards differ in size)."""
 
-    def __init__(self, path: str, image_pipeline: PipelineFactory, workers: int) -> None:
+    def __init__(self, path: str, image_decoder: DecoderFactory, workers: int) -> None:
         self.path = path
-        self.image_pipeline = image_pipeline
+        self.image_decoder = image_decoder
         self.workers = workers
         self.loaders: Dict[int, object] = {}
 
@@ -48,12 +66,15 @@ class _Reader:
         if batch_size not in self.loaders:
             from ffcv.fields.basics import IntDecoder
             from ffcv.loader import Loader, OrderOption
+            from ffcv.pipeline import PipelineSpec
             from ffcv.transforms import ToTensor
 
+            _numba_threads_only()
             loader = Loader(self.path, batch_size=batch_size, num_workers=max(1, self.workers),
                             order=OrderOption.SEQUENTIAL, drop_last=False, os_cache=True,
                             batches_ahead=BATCHES_AHEAD,
-                            pipelines={"image": [*self.image_pipeline(), ToTensor()],
+                            pipelines={"image": PipelineSpec("image", self.image_decoder(),
+                                                             [ToTensor()]),
                                        "label": [IntDecoder(), ToTensor()]})
             loader.traversal_order = _PlannedOrder()
             self.loaders[batch_size] = loader
@@ -71,7 +92,7 @@ class _Reader:
         epoch = iter(loader)
         try:
             for images, labels in epoch:
-                yield images, labels.view(-1).long()
+                yield images, labels.view(-1).to(torch.int64, copy=True)
         finally:
             epoch.close()
 
@@ -153,26 +174,28 @@ def beton_labels(path: str) -> torch.Tensor:
     """(N,) int64 labels of a .beton's ``label`` field, read from its metadata (no images)."""
     from ffcv.reader import Reader
 
-    return torch.from_numpy(np.asarray(Reader(path).metadata["label"], dtype=np.int64))
+    reader = Reader(path)
+    column = f"f{reader.field_names.index('label')}"  # FFCV names metadata columns by position
+    return torch.from_numpy(np.array(reader.metadata[column], dtype=np.int64))
 
 
-def ffcv_data(train_path: str, val_path: str, train_pipeline: PipelineFactory,
-              val_pipeline: PipelineFactory, keep: Callable[[torch.Tensor], torch.Tensor],
+def ffcv_data(train_path: str, val_path: str, train_decoder: DecoderFactory,
+              val_decoder: DecoderFactory, keep: Callable[[torch.Tensor], torch.Tensor],
               num_classes: int, input_shape: Tuple[int, int, int], mean: Sequence[float],
               std: Sequence[float], batch_size: int, seed: int, device: torch.device,
               workers: int, channels_last: bool) -> Data:
     """:class:`Data` over a train and a val .beton.
 
-    train_pipeline / val_pipeline: make the image field's FFCV decoder (and transforms).
+    train_decoder / val_decoder: make the image field's FFCV decoder.
     keep: train labels (N,) -> sorted indices of the training samples used (a train fraction).
     mean, std: per-channel statistics of images scaled to [0, 1].
     """
     labels = beton_labels(train_path)
     kept = keep(labels)
     to_device = _ToDevice(mean, std, device, channels_last)
-    train = FfcvTrainLoader(_Reader(train_path, train_pipeline, workers), kept.numpy(),
+    train = FfcvTrainLoader(_Reader(train_path, train_decoder, workers), kept.numpy(),
                             batch_size, seed, to_device)
-    val = FfcvEvalLoader(_Reader(val_path, val_pipeline, workers), len(beton_labels(val_path)),
+    val = FfcvEvalLoader(_Reader(val_path, val_decoder, workers), len(beton_labels(val_path)),
                          batch_size, to_device)
     info = DataInfo(num_samples=len(kept), labels=labels[kept], num_classes=num_classes,
                     input_shape=input_shape)

@@ -22,6 +22,7 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
+from numba import njit
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX_A = np.uint64(0xBF58476D1CE4E5B9)
@@ -33,6 +34,7 @@ _CROP_ATTEMPTS = 10
 _FLIP_DRAW = 4 * _CROP_ATTEMPTS
 
 
+@njit(nogil=True)
 def mix64(z: np.uint64) -> np.uint64:
     """splitmix64's finaliser: a bijective 64-bit hash (uint64 in, uint64 out)."""
     z = (z ^ (z >> _S30)) * _MIX_A
@@ -40,11 +42,13 @@ def mix64(z: np.uint64) -> np.uint64:
     return z ^ (z >> _S31)
 
 
+@njit(nogil=True)
 def unit(key: np.uint64, draw: int) -> float:
     """The ``draw``-th uniform number in [0, 1) of ``key``."""
     return float(mix64(key + np.uint64(draw + 1) * _GOLDEN) >> _S11) * _UNIT
 
 
+@njit(nogil=True)
 def batch_key(seed: np.uint64, ids: np.ndarray) -> np.uint64:
     """A hash of ``seed`` and the batch's sample ids, in order."""
     h = mix64(seed)
@@ -53,6 +57,7 @@ def batch_key(seed: np.uint64, ids: np.ndarray) -> np.uint64:
     return h
 
 
+@njit(nogil=True)
 def random_resized_crop(height: int, width: int, scale: np.ndarray, log_ratio: np.ndarray,
                         key: np.uint64) -> Tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop box (top, left, h, w) drawn from ``key``.
@@ -81,6 +86,7 @@ def random_resized_crop(height: int, width: int, scale: np.ndarray, log_ratio: n
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+@njit(nogil=True)
 def flip_columns(image: np.ndarray) -> None:
     """Mirror an (H, W, C) image left-right in place."""
     width = image.shape[1]
@@ -92,6 +98,7 @@ def flip_columns(image: np.ndarray) -> None:
                 image[y, width - 1 - x, c] = left
 
 
+@njit(nogil=True)
 def pad_crop(source: np.ndarray, destination: np.ndarray, pad: int, top: int, left: int) -> None:
     """Copy the (H, W, C) window at (top, left) of ``source`` zero-padded by ``pad`` pixels."""
     height, width = source.shape[0], source.shape[1]
@@ -159,25 +166,21 @@ class SeededResizedCropDecoder(_SeededDecoder):
 
     def generate_code(self) -> Callable:
         decode_into = self.decoder()
-        crop_box = Compiler.compile(random_resized_crop)
         resize_crop_c = Compiler.compile(resize_crop)
-        key_of = Compiler.compile(batch_key)
-        sample_key = Compiler.compile(mix64)
-        flip_c = Compiler.compile(flip_columns)
-        flip_draw = Compiler.compile(unit)
         rows = Compiler.get_iterator()
         seed, scale, log_ratio, flip = self.seed, self.scale, self.log_ratio, self.flip
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, scratch = my_storage
-            base = key_of(seed, batch_indices)
+            base = batch_key(seed, batch_indices)
             for row in rows(len(batch_indices)):
                 image = decode_into(metadata[batch_indices[row]], storage_state, scratch[row])
-                key = sample_key(base ^ np.uint64(row))
-                top, left, h, w = crop_box(image.shape[0], image.shape[1], scale, log_ratio, key)
+                key = mix64(base ^ np.uint64(row))
+                top, left, h, w = random_resized_crop(image.shape[0], image.shape[1], scale,
+                                                      log_ratio, key)
                 resize_crop_c(image, top, top + h, left, left + w, destination[row])
-                if flip and flip_draw(key, _FLIP_DRAW) < 0.5:
-                    flip_c(destination[row])
+                if flip and unit(key, _FLIP_DRAW) < 0.5:
+                    flip_columns(destination[row])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -203,25 +206,20 @@ class SeededPadCropDecoder(_SeededDecoder):
 
     def generate_code(self) -> Callable:
         decode_into = self.decoder()
-        pad_crop_c = Compiler.compile(pad_crop)
-        key_of = Compiler.compile(batch_key)
-        sample_key = Compiler.compile(mix64)
-        flip_c = Compiler.compile(flip_columns)
-        draw = Compiler.compile(unit)
         rows = Compiler.get_iterator()
         seed, pad, flip = self.seed, self.pad, self.flip
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, scratch = my_storage
-            base = key_of(seed, batch_indices)
+            base = batch_key(seed, batch_indices)
             for row in rows(len(batch_indices)):
                 image = decode_into(metadata[batch_indices[row]], storage_state, scratch[row])
-                key = sample_key(base ^ np.uint64(row))
-                top = int(draw(key, 0) * (2 * pad + 1))
-                left = int(draw(key, 1) * (2 * pad + 1))
-                pad_crop_c(image, destination[row], pad, top, left)
-                if flip and draw(key, _FLIP_DRAW) < 0.5:
-                    flip_c(destination[row])
+                key = mix64(base ^ np.uint64(row))
+                top = int(unit(key, 0) * (2 * pad + 1))
+                left = int(unit(key, 1) * (2 * pad + 1))
+                pad_crop(image, destination[row], pad, top, left)
+                if flip and unit(key, _FLIP_DRAW) < 0.5:
+                    flip_columns(destination[row])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar, Dict, Tuple
+
+import numpy as np
+from PIL import Image
 
 import torch
 from torchvision import transforms
@@ -11,12 +15,13 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from methods.distillers.base import DataInfo
 from methods.errors import ConfigError
-from orchestrator.data.beton import beton_path, read_manifest
+from orchestrator.data.beton import ImageSettings, beton_path, read_manifest
 from orchestrator.data.checks import require_folder, require_int
 from orchestrator.data.folder_loaders import FolderEvalLoader, FolderTrainLoader, SeededSamples
 from orchestrator.data.fraction import TrainFraction
 from orchestrator.data.loader_choice import LoaderChoice
 from orchestrator.data.loaders import Data
+from orchestrator.data.prepare import SplitSource, indexed, register_source
 from orchestrator.data.registry import register_dataset, register_loader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,6 +43,9 @@ class ImageFolderConfig(TrainFraction, LoaderChoice):
     loader, beton_dir, workers: see :class:`LoaderChoice` (torchvision: ``workers`` DataLoader
                 processes, 0 decodes in the main process; FFCV: decoding threads).
     """
+
+    dataset: ClassVar[str] = "imagefolder"
+    omitted_at_default: ClassVar[tuple] = ("loader", "beton_dir")  # workers was always recorded
 
     root: str = "./data/imagenet"
     train_dir: str = "train"
@@ -66,7 +74,7 @@ class ImageFolderConfig(TrainFraction, LoaderChoice):
         """Both splits exist with the same non-empty class folders (directory listings only);
         under ``loader=ffcv``, both .beton files were written completely instead."""
         if self.loader == "ffcv":
-            self.check_betons("imagefolder")
+            self.check_betons()
             return
         fix = ("point root at a folder holding train_dir/<class>/*.jpg and "
                "val_dir/<class>/*.jpg (an ImageNet-style tree)")
@@ -137,7 +145,32 @@ def build_imagefolder_ffcv(cfg: ImageFolderConfig, batch_size: int, seed: int,
     size, folder = cfg.image_size, cfg.betons()
     manifest = read_manifest(folder, "train")
     return ffcv_data(beton_path(folder, "train"), beton_path(folder, "val"),
-                     lambda: [SeededResizedCropDecoder(size, seed, flip=True)],
-                     lambda: [CenterCropRGBImageDecoder((size, size), ratio=CENTER_CROP_RATIO)],
+                     lambda: SeededResizedCropDecoder(size, seed, flip=True),
+                     lambda: CenterCropRGBImageDecoder((size, size), ratio=CENTER_CROP_RATIO),
                      cfg.train_indices, len(manifest.classes), cfg.input_shape(), IMAGENET_MEAN,
                      IMAGENET_STD, batch_size, seed, device, cfg.workers, channels_last)
+
+
+#: FFCV's ImageNet recipe: longest side 500, half the images JPEG at quality 90.
+IMAGENET_BETON = ImageSettings(write_mode="proportion", max_side=500, jpeg_quality=90,
+                               compress_probability=0.5)
+
+
+def _read_rgb(sample: Tuple[str, int]) -> Tuple[np.ndarray, int]:
+    path, label = sample
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")), label
+
+
+@register_source("imagefolder", IMAGENET_BETON)
+def imagefolder_splits(cfg: ImageFolderConfig) -> Dict[str, SplitSource]:
+    """The train and val trees, checked first (same non-empty class folders in both)."""
+    replace(cfg, loader="torchvision").check_data()
+    splits = {}
+    for split, folder in (("train", cfg.train_dir), ("val", cfg.val_dir)):
+        tree = ImageFolder(os.path.join(cfg.root, folder))
+        splits[split] = SplitSource(indexed(tree.samples, _read_rgb),
+                                    lambda i, samples=tree.samples: samples[i][0],
+                                    len(tree.samples), tree.classes,
+                                    os.path.abspath(os.path.join(cfg.root, folder)))
+    return splits

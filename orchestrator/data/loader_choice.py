@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import ClassVar
 
 from methods.errors import ConfigError
 from orchestrator.data.beton import SPLITS, beton_folder, beton_path, read_manifest
@@ -31,9 +32,15 @@ class LoaderChoice:
     """Settings of datasets that can be read through FFCV (a base of their Config).
 
     loader:     ``torchvision`` (decode the source files) or ``ffcv`` (read .beton files).
-    beton_dir:  folder of the .beton files; empty means ``<root>/ffcv``.
+    beton_dir:  folder of the .beton files; empty means ``<root>/ffcv/<dataset>``.
     workers:    decoding workers: DataLoader processes (torchvision) or FFCV threads.
     """
+
+    #: The registered name of the dataset (names its default .beton folder).
+    dataset: ClassVar[str]
+    #: Left out of job specs while at their defaults (:func:`orchestrator.data.dataset_record`),
+    #: so the ids of jobs from before these settings existed are unchanged.
+    omitted_at_default: ClassVar[tuple] = ("loader", "beton_dir", "workers")
 
     root: str = "./data"
     loader: str = "torchvision"
@@ -51,14 +58,19 @@ class LoaderChoice:
 
     def betons(self) -> str:
         """The folder holding this dataset's ``train.beton`` and ``val.beton``."""
-        return beton_folder(self.root, self.beton_dir)
+        return beton_folder(self.root, self.beton_dir, self.dataset)
 
-    def check_betons(self, dataset: str) -> None:
-        """Both splits were written completely (their manifests exist); reads manifests only."""
+    def check_betons(self) -> None:
+        """Both splits were written completely for this dataset; reads the manifests only."""
         folder = self.betons()
+        prepare = (f"run `kdflow data prepare {self.dataset} data.root={self.root}` first, or "
+                   "set data.loader=torchvision")
         for split in SPLITS:
-            if read_manifest(folder, split) is None:
-                raise ConfigError(
-                    "beton_dir", f"{beton_path(folder, split)} has not been written (or was "
-                    "interrupted)", fix=f"run `kdflow data prepare dataset={dataset} "
-                    f"data.root={self.root}` first, or set data.loader=torchvision")
+            manifest = read_manifest(folder, split)
+            if manifest is None:
+                raise ConfigError("beton_dir", f"{beton_path(folder, split)} has not been "
+                                  "written (or its writing was interrupted)", fix=prepare)
+            if manifest.dataset != self.dataset:
+                raise ConfigError("beton_dir", f"{beton_path(folder, split)} holds dataset "
+                                  f"{manifest.dataset!r}, not {self.dataset!r}",
+                                  fix=f"point beton_dir at {self.dataset}'s files, or {prepare}")
