@@ -1,14 +1,12 @@
 """The data layer: splits, deterministic resumable batches, augmentation, datasets' checks."""
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from datafiles import write_fake_cifar100, write_jpeg_tree
 from methods.errors import ConfigError
 from orchestrator.data import DATASETS, Batch, build_data, validate_dataset
 from orchestrator.data.digits import DigitsConfig, load_digit_splits
@@ -90,26 +88,6 @@ def test_eval_loader_covers_val_once_without_augmentation() -> None:
 
 # --- CIFAR ---------------------------------------------------------------------------------
 
-def write_fake_cifar100(root: Path, n_train: int = 40, n_test: int = 24) -> dict[str, list]:
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    labels = {}
-    for name, n in (("train", n_train), ("test", n_test)):
-        fine = rng.integers(0, 100, n).tolist()
-        labels[name] = fine
-        entry = {"filenames": [f"{i}.png" for i in range(n)], "batch_label": name,
-                 "fine_labels": fine, "coarse_labels": [f // 5 for f in fine],
-                 "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
-        labels[name + "_data"] = entry["data"]
-        with open(folder / name, "wb") as fh:
-            pickle.dump(entry, fh)
-    with open(folder / "meta", "wb") as fh:
-        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)],
-                     "coarse_label_names": [f"s{i}" for i in range(20)]}, fh)
-    return labels
-
-
 def test_fake_cifar100_loads_with_its_labels(tmp_path: Path) -> None:
     written = write_fake_cifar100(tmp_path)
     data = build_data("cifar100", {"root": str(tmp_path)}, "study.datasets.cifar100", 16, 0, CPU)
@@ -152,19 +130,8 @@ def test_unknown_dataset_and_setting_are_config_errors() -> None:
 
 # --- imagefolder ---------------------------------------------------------------------------
 
-def write_tree(root: Path, per_class: dict[str, int]) -> None:
-    rng = np.random.default_rng(0)
-    for split, n in per_class.items():
-        for cls in ("cat", "dog"):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.jpg")
-
-
 def test_imagefolder_loads_deterministic_batches(tmp_path: Path) -> None:
-    write_tree(tmp_path, {"train": 5, "val": 2})
+    write_jpeg_tree(tmp_path, {"train": 5, "val": 2})
     settings = {"root": str(tmp_path), "image_size": 32, "workers": 0}
     data = build_data("imagefolder", settings, "study.datasets.imagefolder", 4, 0, CPU)
     assert data.info.num_samples == 10 and data.info.num_classes == 2
