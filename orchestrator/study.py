@@ -196,7 +196,10 @@ def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGrap
     for dataset, dataset_values in datasets.items():
         dataset_field = f"study.datasets.{dataset}"
         dataset_cfg = validate_dataset(dataset, dataset_values, dataset_field, require_data)
-        input_shape, num_classes = dataset_cfg.input_shape(), dataset_cfg.class_count()
+        try:
+            input_shape, num_classes = dataset_cfg.input_shape(), dataset_cfg.class_count()
+        except ConfigError as err:
+            raise err.under(dataset_field) from None
         common = {"dataset": dataset, "dataset_cfg": dataset_record(dataset_cfg),
                   "labels": {"study": name}}
         student_data = _fraction_variants(dataset, dataset_values, dataset_field, require_data,

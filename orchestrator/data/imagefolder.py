@@ -40,35 +40,45 @@ class ImageFolderConfig(TrainFraction, LoaderChoice):
     train_dir:  split folder (under root) of the training images, one sub-folder per class.
     val_dir:    split folder of the validation images; same class sub-folders as train_dir.
     image_size: side in pixels of the square crops fed to the network.
+    num_classes: the number of classes; 0 counts the class folders (or the .beton's classes).
+                Setting it lets ``--dry-run`` plan a study before the tree exists.
     loader, beton_dir, workers: see :class:`LoaderChoice` (torchvision: ``workers`` DataLoader
                 processes, 0 decodes in the main process; FFCV: decoding threads).
     """
 
     dataset: ClassVar[str] = "imagefolder"
-    omitted_at_default: ClassVar[tuple] = ("loader", "beton_dir")  # workers was always recorded
+    omitted_at_default: ClassVar[tuple] = ("loader", "beton_dir", "num_classes")
 
     root: str = "./data/imagenet"
     train_dir: str = "train"
     val_dir: str = "val"
     image_size: int = 224
+    num_classes: int = 0
 
     def input_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one network input (the crop)."""
         return (3, self.image_size, self.image_size)
 
     def class_count(self) -> int:
-        """The number of classes: class folders of the train split, or the .beton's classes."""
+        """``num_classes``, else the class folders of the train split or the .beton's classes."""
+        if self.num_classes:
+            return self.num_classes
         if self.loader == "ffcv":
             manifest = read_manifest(self.betons(), "train")
             if manifest is not None:
                 return len(manifest.classes)
         path = os.path.join(self.root, self.train_dir)
+        if not os.path.isdir(path):
+            raise ConfigError("num_classes", f"cannot count the classes: {os.path.abspath(path)} "
+                              "does not exist", fix="set num_classes (e.g. 1000 for ImageNet) "
+                              "or point root at the tree")
         return sum(1 for e in os.scandir(path) if e.is_dir())
 
     def validate(self) -> None:
         self.validate_fraction()
         self.validate_loader()
         require_int("image_size", self.image_size, 1)
+        require_int("num_classes", self.num_classes, 0)
 
     def check_data(self) -> None:
         """Both splits exist with the same non-empty class folders (directory listings only);
@@ -91,6 +101,10 @@ class ImageFolderConfig(TrainFraction, LoaderChoice):
                 if not _has_image(os.path.join(path, name)):
                     raise ConfigError("root", f"class folder {os.path.abspath(path)}/{name} "
                                       "holds no image files", fix=fix)
+        if self.num_classes and len(classes[self.train_dir]) != self.num_classes:
+            raise ConfigError("num_classes", f"is {self.num_classes}, but {self.train_dir!r} has "
+                              f"{len(classes[self.train_dir])} class folders",
+                              fix="set num_classes to the number of class folders, or to 0")
         if classes[self.train_dir] != classes[self.val_dir]:
             raise ConfigError("val_dir", f"the class folders of {self.val_dir!r} differ from "
                               f"those of {self.train_dir!r}",
