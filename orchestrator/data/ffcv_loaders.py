@@ -1,7 +1,7 @@
 """Training and evaluation loaders reading FFCV .beton files (``data.loader=ffcv``).
 
 FFCV decodes each batch with numba-compiled code on ``workers`` threads; the decoders of
-:mod:`orchestrator.data.ffcv_ops` crop and flip. kdflow keeps the order: every epoch's order
+:mod:`orchestrator.data.ffcv_ops` crop and flip each sample as ``(seed, epoch, sample)`` fix. kdflow keeps the order: every epoch's order
 is the same seeded permutation the other loaders use, handed to FFCV sample by sample, so a
 resumed epoch skips its first steps without decoding them. Under torch.distributed a rank
 decodes only its own rows of every global batch (its shard). Batches come back as uint8 HWC,
@@ -54,15 +54,20 @@ class _PlannedOrder:
 
 
 class _Reader:
-    """FFCV Loaders over one .beton, one per batch size (ranks' shards differ in size)."""
+    """FFCV Loaders over one .beton, one per batch size (ranks' shards differ in size).
+
+    A decoder with an ``epoch`` (the seeded training crops) is told the epoch before each pass
+    and its pipeline is regenerated when the epoch changes.
+    """
 
     def __init__(self, path: str, image_decoder: DecoderFactory, workers: int) -> None:
         self.path = path
         self.image_decoder = image_decoder
         self.workers = workers
         self.loaders: Dict[int, object] = {}
+        self.decoders: Dict[int, object] = {}
 
-    def loader(self, batch_size: int):
+    def loader(self, batch_size: int, epoch: int):
         if batch_size not in self.loaders:
             from ffcv.fields.basics import IntDecoder
             from ffcv.loader import Loader, OrderOption
@@ -70,24 +75,32 @@ class _Reader:
             from ffcv.transforms import ToTensor
 
             _numba_threads_only()
+            decoder = self.image_decoder()
+            if hasattr(decoder, "epoch"):
+                decoder.epoch = epoch
             loader = Loader(self.path, batch_size=batch_size, num_workers=max(1, self.workers),
                             order=OrderOption.SEQUENTIAL, drop_last=False, os_cache=True,
                             batches_ahead=BATCHES_AHEAD,
-                            pipelines={"image": PipelineSpec("image", self.image_decoder(),
-                                                             [ToTensor()]),
+                            pipelines={"image": PipelineSpec("image", decoder, [ToTensor()]),
                                        "label": [IntDecoder(), ToTensor()]})
             loader.traversal_order = _PlannedOrder()
-            self.loaders[batch_size] = loader
-        return self.loaders[batch_size]
+            self.loaders[batch_size], self.decoders[batch_size] = loader, decoder
+        loader, decoder = self.loaders[batch_size], self.decoders[batch_size]
+        loader.recompile = getattr(decoder, "epoch", epoch) != epoch
+        if loader.recompile:
+            decoder.epoch = epoch
+        return loader
 
-    def read(self, ids: np.ndarray, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """(images (b, H, W, 3) uint8, labels (b,) int64) for ``ids`` in chunks of ``batch_size``.
+    def read(self, ids: np.ndarray, batch_size: int, epoch: int = 0
+             ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """(images (b, H, W, 3) uint8, labels (b,) int64) for ``ids`` in chunks of ``batch_size``,
+        with ``epoch``'s random crops.
 
         The images share FFCV's buffers: use them before asking for the batch after next.
         """
         if len(ids) == 0:
             return
-        loader = self.loader(batch_size)
+        loader = self.loader(batch_size, epoch)
         loader.traversal_order.planned = ids.astype(np.uint64)
         epoch = iter(loader)
         try:
@@ -146,7 +159,7 @@ class FfcvTrainLoader:
         positions = np.concatenate(rows)
         full = len(range(self.batch_size)[local_rows(self.batch_size, rank, world)])
         chunks = iter(rows)
-        for images, labels in self.reader.read(self.keep[positions], full):
+        for images, labels in self.reader.read(self.keep[positions], full, epoch):
             yield self.to_device(images, labels, next(chunks))
 
 

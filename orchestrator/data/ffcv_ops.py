@@ -1,11 +1,12 @@
-"""FFCV image decoders whose random crops and flips are a fixed function of the batch.
+"""FFCV image decoders whose random crops and flips are a fixed function of (seed, epoch, sample).
 
 FFCV's own random decoders draw from numba's per-thread generator, so a resumed job would
-see different crops. These decoders draw every random number from a hash instead: the key of
-the image at row ``r`` of a batch is ``hash(seed, hash(the batch's sample ids), r)``. The
-loader fixes each epoch's order (a permutation seeded from ``(seed, epoch)``), so a batch's
-crops depend only on ``(seed, epoch, step)`` and the rank's rows, exactly like the other
-kdflow loaders, and a job resumed mid-epoch sees bit-identical batches.
+see different crops. These decoders draw every random number from a hash instead: sample
+``i`` of epoch ``e`` is cropped with the key ``hash(hash(seed, e), i)``, as the torchvision
+loaders seed each sample from ``(seed, epoch, index)``. A job resumed mid-epoch therefore sees
+bit-identical batches, and a sample's crop does not depend on its batch, the rank that decodes
+it or the number of ranks. The epoch is a constant of the compiled code: set ``epoch`` and
+have FFCV regenerate the pipeline (about a second) when it changes.
 
 Decoders write (B, H, W, 3) uint8 images (HWC, as FFCV does); the loader turns them into
 normalised (B, 3, H, W) tensors on the training device.
@@ -46,15 +47,6 @@ def mix64(z: np.uint64) -> np.uint64:
 def unit(key: np.uint64, draw: int) -> float:
     """The ``draw``-th uniform number in [0, 1) of ``key``."""
     return float(mix64(key + np.uint64(draw + 1) * _GOLDEN) >> _S11) * _UNIT
-
-
-@njit(nogil=True)
-def batch_key(seed: np.uint64, ids: np.ndarray) -> np.uint64:
-    """A hash of ``seed`` and the batch's sample ids, in order."""
-    h = mix64(seed)
-    for i in range(len(ids)):
-        h = mix64(h ^ np.uint64(ids[i]))
-    return h
 
 
 @njit(nogil=True)
@@ -117,8 +109,14 @@ class _SeededDecoder(Operation):
 
     def __init__(self, seed: int, flip: bool) -> None:
         super().__init__()
-        self.seed = np.uint64(seed % (1 << 64))
+        self.seed = seed
         self.flip = flip
+        self.epoch = 0
+
+    def epoch_key(self) -> np.uint64:
+        """The key of this epoch's draws: ``hash(hash(seed), epoch)``."""
+        seed = mix64(np.uint64(self.seed % (1 << 64)))
+        return np.uint64(mix64(np.uint64(seed ^ np.uint64(self.epoch))))
 
     def scratch_query(self) -> AllocationQuery:
         widths, heights = self.metadata["width"], self.metadata["height"]
@@ -168,14 +166,14 @@ class SeededResizedCropDecoder(_SeededDecoder):
         decode_into = self.decoder()
         resize_crop_c = Compiler.compile(resize_crop)
         rows = Compiler.get_iterator()
-        seed, scale, log_ratio, flip = self.seed, self.scale, self.log_ratio, self.flip
+        base, scale, log_ratio, flip = self.epoch_key(), self.scale, self.log_ratio, self.flip
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, scratch = my_storage
-            base = batch_key(seed, batch_indices)
             for row in rows(len(batch_indices)):
-                image = decode_into(metadata[batch_indices[row]], storage_state, scratch[row])
-                key = mix64(base ^ np.uint64(row))
+                sample = batch_indices[row]
+                image = decode_into(metadata[sample], storage_state, scratch[row])
+                key = mix64(base ^ np.uint64(sample))
                 top, left, h, w = random_resized_crop(image.shape[0], image.shape[1], scale,
                                                       log_ratio, key)
                 resize_crop_c(image, top, top + h, left, left + w, destination[row])
@@ -207,14 +205,14 @@ class SeededPadCropDecoder(_SeededDecoder):
     def generate_code(self) -> Callable:
         decode_into = self.decoder()
         rows = Compiler.get_iterator()
-        seed, pad, flip = self.seed, self.pad, self.flip
+        base, pad, flip = self.epoch_key(), self.pad, self.flip
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, scratch = my_storage
-            base = batch_key(seed, batch_indices)
             for row in rows(len(batch_indices)):
-                image = decode_into(metadata[batch_indices[row]], storage_state, scratch[row])
-                key = mix64(base ^ np.uint64(row))
+                sample = batch_indices[row]
+                image = decode_into(metadata[sample], storage_state, scratch[row])
+                key = mix64(base ^ np.uint64(sample))
                 top = int(unit(key, 0) * (2 * pad + 1))
                 left = int(unit(key, 1) * (2 * pad + 1))
                 pad_crop(image, destination[row], pad, top, left)

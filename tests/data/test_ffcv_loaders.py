@@ -97,9 +97,10 @@ def test_training_batches_are_seeded_resumable_and_sharded(tree: Path) -> None:
     shards = [list(data.train.batches(3, start_step=1, shard=(r, 2))) for r in range(2)]
     assert [len(b.y) for b in shards[0]] == [3, 3, 3, 2]
     assert [len(b.y) for b in shards[1]] == [2, 2, 2, 2]
-    for whole, first, second in zip(epoch[1:], *shards):
+    for whole, first, second in zip(epoch[1:], *shards):  # a sample's crop is its own
         assert torch.equal(torch.cat([first.index, second.index]), whole.index)
         assert torch.equal(torch.cat([first.y, second.y]), whole.y)
+        assert torch.equal(torch.cat([first.x, second.x]), whole.x)
     val_shards = [list(data.val.batches(shard=(r, 2))) for r in range(2)]
     assert [torch.cat([b.index for b in s]).tolist() for s in val_shards] == [
         [0, 1, 2, 3, 4, 10, 11], [5, 6, 7, 8, 9]]

@@ -4,13 +4,9 @@ single rank, resume)."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -19,6 +15,7 @@ from typing import Any, Dict, List
 import pytest
 import torch
 
+from multiprocess import WORKER, WORLD, launch_ranks, wait_ranks
 from orchestrator.data.loaders import local_rows
 from orchestrator.distributed import (DistEnv, Ranks, detect_env, env_from_slurm,
                                       env_from_torchrun, first_host)
@@ -26,8 +23,6 @@ from orchestrator.runner import JobInterrupted, RunOptions, run_job
 from orchestrator.store import JobStore
 from orchestrator.study import expand_study
 
-REPO = str(Path(__file__).resolve().parents[2])
-WORLD = 2
 
 # --- where a process sits ----------------------------------------------------------------
 
@@ -96,39 +91,11 @@ def test_job_interrupted_keeps_its_signal_across_processes():
 # --- real process groups -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(script: str, *args: str) -> List[subprocess.Popen]:
-    """Start ``WORLD`` processes running ``script`` with torchrun's variables set."""
-    port = str(_free_port())
-    return [subprocess.Popen(
-        [sys.executable, "-c", script, *args, str(rank)],
-        env={**os.environ, "PYTHONPATH": REPO, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-             "RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank)})
-        for rank in range(WORLD)]
-
-
-def _wait(procs: List[subprocess.Popen], timeout: float = 120) -> None:
-    """Wait for all of ``procs`` (killing the rest on a timeout) and require success."""
-    deadline = time.time() + timeout
-    try:
-        codes = [proc.wait(timeout=max(deadline - time.time(), 1)) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert codes == [0] * len(procs)
-
-
 COLLECTIVES = textwrap.dedent("""
     import json, sys, torch
     import torch.nn.functional as F
-    from orchestrator.data.loaders import local_rows
+    from multiprocess import WORKER, WORLD, launch_ranks, wait_ranks
+from orchestrator.data.loaders import local_rows
     from orchestrator.distributed import (all_reduce_gradients, average_running_stats,
                                           broadcast_from_main, detect_env, process_group)
     torch.set_num_threads(1)
@@ -167,7 +134,7 @@ COLLECTIVES = textwrap.dedent("""
 
 
 def test_collectives_average_gradients_by_share_and_agree_on_state(tmp_path):
-    _wait(_launch(COLLECTIVES, str(tmp_path)))
+    wait_ranks(launch_ranks(COLLECTIVES, str(tmp_path)))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert ranks[0]["local"] != ranks[1]["local"]  # the ranks held different gradients...
     assert ranks[0]["reduced"] == ranks[1]["reduced"]  # ...and now hold the same one,
@@ -199,22 +166,6 @@ STUDY: Dict[str, Any] = {
 #: single-process runs over those seeds (96.7-97.8%); 3 points leaves ~3x margin.
 TOP1_TOLERANCE = 3.0
 
-WORKER = textwrap.dedent("""
-    import json, sys, torch
-    torch.set_num_threads(1)
-    from orchestrator.distributed import detect_env
-    from orchestrator.runner import RunOptions, run_job_in_store
-    root, job_id, out, rank = sys.argv[1:5]
-    try:
-        result = run_job_in_store(root, job_id, RunOptions(progress=False,
-                                                           distributed=detect_env()))
-        outcome = {"result": result}
-    except Exception as err:
-        outcome = {"error": type(err).__name__, "message": str(err),
-                   "signum": getattr(err, "signum", None)}
-    with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump(outcome, f)
-""")
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +201,7 @@ def two_process_run(digits_kd, tmp_path_factory):
     """The KD job run uninterrupted by two ranks: (its store, each rank's outcome)."""
     root = tmp_path_factory.mktemp("two")
     store = _store_with_teacher(digits_kd, root)
-    _wait(_launch(WORKER, str(root), digits_kd[1].job_id, str(root)))
+    wait_ranks(launch_ranks(WORKER, str(root), digits_kd[1].job_id, str(root)))
     return store, _outcomes(root)
 
 
@@ -275,13 +226,13 @@ def test_signal_to_one_rank_stops_both_at_one_step_and_the_job_resumes(
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
     second.mkdir()
-    procs = _launch(WORKER, str(tmp_path), job.job_id, str(first))
+    procs = launch_ranks(WORKER, str(tmp_path), job.job_id, str(first))
     ckpts = store.checkpoint_dir(job.job_id)
     deadline = time.time() + 120
     while not any(ckpts.glob("step-*.pt")) and time.time() < deadline and procs[1].poll() is None:
         time.sleep(0.005)
     procs[1].send_signal(signal.SIGUSR2)  # rank 1 only
-    _wait(procs)
+    wait_ranks(procs)
     rank0, rank1 = _outcomes(first)
     assert rank0.get("error") == rank1.get("error") == "JobInterrupted", (rank0, rank1)
     assert rank1["message"].startswith(f"signal {int(signal.SIGUSR2)} at step ")
@@ -294,7 +245,7 @@ def test_signal_to_one_rank_stops_both_at_one_step_and_the_job_resumes(
     assert latest["progress"]["global_step"] == step  # rank 0 saved where they stopped
     assert store.state(job.job_id).status == "interrupted"
 
-    _wait(_launch(WORKER, str(tmp_path), job.job_id, str(second)))
+    wait_ranks(launch_ranks(WORKER, str(tmp_path), job.job_id, str(second)))
     rank0, rank1 = _outcomes(second)
     assert rank0["result"] == rank1["result"] == store.result(job.job_id)
     assert store.state(job.job_id).status == "done" and store.state(job.job_id).attempts == 2
