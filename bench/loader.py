@@ -43,11 +43,12 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,8 +98,8 @@ class PrepareRow:
     beton_dir: str
     written: bool
     images: int
-    seconds: Optional[float]
-    images_per_s: Optional[float]
+    seconds: float | None
+    images_per_s: float | None
     train_mib: float
     val_mib: float
 
@@ -112,7 +113,7 @@ class Row:
     images: int
     seconds: float
     images_per_s: float
-    ratio: Optional[float]
+    ratio: float | None
     first_batch_s: float
     warmup_epoch_s: float
     build_s: float
@@ -121,7 +122,7 @@ class Row:
     torch_threads: int
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=None,
@@ -175,7 +176,7 @@ def synth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def write_jpeg(task: Tuple[str, Tuple[int, ...]]) -> None:
+def write_jpeg(task: tuple[str, tuple[int, ...]]) -> None:
     """Generate the image of seed ``parts`` and save it as a JPEG at ``path`` (atomically)."""
     path, parts = task
     rng = np.random.default_rng(list(parts))
@@ -185,7 +186,7 @@ def write_jpeg(task: Tuple[str, Tuple[int, ...]]) -> None:
     os.replace(partial, path)
 
 
-def planned_files(tree: Tree) -> List[Tuple[str, Tuple[int, ...]]]:
+def planned_files(tree: Tree) -> list[tuple[str, tuple[int, ...]]]:
     """Every image of the tree as (path, seed parts); creates the class folders."""
     files = []
     for split, split_id in SPLIT_IDS.items():
@@ -197,7 +198,7 @@ def planned_files(tree: Tree) -> List[Tuple[str, Tuple[int, ...]]]:
     return files
 
 
-def check_no_extra_files(tree: Tree, planned: List[Tuple[str, Tuple[int, ...]]]) -> None:
+def check_no_extra_files(tree: Tree, planned: list[tuple[str, tuple[int, ...]]]) -> None:
     """Exit if the tree holds class folders or images it should not (another size's tree);
     removes the ``.partial`` files an interrupted generation left."""
     wanted = {path for path, _ in planned}
@@ -226,9 +227,9 @@ def generate(tree: Tree, processes: int) -> float:
     return time.perf_counter() - started
 
 
-def tree_stats(tree: Tree) -> Dict[str, Any]:
+def tree_stats(tree: Tree) -> dict[str, Any]:
     """Files, total MiB, mean KiB per file and mean pixels per image of each split."""
-    stats: Dict[str, Any] = {}
+    stats: dict[str, Any] = {}
     for split in SPLIT_IDS:
         paths = sorted((tree.root / split).glob("*/*.jpg"))
         sizes = [p.stat().st_size for p in paths]
@@ -242,16 +243,16 @@ def tree_stats(tree: Tree) -> Dict[str, Any]:
     return stats
 
 
-def loader_settings(tree: Tree, loader: str, workers: int, beton_dir: str) -> Dict[str, Any]:
+def loader_settings(tree: Tree, loader: str, workers: int, beton_dir: str) -> dict[str, Any]:
     """The ``imagefolder`` dataset settings of the tree read by ``loader``."""
-    settings: Dict[str, Any] = {"root": str(tree.root), "loader": loader,
+    settings: dict[str, Any] = {"root": str(tree.root), "loader": loader,
                                 "image_size": IMAGE_SIZE, "workers": workers}
     if beton_dir:
         settings["beton_dir"] = beton_dir
     return settings
 
 
-def beton_identity(folder: str) -> Tuple[Optional[Tuple[int, int]], ...]:
+def beton_identity(folder: str) -> tuple[tuple[int, int] | None, ...]:
     """(inode, mtime ns) of each split's .beton in ``folder`` (None when absent)."""
     identity = []
     for split in SPLIT_IDS:
@@ -287,7 +288,7 @@ def cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def run_epoch(batches: Iterator[Any], images: int, desc: str) -> Tuple[int, float, float]:
+def run_epoch(batches: Iterator[Any], images: int, desc: str) -> tuple[int, float, float]:
     """Consume an epoch's batches; (images seen, seconds, seconds to the first batch)."""
     seen, first = 0, None
     started = time.perf_counter()
@@ -304,7 +305,7 @@ def run_epoch(batches: Iterator[Any], images: int, desc: str) -> Tuple[int, floa
     return seen, time.perf_counter() - started, first or 0.0
 
 
-def measure(name: str, settings: Dict[str, Any], batch_size: int, seed: int) -> Row:
+def measure(name: str, settings: dict[str, Any], batch_size: int, seed: int) -> Row:
     """Build the loader, run epoch 0 as warm-up, time epoch 1."""
     gc.collect()
     started = time.perf_counter()
@@ -322,7 +323,7 @@ def measure(name: str, settings: Dict[str, Any], batch_size: int, seed: int) -> 
                torch_threads=torch.get_num_threads())
 
 
-def add_ratios(rows: List[Row]) -> None:
+def add_ratios(rows: list[Row]) -> None:
     base = next((r for r in rows if r.loader == BASELINE), None)
     for r in rows:
         r.ratio = r.images_per_s / base.images_per_s if base is not None else None
@@ -338,7 +339,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def versions() -> Dict[str, str]:
+def versions() -> dict[str, str]:
     """Python's and the installed distributions' versions (ffcv's module says 0.0.3rc1)."""
     found = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("torchvision", "ffcv", "numba", "pillow", "numpy", "opencv-python"):
@@ -349,7 +350,7 @@ def versions() -> Dict[str, str]:
     return found
 
 
-def prepare_table(rows: List[PrepareRow]) -> str:
+def prepare_table(rows: list[PrepareRow]) -> str:
     lines = ["| .beton write_mode | images | seconds | images/s | train MiB | val MiB |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -360,10 +361,10 @@ def prepare_table(rows: List[PrepareRow]) -> str:
     return "\n".join(lines)
 
 
-def loader_table(rows: List[Row]) -> str:
-    lines = ["| loader | images | seconds | images/s | ratio to torchvision | warm-up epoch s "
-             "| first batch s | CPU utilisation |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+def loader_table(rows: list[Row]) -> str:
+    header = ("| loader | images | seconds | images/s | ratio to torchvision | warm-up epoch s "
+              "| first batch s | CPU utilisation |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
         lines.append(f"| {r.loader} | {r.images:,} | {r.seconds:.2f} | {r.images_per_s:,.1f} | "
@@ -372,7 +373,7 @@ def loader_table(rows: List[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     tree = make_tree_spec(args)
     torch_threads_at_start = torch.get_num_threads()
