@@ -132,6 +132,9 @@ def build_cifar(cfg: CifarConfig, batch_size: int, seed: int, device: torch.devi
 def build_cifar_ffcv(cfg: CifarConfig, batch_size: int, seed: int, device: torch.device,
                      channels_last: bool) -> Data:
     """CIFAR from .beton files, with the same crops of the padded image and flips as above."""
+    from orchestrator.data.ffcv_import import import_ffcv
+
+    import_ffcv()
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 
     from orchestrator.data.ffcv_loaders import ffcv_data

@@ -26,23 +26,6 @@ BATCHES_AHEAD = 3
 DecoderFactory = Callable[[], object]
 
 
-def _numba_threads_only() -> None:
-    """Stop FFCV from resizing torch's thread pool.
-
-    FFCV's ``Compiler.set_num_threads`` (called when a Loader is made and at every epoch, from
-    FFCV's own thread) also calls ``torch.set_num_threads(workers)``, which would change the
-    training's intra-op threads. kdflow keeps it to numba's decoding threads.
-    """
-    import numba
-    from ffcv.pipeline.compiler import Compiler
-
-    def set_num_threads(cls, n: int) -> None:
-        cls.num_threads = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-        numba.set_num_threads(cls.num_threads)
-
-    Compiler.set_num_threads = classmethod(set_num_threads)
-
-
 class _PlannedOrder:
     """An FFCV traversal order that returns whatever sample ids kdflow planned for the epoch."""
 
@@ -56,8 +39,7 @@ class _PlannedOrder:
 class _Reader:
     """FFCV Loaders over one .beton, one per batch size (ranks' shards differ in size).
 
-    A decoder with an ``epoch`` (the seeded training crops) is told the epoch before each pass
-    and its pipeline is regenerated when the epoch changes.
+    A decoder with ``set_epoch`` (the seeded training crops) is told the epoch before each pass.
     """
 
     def __init__(self, path: str, image_decoder: DecoderFactory, workers: int) -> None:
@@ -74,10 +56,7 @@ class _Reader:
             from ffcv.pipeline import PipelineSpec
             from ffcv.transforms import ToTensor
 
-            _numba_threads_only()
             decoder = self.image_decoder()
-            if hasattr(decoder, "epoch"):
-                decoder.epoch = epoch
             loader = Loader(self.path, batch_size=batch_size, num_workers=max(1, self.workers),
                             order=OrderOption.SEQUENTIAL, drop_last=False, os_cache=True,
                             batches_ahead=BATCHES_AHEAD,
@@ -85,11 +64,9 @@ class _Reader:
                                        "label": [IntDecoder(), ToTensor()]})
             loader.traversal_order = _PlannedOrder()
             self.loaders[batch_size], self.decoders[batch_size] = loader, decoder
-        loader, decoder = self.loaders[batch_size], self.decoders[batch_size]
-        loader.recompile = getattr(decoder, "epoch", epoch) != epoch
-        if loader.recompile:
-            decoder.epoch = epoch
-        return loader
+        if hasattr(self.decoders[batch_size], "set_epoch"):
+            self.decoders[batch_size].set_epoch(epoch)
+        return self.loaders[batch_size]
 
     def read(self, ids: np.ndarray, batch_size: int, epoch: int = 0
              ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -111,20 +88,25 @@ class _Reader:
 
 
 class _ToDevice:
-    """(b, H, W, 3) uint8 -> (b, 3, H, W) float32 normalised on ``device``, in the layout asked."""
+    """(b, H, W, 3) uint8 -> (b, 3, H, W) float32 normalised on ``device``, in the layout asked.
+
+    The layout is settled on the uint8 batch (a quarter of the float bytes); the float batch
+    is then made in one pass: ``x * (1 / (255 std)) - mean / std``.
+    """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device,
                  channels_last: bool) -> None:
         self.device = device
-        self.channels_last = channels_last
-        self.mean = torch.tensor(mean, device=device).mul(255).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=device).mul(255).view(1, 3, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+        self.scale = (1 / (255 * std_t)).view(1, 3, 1, 1)
+        self.shift = (-mean_t / std_t).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, index: np.ndarray) -> Batch:
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        x = (x.float() - self.mean) / self.std
-        if not self.channels_last:
-            x = x.contiguous()
+        x = x.contiguous(memory_format=self.memory_format)
+        x = torch.addcmul(self.shift, x.float(), self.scale).contiguous(
+            memory_format=self.memory_format)
         return Batch(x, labels.to(self.device, non_blocking=True),
                      torch.from_numpy(index.astype(np.int64)).to(self.device))
 

@@ -5,14 +5,16 @@ see different crops. These decoders draw every random number from a hash instead
 ``i`` of epoch ``e`` is cropped with the key ``hash(hash(seed, e), i)``, as the torchvision
 loaders seed each sample from ``(seed, epoch, index)``. A job resumed mid-epoch therefore sees
 bit-identical batches, and a sample's crop does not depend on its batch, the rank that decodes
-it or the number of ranks. The epoch is a constant of the compiled code: set ``epoch`` and
-have FFCV regenerate the pipeline (about a second) when it changes.
+it or the number of ranks. The compiled code reads the epoch's key from an 8-byte box the
+decoder owns (through libc's memcpy: numba freezes captured arrays), so setting ``epoch``
+needs no recompilation.
 
 Decoders write (B, H, W, 3) uint8 images (HWC, as FFCV does); the loader turns them into
 normalised (B, 3, H, W) tensors on the training device.
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import replace
 from typing import Callable, Tuple
 
@@ -34,6 +36,10 @@ _UNIT = 1.0 / float(1 << 53)
 _CROP_ATTEMPTS = 10
 _FLIP_DRAW = 4 * _CROP_ATTEMPTS
 
+_memcpy = ctypes.CDLL("libc.so.6").memcpy
+_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_memcpy.restype = ctypes.c_void_p
+
 
 @njit(nogil=True)
 def mix64(z: np.uint64) -> np.uint64:
@@ -47,6 +53,14 @@ def mix64(z: np.uint64) -> np.uint64:
 def unit(key: np.uint64, draw: int) -> float:
     """The ``draw``-th uniform number in [0, 1) of ``key``."""
     return float(mix64(key + np.uint64(draw + 1) * _GOLDEN) >> _S11) * _UNIT
+
+
+@njit(nogil=True)
+def read_key(address: int) -> np.uint64:
+    """The uint64 stored at memory ``address`` (read at run time, unlike a captured array)."""
+    out = np.zeros(1, dtype=np.uint64)
+    _memcpy(out.ctypes.data, address, 8)
+    return out[0]
 
 
 @njit(nogil=True)
@@ -111,12 +125,13 @@ class _SeededDecoder(Operation):
         super().__init__()
         self.seed = seed
         self.flip = flip
-        self.epoch = 0
+        self.key_box = np.zeros(1, dtype=np.uint64)  # read by the compiled code at each batch
+        self.set_epoch(0)
 
-    def epoch_key(self) -> np.uint64:
-        """The key of this epoch's draws: ``hash(hash(seed), epoch)``."""
-        seed = mix64(np.uint64(self.seed % (1 << 64)))
-        return np.uint64(mix64(np.uint64(seed ^ np.uint64(self.epoch))))
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the following batches' crops for ``epoch``: key ``hash(hash(seed) ^ epoch)``."""
+        seed = np.uint64(mix64(np.uint64(self.seed % (1 << 64))))
+        self.key_box[0] = np.uint64(mix64(np.uint64(seed ^ np.uint64(epoch))))
 
     def scratch_query(self) -> AllocationQuery:
         widths, heights = self.metadata["width"], self.metadata["height"]
@@ -166,10 +181,12 @@ class SeededResizedCropDecoder(_SeededDecoder):
         decode_into = self.decoder()
         resize_crop_c = Compiler.compile(resize_crop)
         rows = Compiler.get_iterator()
-        base, scale, log_ratio, flip = self.epoch_key(), self.scale, self.log_ratio, self.flip
+        box, flip = self.key_box.ctypes.data, self.flip
+        scale, log_ratio = self.scale, self.log_ratio
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, scratch = my_storage
+            base = read_key(box)
             for row in rows(len(batch_indices)):
                 sample = batch_indices[row]
                 image = decode_into(metadata[sample], storage_state, scratch[row])
@@ -205,10 +222,11 @@ class SeededPadCropDecoder(_SeededDecoder):
     def generate_code(self) -> Callable:
         decode_into = self.decoder()
         rows = Compiler.get_iterator()
-        base, pad, flip = self.epoch_key(), self.pad, self.flip
+        box, pad, flip = self.key_box.ctypes.data, self.pad, self.flip
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, scratch = my_storage
+            base = read_key(box)
             for row in rows(len(batch_indices)):
                 sample = batch_indices[row]
                 image = decode_into(metadata[sample], storage_state, scratch[row])

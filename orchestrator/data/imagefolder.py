@@ -149,8 +149,11 @@ def build_imagefolder(cfg: ImageFolderConfig, batch_size: int, seed: int,
 @register_loader("imagefolder", "ffcv")
 def build_imagefolder_ffcv(cfg: ImageFolderConfig, batch_size: int, seed: int,
                            device: torch.device, channels_last: bool) -> Data:
-    """The same transforms from .beton files: a random-resized crop + flip drawn per batch
-    row (:mod:`orchestrator.data.ffcv_ops`); val: the centre crop at the 224/256 ratio."""
+    """The same transforms from .beton files: a random-resized crop + flip drawn per sample
+    and epoch (:mod:`orchestrator.data.ffcv_ops`); val: the centre crop at the 224/256 ratio."""
+    from orchestrator.data.ffcv_import import import_ffcv
+
+    import_ffcv()
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 
     from orchestrator.data.ffcv_loaders import ffcv_data

@@ -106,6 +106,9 @@ class _Recorded:
 
 
 def _write_split(split: SplitSource, final: str, image: ImageSettings, workers: int) -> None:
+    from orchestrator.data.ffcv_import import import_ffcv
+
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
