@@ -61,6 +61,7 @@ sys.path.insert(0, str(REPO))
 from orchestrator.data import build_data, validate_dataset  # noqa: E402
 from orchestrator.data.beton import beton_path  # noqa: E402
 from orchestrator.data.prepare import image_settings, prepare  # noqa: E402
+from step import cpu_model  # noqa: E402  (bench/ is the script's folder, first on sys.path)
 
 DATASET = "imagefolder"
 IMAGE_SIZE = 224
@@ -327,16 +328,6 @@ def add_ratios(rows: list[Row]) -> None:
     base = next((r for r in rows if r.loader == BASELINE), None)
     for r in rows:
         r.ratio = r.images_per_s / base.images_per_s if base is not None else None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def versions() -> dict[str, str]:

@@ -1,8 +1,8 @@
 """Where a dataset's FFCV files live and what each one holds.
 
 ``kdflow data prepare`` writes one ``<split>.beton`` per split into the dataset's
-``beton_dir`` (default ``<root>/ffcv/<dataset>``), each with a ``<split>.beton.json`` manifest beside
-it: the source it was written from, its sample count, class names and image settings. The
+``beton_dir`` (default ``<root>/ffcv/<dataset>``), each with a ``<split>.beton.json`` manifest
+beside it: the source it was written from, its sample count, class names and image settings. The
 manifest is written after the ``.beton`` is in place, so a split with a manifest is complete.
 """
 from __future__ import annotations

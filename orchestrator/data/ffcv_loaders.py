@@ -1,9 +1,10 @@
 """Training and evaluation loaders reading FFCV .beton files (``data.loader=ffcv``).
 
 FFCV decodes each batch with numba-compiled code on ``workers`` threads; the decoders of
-:mod:`orchestrator.data.ffcv_ops` crop and flip each sample as ``(seed, epoch, sample)`` fix. kdflow keeps the order: every epoch's order
-is the same seeded permutation the other loaders use, handed to FFCV sample by sample, so a
-resumed epoch skips its first steps without decoding them. Under torch.distributed a rank
+:mod:`orchestrator.data.ffcv_ops` crop and flip each sample as ``(seed, epoch, sample)`` fix.
+kdflow keeps the order: every epoch's order is the same seeded permutation the other loaders
+use, handed to FFCV sample by sample, so a resumed epoch skips its first steps without
+decoding them. Under torch.distributed a rank
 decodes only its own rows of every global batch (its shard). Batches come back as uint8 HWC,
 move to the training device as such (a quarter of float32's bytes), and are normalised there;
 a (B, H, W, 3) batch permuted to (B, 3, H, W) already is channels_last.
@@ -49,7 +50,8 @@ class _Reader:
         self.loaders: Dict[int, object] = {}
         self.decoders: Dict[int, object] = {}
 
-    def loader(self, batch_size: int, epoch: int):
+    def loader(self, batch_size: int, epoch: int) -> object:
+        """The FFCV Loader of ``batch_size``-sample chunks (made on first use), set to ``epoch``."""
         if batch_size not in self.loaders:
             from ffcv.fields.basics import IntDecoder
             from ffcv.loader import Loader, OrderOption

@@ -157,6 +157,28 @@ class _SeededDecoder(Operation):
 
         return Compiler.compile(decode_into)
 
+    def seeded_loop(self, place: Callable) -> Callable:
+        """FFCV's decode function: each sample is decoded, then ``place(image, destination,
+        key)`` writes its crop (a compiled function), then it is flipped if its key says so."""
+        decode_into = self.decoder()
+        rows = Compiler.get_iterator()
+        box, flip = self.key_box.ctypes.data, self.flip
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, scratch = my_storage
+            base = read_key(box)
+            for row in rows(len(batch_indices)):
+                sample = batch_indices[row]
+                image = decode_into(metadata[sample], storage_state, scratch[row])
+                key = mix64(base ^ np.uint64(sample))
+                place(image, destination[row], key)
+                if flip and unit(key, _FLIP_DRAW) < 0.5:
+                    flip_columns(destination[row])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
 
 class SeededResizedCropDecoder(_SeededDecoder):
     """Random-resized-crop to ``size`` x ``size`` then an optional flip (ImageNet training).
@@ -178,28 +200,15 @@ class SeededResizedCropDecoder(_SeededDecoder):
                 (AllocationQuery(shape, np.dtype("<u1")), self.scratch_query()))
 
     def generate_code(self) -> Callable:
-        decode_into = self.decoder()
         resize_crop_c = Compiler.compile(resize_crop)
-        rows = Compiler.get_iterator()
-        box, flip = self.key_box.ctypes.data, self.flip
         scale, log_ratio = self.scale, self.log_ratio
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, scratch = my_storage
-            base = read_key(box)
-            for row in rows(len(batch_indices)):
-                sample = batch_indices[row]
-                image = decode_into(metadata[sample], storage_state, scratch[row])
-                key = mix64(base ^ np.uint64(sample))
-                top, left, h, w = random_resized_crop(image.shape[0], image.shape[1], scale,
-                                                      log_ratio, key)
-                resize_crop_c(image, top, top + h, left, left + w, destination[row])
-                if flip and unit(key, _FLIP_DRAW) < 0.5:
-                    flip_columns(destination[row])
-            return destination[:len(batch_indices)]
+        def place(image, destination, key):
+            top, left, h, w = random_resized_crop(image.shape[0], image.shape[1], scale,
+                                                  log_ratio, key)
+            resize_crop_c(image, top, top + h, left, left + w, destination)
 
-        decode.is_parallel = True
-        return decode
+        return self.seeded_loop(Compiler.compile(place))
 
 
 class SeededPadCropDecoder(_SeededDecoder):
@@ -220,23 +229,11 @@ class SeededPadCropDecoder(_SeededDecoder):
                 (AllocationQuery(shape, np.dtype("<u1")), self.scratch_query()))
 
     def generate_code(self) -> Callable:
-        decode_into = self.decoder()
-        rows = Compiler.get_iterator()
-        box, pad, flip = self.key_box.ctypes.data, self.pad, self.flip
+        pad = self.pad
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, scratch = my_storage
-            base = read_key(box)
-            for row in rows(len(batch_indices)):
-                sample = batch_indices[row]
-                image = decode_into(metadata[sample], storage_state, scratch[row])
-                key = mix64(base ^ np.uint64(sample))
-                top = int(unit(key, 0) * (2 * pad + 1))
-                left = int(unit(key, 1) * (2 * pad + 1))
-                pad_crop(image, destination[row], pad, top, left)
-                if flip and unit(key, _FLIP_DRAW) < 0.5:
-                    flip_columns(destination[row])
-            return destination[:len(batch_indices)]
+        def place(image, destination, key):
+            top = int(unit(key, 0) * (2 * pad + 1))
+            left = int(unit(key, 1) * (2 * pad + 1))
+            pad_crop(image, destination, pad, top, left)
 
-        decode.is_parallel = True
-        return decode
+        return self.seeded_loop(Compiler.compile(place))
