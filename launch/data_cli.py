@@ -16,7 +16,7 @@ def prepare_command(dataset: str, overrides: List[str], force: bool) -> int:
 
     from launch.compose import compose_config
     from orchestrator.data import validate_dataset
-    from orchestrator.data.loader_choice import FFCV_INSTALL, ffcv_installed
+    from orchestrator.data.loader_choice import FFCV_INSTALL, ffcv_import_error
     from orchestrator.data.prepare import SOURCES, PrepareError, image_settings, prepare
 
     SOURCES.get(dataset, "dataset")
@@ -26,10 +26,10 @@ def prepare_command(dataset: str, overrides: List[str], force: bool) -> int:
     workers = settings.pop("workers")
     dataset_cfg = validate_dataset(dataset, values, "prepare.dataset")
     image = image_settings(dataset, settings)
-    if not ffcv_installed():
-        raise ConfigError("data.loader", "writing .beton files needs the ffcv package, which is "
-                          "not installed", fix=FFCV_INSTALL.replace(", or set data.loader="
-                                                                    "torchvision", ""))
+    if ffcv_import_error() is not None:
+        raise ConfigError("data.loader", "writing .beton files needs the ffcv package, which "
+                          f"cannot be imported ({ffcv_import_error()})",
+                          fix=FFCV_INSTALL.replace(", or set data.loader=torchvision", ""))
     try:
         prepare(dataset, dataset_cfg, image, workers, force)
     except PrepareError as err:

@@ -19,9 +19,10 @@ def import_ffcv() -> None:
         return
     threads = torch.get_num_threads()
     import numba
-    from ffcv.pipeline.compiler import Compiler
-
-    torch.set_num_threads(threads)
+    try:
+        from ffcv.pipeline.compiler import Compiler
+    finally:
+        torch.set_num_threads(threads)
 
     def set_num_threads(cls, n: int) -> None:
         cls.num_threads = max(1, min(n, numba.config.NUMBA_NUM_THREADS))

@@ -7,9 +7,9 @@ that says how to fix it.
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from typing import ClassVar
+from functools import lru_cache
+from typing import ClassVar, Optional
 
 from methods.errors import ConfigError
 from orchestrator.data.beton import SPLITS, beton_folder, beton_path, read_manifest
@@ -22,9 +22,22 @@ FFCV_INSTALL = ("make ffcv (apt-get install pkg-config libturbojpeg0-dev libopen
                 "pip install -e '.[ffcv]'), or set data.loader=torchvision")
 
 
-def ffcv_installed() -> bool:
-    """Whether the ffcv package can be imported (checked without importing it)."""
-    return importlib.util.find_spec("ffcv") is not None
+@lru_cache(maxsize=1)
+def ffcv_import_error() -> Optional[str]:
+    """Why ffcv cannot be used (``"ModuleNotFoundError: No module named 'ffcv'"``, or its
+    compiled library failing to load its system libraries), or None when it can.
+
+    It really imports ffcv (once per process): an installed package whose libturbojpeg or
+    OpenCV went missing fails here rather than in a job.
+    """
+    from orchestrator.data.ffcv_import import import_ffcv
+
+    try:
+        import_ffcv()
+        import ffcv.libffcv  # noqa: F401  (loads the compiled library)
+    except (ImportError, OSError) as err:
+        return f"{type(err).__name__}: {err}".splitlines()[0]
+    return None
 
 
 @dataclass
@@ -52,9 +65,9 @@ class LoaderChoice:
             raise ConfigError("loader", f"unknown loader {self.loader!r}", allowed=list(LOADERS),
                               fix="set data.loader=torchvision or data.loader=ffcv")
         require_int("workers", self.workers, 0)
-        if self.loader == "ffcv" and not ffcv_installed():
-            raise ConfigError("loader", "loader 'ffcv' needs the ffcv package, which is not "
-                              "installed", fix=FFCV_INSTALL)
+        if self.loader == "ffcv" and ffcv_import_error() is not None:
+            raise ConfigError("loader", "loader 'ffcv' needs the ffcv package, which cannot be "
+                              f"imported ({ffcv_import_error()})", fix=FFCV_INSTALL)
 
     def betons(self) -> str:
         """The folder holding this dataset's ``train.beton`` and ``val.beton``."""

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,11 +12,11 @@ from datafiles import write_fake_cifar100, write_jpeg_tree
 from launch.cli import main
 from methods.errors import ConfigError
 from orchestrator.data import validate_dataset
-from orchestrator.data import loader_choice
 from orchestrator.data.beton import read_manifest
 from orchestrator.data.prepare import PrepareError, image_settings, prepare
 
 FIELD = "study.datasets.imagefolder"
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 def _folder(root: Path, dataset: str = "imagefolder") -> Path:
@@ -98,7 +100,7 @@ def test_cifar_pickles_become_raw_betons(tmp_path: Path) -> None:
     assert manifest.image["write_mode"] == "raw"
 
 
-def test_ffcv_loader_needs_betons_and_the_package(tmp_path: Path, monkeypatch) -> None:
+def test_ffcv_loader_needs_betons(tmp_path: Path) -> None:
     write_jpeg_tree(tmp_path, {"train": 1, "val": 1})
     settings = {"root": str(tmp_path), "loader": "ffcv"}
     with pytest.raises(ConfigError) as err:
@@ -114,9 +116,28 @@ def test_ffcv_loader_needs_betons_and_the_package(tmp_path: Path, monkeypatch) -
         validate_dataset("imagefolder", {**settings, "beton_dir": str(tmp_path / "c" / "ffcv" /
                                                                     "cifar100")}, FIELD)
 
-    monkeypatch.setattr(loader_choice, "ffcv_installed", lambda: False)
-    with pytest.raises(ConfigError) as err:
-        validate_dataset("imagefolder", settings, FIELD)
-    text = str(err.value)
-    assert f"`{FIELD}.loader`" in text and "make ffcv" in text and "\n" not in text
-    assert validate_dataset("imagefolder", {"root": str(tmp_path)}, FIELD).loader == "torchvision"
+
+
+#: A stand-in ``ffcv`` package first on PYTHONPATH, failing as an install whose system
+#: libraries went missing does.
+BROKEN_FFCV = 'raise ImportError("libturbojpeg.so.0: cannot open shared object file")\n'
+
+
+def test_without_a_working_ffcv_the_loader_is_refused_in_one_line(tmp_path: Path) -> None:
+    write_jpeg_tree(tmp_path / "tree", {"train": 1, "val": 1})
+    (tmp_path / "shadow" / "ffcv").mkdir(parents=True)
+    (tmp_path / "shadow" / "ffcv" / "__init__.py").write_text(BROKEN_FFCV)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), REPO])}
+    run = ["run", "study=imagenet_baselines", f"data.root={tmp_path / 'tree'}",
+           f"output_dir={tmp_path / 'out'}", "--dry-run"]
+    refused = subprocess.run([sys.executable, "-m", "launch.cli", *run, "data.loader=ffcv"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr
+    error = [line for line in refused.stderr.splitlines() if line.startswith("kdflow: error")]
+    assert len(error) == 1 and "`study.datasets.imagefolder.loader`" in error[0]
+    assert "libturbojpeg.so.0" in error[0] and "make ffcv" in error[0]
+    assert "No job was started." in refused.stderr
+    default = subprocess.run([sys.executable, "-m", "launch.cli", *run], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert default.returncode == 0, default.stderr  # the torchvision loader stays usable
+    assert "4 pending" in default.stdout
