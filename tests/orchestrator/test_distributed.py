@@ -94,8 +94,7 @@ def test_job_interrupted_keeps_its_signal_across_processes():
 COLLECTIVES = textwrap.dedent("""
     import json, sys, torch
     import torch.nn.functional as F
-    from multiprocess import WORKER, WORLD, launch_ranks, wait_ranks
-from orchestrator.data.loaders import local_rows
+    from orchestrator.data.loaders import local_rows
     from orchestrator.distributed import (all_reduce_gradients, average_running_stats,
                                           broadcast_from_main, detect_env, process_group)
     torch.set_num_threads(1)
