@@ -393,9 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                    beton_dir),
                            args.batch_size, args.seed, "meta")
                    for name, loader, beton_dir in [(BASELINE, "torchvision", ""),
-                                                   ("ffcv (jpg)", "ffcv", "")]]
-    device_rows[1].ratio = device_rows[1].images_per_s / device_rows[0].images_per_s
-    device_rows[0].ratio = 1.0
+                                                   *[(n, "ffcv", d) for n, _, d in variants]]]
+    for row in device_rows:
+        row.ratio = row.images_per_s / device_rows[0].images_per_s
 
     import numba
 

@@ -135,17 +135,16 @@ def build_cifar_ffcv(cfg: CifarConfig, batch_size: int, seed: int, device: torch
     from orchestrator.data.ffcv_import import import_ffcv
 
     import_ffcv()
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-
     from orchestrator.data.ffcv_loaders import ffcv_data
-    from orchestrator.data.ffcv_ops import SeededPadCropDecoder
+    from orchestrator.data.ffcv_ops import SeededPadCropDecoder, WholeImageDecoder
 
     layout, folder = cfg.layout, cfg.betons()
+    normalise = (layout.mean, layout.std) if device.type == "cpu" else None
     return ffcv_data(beton_path(folder, "train"), beton_path(folder, "val"),
-                     lambda: SeededPadCropDecoder(PAD, seed, flip=True),
-                     SimpleRGBImageDecoder, cfg.train_indices, layout.num_classes,
-                     cfg.input_shape(), layout.mean, layout.std, batch_size, seed, device,
-                     cfg.workers, channels_last)
+                     lambda: SeededPadCropDecoder(PAD, seed, flip=True, normalise=normalise),
+                     lambda: WholeImageDecoder(normalise=normalise), cfg.train_indices,
+                     layout.num_classes, cfg.input_shape(), layout.mean, layout.std, batch_size,
+                     seed, device, cfg.workers, channels_last)
 
 
 #: FFCV's CIFAR recipe stores the 32x32 pixels as they are.

@@ -7,7 +7,8 @@ use, handed to FFCV sample by sample, so a resumed epoch skips its first steps w
 decoding them. Under torch.distributed a rank
 decodes only its own rows of every global batch (its shard). Batches come back as uint8 HWC,
 move to the training device as such (a quarter of float32's bytes), and are normalised there;
-a (B, H, W, 3) batch permuted to (B, 3, H, W) already is channels_last.
+a (B, H, W, 3) batch permuted to (B, 3, H, W) already is channels_last. For a CPU device the
+decoders normalise in FFCV's threads instead (one pass fewer on the cores that also decode).
 """
 from __future__ import annotations
 
@@ -90,10 +91,13 @@ class _Reader:
 
 
 class _ToDevice:
-    """(b, H, W, 3) uint8 -> (b, 3, H, W) float32 normalised on ``device``, in the layout asked.
+    """FFCV's batch -> (b, 3, H, W) float32 normalised on ``device``, in the layout asked.
 
-    The layout is settled on the uint8 batch (a quarter of the float bytes); the float batch
-    is then made in one pass: ``x * (1 / (255 std)) - mean / std``.
+    A (b, H, W, 3) uint8 batch (decoders without ``normalise``, used for accelerators) moves as
+    uint8 (a quarter of the float bytes), takes its layout, and is normalised on the device in
+    one pass: ``x / (255 std) - mean / std``. A (b, 3, H, W) float32 batch (decoders that
+    normalise, used on the CPU) is already normalised; it is copied out of FFCV's buffers,
+    which FFCV reuses a few batches later.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device,
@@ -105,11 +109,14 @@ class _ToDevice:
         self.shift = (-mean_t / std_t).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, index: np.ndarray) -> Batch:
-        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        x = x.contiguous(memory_format=self.memory_format)
-        x = torch.addcmul(self.shift, x.float(), self.scale).contiguous(
-            memory_format=self.memory_format)
-        return Batch(x, labels.to(self.device, non_blocking=True),
+        if images.dtype == torch.uint8:
+            x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            x = x.contiguous(memory_format=self.memory_format)
+            x = torch.addcmul(self.shift, x.float(), self.scale)
+        else:
+            x = images.to(self.device, copy=True)
+        return Batch(x.contiguous(memory_format=self.memory_format),
+                     labels.to(self.device, non_blocking=True),
                      torch.from_numpy(index.astype(np.int64)).to(self.device))
 
 
@@ -183,7 +190,8 @@ def ffcv_data(train_path: str, val_path: str, train_decoder: DecoderFactory,
               workers: int, channels_last: bool) -> Data:
     """:class:`Data` over a train and a val .beton.
 
-    train_decoder / val_decoder: make the image field's FFCV decoder.
+    train_decoder / val_decoder: make the image field's FFCV decoder (uint8 HWC output, or
+    float32 CHW already normalised).
     keep: train labels (N,) -> sorted indices of the training samples used (a train fraction).
     mean, std: per-channel statistics of images scaled to [0, 1].
     """

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import replace
-from typing import Callable, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES
@@ -93,15 +93,15 @@ def random_resized_crop(height: int, width: int, scale: np.ndarray, log_ratio: n
 
 
 @njit(nogil=True)
-def flip_columns(image: np.ndarray) -> None:
-    """Mirror an (H, W, C) image left-right in place."""
-    width = image.shape[1]
-    for y in range(image.shape[0]):
-        for x in range(width // 2):
-            for c in range(image.shape[2]):
-                left = image[y, x, c]
-                image[y, x, c] = image[y, width - 1 - x, c]
-                image[y, width - 1 - x, c] = left
+def copy_mirrored(source: np.ndarray, destination: np.ndarray, mirrored: bool) -> None:
+    """Copy an (H, W, C) image, mirrored left-right when ``mirrored``."""
+    width = source.shape[1]
+    if not mirrored:
+        destination[:] = source
+        return
+    for y in range(source.shape[0]):
+        for x in range(width):
+            destination[y, x] = source[y, width - 1 - x]
 
 
 @njit(nogil=True)
@@ -118,13 +118,40 @@ def pad_crop(source: np.ndarray, destination: np.ndarray, pad: int, top: int, le
                     destination[y, x] = source[sy, sx]
 
 
-class _SeededDecoder(Operation):
-    """Shared decoding of an RGBImageField sample (JPEG or raw) into a scratch buffer."""
+@njit(nogil=True)
+def to_normalised_chw(image: np.ndarray, destination: np.ndarray, scale: np.ndarray,
+                      shift: np.ndarray, flip: bool) -> None:
+    """(H, W, 3) uint8 -> (3, H, W) float32 ``image * scale[c] + shift[c]``, mirrored if flip."""
+    height, width = image.shape[0], image.shape[1]
+    for c in range(3):
+        for y in range(height):
+            for x in range(width):
+                source = width - 1 - x if flip else x
+                destination[c, y, x] = image[y, source, c] * scale[c] + shift[c]
 
-    def __init__(self, seed: int, flip: bool) -> None:
+
+@njit(nogil=True)
+def center_crop_box(height: int, width: int, ratio: float) -> Tuple[int, int, int, int]:
+    """The centred square (top, left, side, side) of side ``ratio`` x the shorter side."""
+    side = int(ratio * min(height, width))
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+class CropDecoder(Operation):
+    """Decodes an RGBImageField sample (JPEG or raw), places a crop of it in the batch and,
+    for training, flips it as its key says.
+
+    Output per sample: (H, W, 3) uint8, or with ``normalise=(mean, std)`` (per-channel
+    statistics of [0, 1] pixels) (3, H, W) float32 normalised in the same pass, which saves a
+    CPU-only run a pass over the batch. Subclasses give the output size and the placement.
+    """
+
+    def __init__(self, seed: int = 0, flip: bool = False,
+                 normalise: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> None:
         super().__init__()
         self.seed = seed
         self.flip = flip
+        self.normalise = normalise
         self.key_box = np.zeros(1, dtype=np.uint64)  # read by the compiled code at each batch
         self.set_epoch(0)
 
@@ -133,10 +160,32 @@ class _SeededDecoder(Operation):
         seed = np.uint64(mix64(np.uint64(self.seed % (1 << 64))))
         self.key_box[0] = np.uint64(mix64(np.uint64(seed ^ np.uint64(epoch))))
 
-    def scratch_query(self) -> AllocationQuery:
+    def output_size(self) -> Tuple[int, int]:
+        """(H, W) of every output image."""
+        raise NotImplementedError
+
+    def placer(self) -> Callable:
+        """A compiled ``place(image, destination, key)`` writing the (H, W, 3) uint8 crop."""
+        raise NotImplementedError
+
+    def source_size(self) -> Tuple[int, int]:
+        """(H, W) shared by every image of the .beton (TypeError if they differ)."""
+        heights, widths = self.metadata["height"], self.metadata["width"]
+        if heights.min() != heights.max() or widths.min() != widths.max():
+            raise TypeError(f"{type(self).__name__} needs images of one size; this .beton mixes "
+                            f"{heights.min()}-{heights.max()} x {widths.min()}-{widths.max()}")
+        return int(heights.max()), int(widths.max())
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Tuple]:
+        height, width = self.output_size()
         widths, heights = self.metadata["width"], self.metadata["height"]
         largest = np.uint64(widths.max()) * np.uint64(heights.max()) * np.uint64(3)
-        return AllocationQuery((largest,), np.dtype("<u1"))
+        decoded = AllocationQuery((largest,), np.dtype("<u1"))
+        placed = AllocationQuery((height, width, 3), np.dtype("<u1"))
+        shape, dtype = (((height, width, 3), np.dtype("<u1")) if self.normalise is None
+                        else ((3, height, width), np.dtype("<f4")))
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype),
+                (AllocationQuery(shape, dtype), decoded, placed))
 
     def decoder(self) -> Callable:
         """``decode_into(field, storage_state, scratch) -> (H, W, 3) view of the image``."""
@@ -157,30 +206,40 @@ class _SeededDecoder(Operation):
 
         return Compiler.compile(decode_into)
 
-    def seeded_loop(self, place: Callable) -> Callable:
-        """FFCV's decode function: each sample is decoded, then ``place(image, destination,
-        key)`` writes its crop (a compiled function), then it is flipped if its key says so."""
-        decode_into = self.decoder()
+    def finisher(self) -> Callable:
+        """A compiled ``finish(placed, destination, mirrored)``: the placed (H, W, 3) uint8 crop
+        into the batch, mirrored when asked (and normalised to (3, H, W) float32 if set)."""
+        if self.normalise is None:
+            return copy_mirrored
+        mean, std = (np.asarray(v, dtype=np.float32) for v in self.normalise)
+        scale, shift = (1 / (255 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+
+        def finish(placed, destination, mirrored):
+            to_normalised_chw(placed, destination, scale, shift, mirrored)
+
+        return Compiler.compile(finish)
+
+    def generate_code(self) -> Callable:
+        decode_into, place, finish = self.decoder(), self.placer(), self.finisher()
         rows = Compiler.get_iterator()
         box, flip = self.key_box.ctypes.data, self.flip
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, scratch = my_storage
+            destination, decoded, placed = my_storage
             base = read_key(box)
             for row in rows(len(batch_indices)):
                 sample = batch_indices[row]
-                image = decode_into(metadata[sample], storage_state, scratch[row])
+                image = decode_into(metadata[sample], storage_state, decoded[row])
                 key = mix64(base ^ np.uint64(sample))
-                place(image, destination[row], key)
-                if flip and unit(key, _FLIP_DRAW) < 0.5:
-                    flip_columns(destination[row])
+                place(image, placed[row], key)
+                finish(placed[row], destination[row], flip and unit(key, _FLIP_DRAW) < 0.5)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
         return decode
 
 
-class SeededResizedCropDecoder(_SeededDecoder):
+class SeededResizedCropDecoder(CropDecoder):
     """Random-resized-crop to ``size`` x ``size`` then an optional flip (ImageNet training).
 
     scale, ratio: ranges of the crop's area share and aspect ratio (torchvision's defaults).
@@ -188,18 +247,17 @@ class SeededResizedCropDecoder(_SeededDecoder):
 
     def __init__(self, size: int, seed: int, flip: bool = True,
                  scale: Tuple[float, float] = (0.08, 1.0),
-                 ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> None:
-        super().__init__(seed, flip)
+                 ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+                 normalise: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> None:
+        super().__init__(seed, flip, normalise)
         self.size = size
         self.scale = np.array(scale, dtype=np.float64)
         self.log_ratio = np.log(np.array(ratio, dtype=np.float64))
 
-    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Tuple]:
-        shape = (self.size, self.size, 3)
-        return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("<u1")),
-                (AllocationQuery(shape, np.dtype("<u1")), self.scratch_query()))
+    def output_size(self) -> Tuple[int, int]:
+        return self.size, self.size
 
-    def generate_code(self) -> Callable:
+    def placer(self) -> Callable:
         resize_crop_c = Compiler.compile(resize_crop)
         scale, log_ratio = self.scale, self.log_ratio
 
@@ -208,27 +266,45 @@ class SeededResizedCropDecoder(_SeededDecoder):
                                                   log_ratio, key)
             resize_crop_c(image, top, top + h, left, left + w, destination)
 
-        return self.seeded_loop(Compiler.compile(place))
+        return Compiler.compile(place)
 
 
-class SeededPadCropDecoder(_SeededDecoder):
+class CenterCropDecoder(CropDecoder):
+    """The centred square of ``ratio`` x the shorter side, resized to ``size`` (evaluation)."""
+
+    def __init__(self, size: int, ratio: float,
+                 normalise: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> None:
+        super().__init__(normalise=normalise)
+        self.size = size
+        self.ratio = ratio
+
+    def output_size(self) -> Tuple[int, int]:
+        return self.size, self.size
+
+    def placer(self) -> Callable:
+        resize_crop_c = Compiler.compile(resize_crop)
+        ratio = self.ratio
+
+        def place(image, destination, key):
+            top, left, h, w = center_crop_box(image.shape[0], image.shape[1], ratio)
+            resize_crop_c(image, top, top + h, left, left + w, destination)
+
+        return Compiler.compile(place)
+
+
+class SeededPadCropDecoder(CropDecoder):
     """Random crop of the ``pad``-pixel zero-padded image, same size, then an optional flip
     (the CIFAR recipe). Every image of the split must have the same size."""
 
-    def __init__(self, pad: int, seed: int, flip: bool = True) -> None:
-        super().__init__(seed, flip)
+    def __init__(self, pad: int, seed: int, flip: bool = True,
+                 normalise: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> None:
+        super().__init__(seed, flip, normalise)
         self.pad = pad
 
-    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Tuple]:
-        heights, widths = self.metadata["height"], self.metadata["width"]
-        if heights.min() != heights.max() or widths.min() != widths.max():
-            raise TypeError("SeededPadCropDecoder needs images of one size; this .beton mixes "
-                            f"{heights.min()}-{heights.max()} x {widths.min()}-{widths.max()}")
-        shape = (int(heights.max()), int(widths.max()), 3)
-        return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("<u1")),
-                (AllocationQuery(shape, np.dtype("<u1")), self.scratch_query()))
+    def output_size(self) -> Tuple[int, int]:
+        return self.source_size()
 
-    def generate_code(self) -> Callable:
+    def placer(self) -> Callable:
         pad = self.pad
 
         def place(image, destination, key):
@@ -236,4 +312,17 @@ class SeededPadCropDecoder(_SeededDecoder):
             left = int(unit(key, 1) * (2 * pad + 1))
             pad_crop(image, destination, pad, top, left)
 
-        return self.seeded_loop(Compiler.compile(place))
+        return Compiler.compile(place)
+
+
+class WholeImageDecoder(CropDecoder):
+    """The image as stored (evaluation on same-size images, e.g. CIFAR)."""
+
+    def output_size(self) -> Tuple[int, int]:
+        return self.source_size()
+
+    def placer(self) -> Callable:
+        def place(image, destination, key):
+            destination[:] = image
+
+        return Compiler.compile(place)

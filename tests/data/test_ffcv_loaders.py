@@ -166,3 +166,27 @@ def test_cifar_ffcv_crops_are_padded_crops_and_flips_of_the_source(tmp_path: Pat
             flips += bool(mirrored) and not match
     assert 0 < flips < 12
     assert np.isclose(ffcv.info.labels.float().mean(), np.mean(written["train"]))
+
+
+def test_uint8_batches_for_accelerators_equal_the_cpu_normalised_ones(tree: Path) -> None:
+    """Off the CPU the decoders hand over uint8 and the device normalises: the same batches."""
+    from orchestrator.data.beton import beton_path
+    from orchestrator.data.ffcv_loaders import ffcv_data
+    from orchestrator.data.ffcv_ops import CenterCropDecoder, SeededResizedCropDecoder
+
+    folder = str(tree / "ffcv" / "imagefolder")
+    stats = (IMAGENET_MEAN, IMAGENET_STD)
+
+    def build(normalise):
+        return ffcv_data(beton_path(folder, "train"), beton_path(folder, "val"),
+                         lambda: SeededResizedCropDecoder(CROP, 0, normalise=normalise),
+                         lambda: CenterCropDecoder(CROP, 224 / 256, normalise=normalise),
+                         lambda labels: torch.arange(len(labels)), 3, (3, CROP, CROP),
+                         IMAGENET_MEAN, IMAGENET_STD, 5, 0, CPU, 1, False)
+
+    fused, device_side = build(stats), build(None)
+    for split in (lambda d: d.train.batches(2), lambda d: d.val.batches()):
+        for a, b in zip(split(fused), split(device_side)):
+            assert torch.equal(a.index, b.index) and torch.equal(a.y, b.y)
+            assert torch.allclose(a.x, b.x, atol=1e-5)
+    assert _same(list(_data(tree).train.batches(2)), list(fused.train.batches(2)))
