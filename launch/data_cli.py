@@ -26,10 +26,10 @@ def prepare_command(dataset: str, overrides: List[str], force: bool) -> int:
     workers = settings.pop("workers")
     dataset_cfg = validate_dataset(dataset, values, "prepare.dataset")
     image = image_settings(dataset, settings)
-    if ffcv_import_error() is not None:
+    problem = ffcv_import_error()
+    if problem is not None:
         raise ConfigError("data.loader", "writing .beton files needs the ffcv package, which "
-                          f"cannot be imported ({ffcv_import_error()})",
-                          fix=FFCV_INSTALL.replace(", or set data.loader=torchvision", ""))
+                          f"cannot be imported ({problem})", fix=FFCV_INSTALL)
     try:
         prepare(dataset, dataset_cfg, image, workers, force)
     except PrepareError as err:

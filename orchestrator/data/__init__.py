@@ -35,8 +35,8 @@ def validate_dataset(dataset_name: str, settings: Mapping[str, Any] | None, fiel
     loader = getattr(cfg, "loader", DEFAULT_LOADER)
     if loader not in entry.loaders:
         raise ConfigError(f"{field}.loader", f"dataset {dataset_name!r} has no {loader!r} loader",
-                          allowed=sorted(entry.loaders),
-                          fix=f"set data.loader to one of {', '.join(sorted(entry.loaders))}")
+                          allowed=list(entry.loaders),
+                          fix=f"set data.loader to one of {', '.join(entry.loaders)}")
     check = getattr(cfg, "check_data", None)
     if require_data and check is not None:
         try:

@@ -132,17 +132,13 @@ def build_cifar(cfg: CifarConfig, batch_size: int, seed: int, device: torch.devi
 def build_cifar_ffcv(cfg: CifarConfig, batch_size: int, seed: int, device: torch.device,
                      channels_last: bool) -> Data:
     """CIFAR from .beton files, with the same crops of the padded image and flips as above."""
-    from orchestrator.data.ffcv_import import import_ffcv
-
-    import_ffcv()
     from orchestrator.data.ffcv_loaders import ffcv_data
     from orchestrator.data.ffcv_ops import SeededPadCropDecoder, WholeImageDecoder
 
     layout, folder = cfg.layout, cfg.betons()
-    normalise = (layout.mean, layout.std) if device.type == "cpu" else None
     return ffcv_data(beton_path(folder, "train"), beton_path(folder, "val"),
-                     lambda: SeededPadCropDecoder(PAD, seed, flip=True, normalise=normalise),
-                     lambda: WholeImageDecoder(normalise=normalise), cfg.train_indices,
+                     lambda norm: SeededPadCropDecoder(PAD, seed, flip=True, normalise=norm),
+                     lambda norm: WholeImageDecoder(normalise=norm), cfg.train_indices,
                      layout.num_classes, cfg.input_shape(), layout.mean, layout.std, batch_size,
                      seed, device, cfg.workers, channels_last)
 

@@ -13,19 +13,23 @@ decoders normalise in FFCV's threads instead (one pass fewer on the cores that a
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterator, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from methods.distillers.base import DataInfo
+from orchestrator.data.ffcv_import import import_ffcv
 from orchestrator.data.loaders import Batch, Data, Shard, check_start_step, generator, local_rows
+
+import_ffcv()  # before anything imports ffcv (builders import this module before ffcv_ops)
 
 #: Batches FFCV decodes ahead of the one being trained on.
 BATCHES_AHEAD = 3
 
-#: Makes the FFCV decoder of the image field (a fresh operation per FFCV Loader).
-DecoderFactory = Callable[[], object]
+#: ``make(normalise)``: the FFCV decoder of the image field (a fresh operation per FFCV Loader);
+#: ``normalise`` is ``(mean, std)`` when the decoder is to normalise, else None (uint8 out).
+DecoderFactory = Callable[[Optional[Tuple[Sequence[float], Sequence[float]]]], object]
 
 
 class _PlannedOrder:
@@ -41,10 +45,11 @@ class _PlannedOrder:
 class _Reader:
     """FFCV Loaders over one .beton, one per batch size (ranks' shards differ in size).
 
-    A decoder with ``set_epoch`` (the seeded training crops) is told the epoch before each pass.
+    The decoder (:class:`orchestrator.data.ffcv_ops.CropDecoder`) is told the epoch before
+    each pass.
     """
 
-    def __init__(self, path: str, image_decoder: DecoderFactory, workers: int) -> None:
+    def __init__(self, path: str, image_decoder: Callable[[], object], workers: int) -> None:
         self.path = path
         self.image_decoder = image_decoder
         self.workers = workers
@@ -67,8 +72,7 @@ class _Reader:
                                        "label": [IntDecoder(), ToTensor()]})
             loader.traversal_order = _PlannedOrder()
             self.loaders[batch_size], self.decoders[batch_size] = loader, decoder
-        if hasattr(self.decoders[batch_size], "set_epoch"):
-            self.decoders[batch_size].set_epoch(epoch)
+        self.decoders[batch_size].set_epoch(epoch)
         return self.loaders[batch_size]
 
     def read(self, ids: np.ndarray, batch_size: int, epoch: int = 0
@@ -82,12 +86,12 @@ class _Reader:
             return
         loader = self.loader(batch_size, epoch)
         loader.traversal_order.planned = ids.astype(np.uint64)
-        epoch = iter(loader)
+        passing = iter(loader)
         try:
-            for images, labels in epoch:
+            for images, labels in passing:
                 yield images, labels.view(-1).to(torch.int64, copy=True)
         finally:
-            epoch.close()
+            passing.close()
 
 
 class _ToDevice:
@@ -113,9 +117,10 @@ class _ToDevice:
             x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
             x = x.contiguous(memory_format=self.memory_format)
             x = torch.addcmul(self.shift, x.float(), self.scale)
+            x = x.contiguous(memory_format=self.memory_format)
         else:
-            x = images.to(self.device, copy=True)
-        return Batch(x.contiguous(memory_format=self.memory_format),
+            x = images.to(self.device, memory_format=self.memory_format, copy=True)
+        return Batch(x,
                      labels.to(self.device, non_blocking=True),
                      torch.from_numpy(index.astype(np.int64)).to(self.device))
 
@@ -148,7 +153,8 @@ class FfcvTrainLoader:
         if not rows:
             return
         positions = np.concatenate(rows)
-        full = len(range(self.batch_size)[local_rows(self.batch_size, rank, world)])
+        mine = local_rows(self.batch_size, rank, world)  # this rank's rows of a full batch
+        full = mine.stop - mine.start
         chunks = iter(rows)
         for images, labels in self.reader.read(self.keep[positions], full, epoch):
             yield self.to_device(images, labels, next(chunks))
@@ -190,18 +196,20 @@ def ffcv_data(train_path: str, val_path: str, train_decoder: DecoderFactory,
               workers: int, channels_last: bool) -> Data:
     """:class:`Data` over a train and a val .beton.
 
-    train_decoder / val_decoder: make the image field's FFCV decoder (uint8 HWC output, or
-    float32 CHW already normalised).
+    train_decoder / val_decoder: make the image field's FFCV decoder given ``normalise``. On a
+    CPU device the decoders normalise (float32 CHW out, in FFCV's threads); for an accelerator
+    they hand over uint8 HWC, normalised there.
     keep: train labels (N,) -> sorted indices of the training samples used (a train fraction).
     mean, std: per-channel statistics of images scaled to [0, 1].
     """
     labels = beton_labels(train_path)
     kept = keep(labels)
     to_device = _ToDevice(mean, std, device, channels_last)
-    train = FfcvTrainLoader(_Reader(train_path, train_decoder, workers), kept.numpy(),
-                            batch_size, seed, to_device)
-    val = FfcvEvalLoader(_Reader(val_path, val_decoder, workers), len(beton_labels(val_path)),
-                         batch_size, to_device)
+    normalise = (mean, std) if device.type == "cpu" else None
+    train = FfcvTrainLoader(_Reader(train_path, lambda: train_decoder(normalise), workers),
+                            kept.numpy(), batch_size, seed, to_device)
+    val = FfcvEvalLoader(_Reader(val_path, lambda: val_decoder(normalise), workers),
+                         len(beton_labels(val_path)), batch_size, to_device)
     info = DataInfo(num_samples=len(kept), labels=labels[kept], num_classes=num_classes,
                     input_shape=input_shape)
     return Data(train=train, val=val, info=info)

@@ -151,19 +151,15 @@ def build_imagefolder_ffcv(cfg: ImageFolderConfig, batch_size: int, seed: int,
                            device: torch.device, channels_last: bool) -> Data:
     """The same transforms from .beton files: a random-resized crop + flip drawn per sample
     and epoch (:mod:`orchestrator.data.ffcv_ops`); val: the centre crop at the 224/256 ratio.
-    On a CPU device the decoders also normalise; elsewhere the device does."""
-    from orchestrator.data.ffcv_import import import_ffcv
-
-    import_ffcv()
+    (:func:`orchestrator.data.ffcv_loaders.ffcv_data` decides where batches are normalised.)"""
     from orchestrator.data.ffcv_loaders import ffcv_data
     from orchestrator.data.ffcv_ops import CenterCropDecoder, SeededResizedCropDecoder
 
     size, folder = cfg.image_size, cfg.betons()
     manifest = read_manifest(folder, "train")
-    normalise = (IMAGENET_MEAN, IMAGENET_STD) if device.type == "cpu" else None
     return ffcv_data(beton_path(folder, "train"), beton_path(folder, "val"),
-                     lambda: SeededResizedCropDecoder(size, seed, flip=True, normalise=normalise),
-                     lambda: CenterCropDecoder(size, CENTER_CROP_RATIO, normalise=normalise),
+                     lambda norm: SeededResizedCropDecoder(size, seed, flip=True, normalise=norm),
+                     lambda norm: CenterCropDecoder(size, CENTER_CROP_RATIO, normalise=norm),
                      cfg.train_indices, len(manifest.classes), cfg.input_shape(), IMAGENET_MEAN,
                      IMAGENET_STD, batch_size, seed, device, cfg.workers, channels_last)
 

@@ -179,8 +179,8 @@ def test_uint8_batches_for_accelerators_equal_the_cpu_normalised_ones(tree: Path
 
     def build(normalise):
         return ffcv_data(beton_path(folder, "train"), beton_path(folder, "val"),
-                         lambda: SeededResizedCropDecoder(CROP, 0, normalise=normalise),
-                         lambda: CenterCropDecoder(CROP, 224 / 256, normalise=normalise),
+                         lambda _: SeededResizedCropDecoder(CROP, 0, normalise=normalise),
+                         lambda _: CenterCropDecoder(CROP, 224 / 256, normalise=normalise),
                          lambda labels: torch.arange(len(labels)), 3, (3, CROP, CROP),
                          IMAGENET_MEAN, IMAGENET_STD, 5, 0, CPU, 1, False)
 
