@@ -18,6 +18,12 @@ class Features:
                for families whose blocks end without an activation (pre-activation WRN) the
                two lists hold the same tensors.
     embedding: (B, D), the pooled vector fed to the classifier (CRD's feature).
+    stem:      the stem's output map, for models that expose it.
+    aux:       segmentation models with an auxiliary head: its (B, num_classes, H, W) logits at
+               the input's resolution (trained with a down-weighted cross-entropy); else None.
+
+    For segmentation models ``logits`` is (B, num_classes, H, W), upsampled to the input's H, W;
+    ``stages`` are the backbone's stages and ``embedding`` their last map, average-pooled.
     """
 
     logits: torch.Tensor
@@ -25,6 +31,7 @@ class Features:
     preact: List[torch.Tensor]
     embedding: torch.Tensor
     stem: torch.Tensor | None = field(default=None)
+    aux: torch.Tensor | None = field(default=None)
 
     def detached(self) -> "Features":
         """A copy whose tensors are ordinary (non-inference, no-grad) tensors.
@@ -41,16 +48,21 @@ class Features:
             preact=[plain(s) for s in self.preact],
             embedding=plain(self.embedding),
             stem=plain(self.stem),
+            aux=plain(self.aux),
         )
 
 
 @dataclass(frozen=True)
 class TapShapes:
-    """Per-sample shapes of a model's taps, from one probe forward pass."""
+    """Per-sample shapes of a model's taps, from one probe forward pass.
+
+    dense: True when the logits are per-pixel maps (segmentation), False for class vectors.
+    """
 
     num_classes: int
     stages: Tuple[Tuple[int, int, int], ...]
     embedding_dim: int
+    dense: bool = False
 
     @staticmethod
     def of(features: Features) -> "TapShapes":
@@ -58,4 +70,5 @@ class TapShapes:
             num_classes=int(features.logits.shape[1]),
             stages=tuple(tuple(int(d) for d in s.shape[1:]) for s in features.stages),
             embedding_dim=int(features.embedding.shape[1]),
+            dense=features.logits.dim() == 4,
         )

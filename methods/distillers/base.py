@@ -11,6 +11,7 @@ from methods.errors import ConfigError
 from methods.features import Features, TapShapes
 from methods.models.base import build_model, probe_taps
 from methods.registry import Registry
+from methods.tasks import CLASSIFICATION
 
 LossTerms = Dict[str, torch.Tensor]
 
@@ -35,15 +36,18 @@ class DataInfo:
     """Facts about the training split a distiller may need at construction.
 
     num_samples: N, the training-set size (CRD's memory bank has N rows).
-    labels:      (N,) int64 class of every training sample, indexed like the loader's ``index``.
+    labels:      (N,) int64 class of every training sample, indexed like the loader's ``index``
+                 (segmentation: -1 for every sample, an image has no single class).
     num_classes: number of classes.
-    input_shape: (C, H, W) of one input image.
+    input_shape: (C, H, W) of one input image (segmentation: of one training crop).
+    task:        ``methods.tasks.CLASSIFICATION`` or ``SEGMENTATION``.
     """
 
     num_samples: int
     labels: torch.Tensor
     num_classes: int
     input_shape: Tuple[int, int, int]
+    task: str = CLASSIFICATION
 
 
 class Distiller(nn.Module):

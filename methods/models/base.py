@@ -7,12 +7,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from methods.errors import ConfigError
 from methods.features import Features, TapShapes
 from methods.registry import Registry
+from methods.tasks import CLASSIFICATION
 
 
 class TappedModel(nn.Module):
-    """A classifier whose ``forward_features`` returns a :class:`Features` record.
+    """A classifier (or segmenter) whose ``forward_features`` returns a :class:`Features` record.
 
     ``forward(x)`` returns only the logits, so a trained student is a plain classifier.
     """
@@ -28,37 +30,48 @@ class TappedModel(nn.Module):
 class ModelEntry:
     """How to build one named model, and the recipe facts that belong to the architecture.
 
-    builder:    ``builder(num_classes) -> TappedModel``.
+    builder:    ``builder(num_classes) -> TappedModel``; segmentation models also take
+                ``in_channels`` (3 for images; 4 for LAD's label-assisted teacher).
     family:     architecture family (resnet, wrn, vgg, mobilenetv2, shufflenet, imagenet_resnet...).
     default_lr: the per-student learning rate of the standard CIFAR recipe (0.01 for the
                 MobileNetV2 and ShuffleNet students, 0.05 otherwise).
     input_size: the native input side in pixels (32 for the CIFAR zoo, 224 for ImageNet).
+    task:       the task its logits serve (``methods.tasks``): classification or segmentation.
     """
 
-    builder: Callable[[int], TappedModel]
+    builder: Callable[..., TappedModel]
     family: str
     default_lr: float = 0.05
     input_size: int = 32
+    task: str = CLASSIFICATION
 
 
 MODELS: Registry[ModelEntry] = Registry("model", "model")
 
 
-def register_model(name: str, family: str, default_lr: float = 0.05,
-                   input_size: int = 32) -> Callable[[Callable[[int], TappedModel]],
-                                                     Callable[[int], TappedModel]]:
+def register_model(name: str, family: str, default_lr: float = 0.05, input_size: int = 32,
+                   task: str = CLASSIFICATION) -> Callable[[Callable[..., TappedModel]],
+                                                           Callable[..., TappedModel]]:
     """Decorator: register ``builder(num_classes)`` under ``name``."""
 
-    def add(builder: Callable[[int], TappedModel]) -> Callable[[int], TappedModel]:
-        MODELS.register(name)(ModelEntry(builder, family, default_lr, input_size))
+    def add(builder: Callable[..., TappedModel]) -> Callable[..., TappedModel]:
+        MODELS.register(name)(ModelEntry(builder, family, default_lr, input_size, task))
         return builder
 
     return add
 
 
-def build_model(name: str, num_classes: int, field: str = "model") -> TappedModel:
-    """Build the registered model ``name`` with a ``num_classes``-way classifier."""
-    return MODELS.get(name, field).builder(num_classes)
+def build_model(name: str, num_classes: int, field: str = "model",
+                in_channels: int = 3) -> TappedModel:
+    """Build the registered model ``name`` with a ``num_classes``-way classifier (or per-pixel
+    head) reading ``in_channels`` input channels; only segmentation models take other than 3."""
+    entry = MODELS.get(name, field)
+    if in_channels == 3:
+        return entry.builder(num_classes)
+    if entry.task == CLASSIFICATION:
+        raise ConfigError(field, f"model {name!r} reads 3 input channels, not {in_channels}",
+                          fix="use a segmentation model (they take extra input channels)")
+    return entry.builder(num_classes, in_channels=in_channels)
 
 
 def probe_taps(model: TappedModel, input_shape: tuple[int, int, int]) -> TapShapes:
