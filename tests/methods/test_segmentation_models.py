@@ -147,7 +147,7 @@ def test_dilate_matches_torchvision_replace_stride_with_dilation() -> None:
     dilate(net.layer4, dilation=4, previous=2)
     reference = tvm.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
     convs = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
-    ref_convs = dict((n, m) for n, m in reference.named_modules() if isinstance(m, nn.Conv2d))
+    ref_convs = {n: m for n, m in reference.named_modules() if isinstance(m, nn.Conv2d)}
     for n, conv in convs:
         ref = ref_convs[n]
         assert (conv.stride, conv.dilation, conv.padding) == (
