@@ -26,6 +26,7 @@ from launch.compose import CONFIG_DIR
 def main(cfg: DictConfig) -> Dict[str, float]:
     from launch.cli import Session
     from launch.local import run_local
+    from orchestrator.metrics import headline
     from orchestrator.tracking import ensure_experiment
 
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
@@ -38,7 +39,7 @@ def main(cfg: DictConfig) -> Dict[str, float]:
     run.write_report()
     if not summary.ok:
         raise RuntimeError(summary.render())
-    return {job.title: session.store.result(job.job_id)["metrics"]["top1"] for job in session.graph.jobs}
+    return {job.title: headline(session.store.result(job.job_id)) for job in session.graph.jobs}
 
 
 # overrides that say where and how a study runs, not what it is: left out of report names

@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional
 from submitit.helpers import Checkpointable
 
 from orchestrator.distributed import DistEnv, detect_env
+from orchestrator.metrics import headline
 from orchestrator.runner import JobInterrupted, RunOptions, run_job
 from orchestrator.store import JobStore
 
@@ -83,7 +84,7 @@ class StoreTask(Checkpointable):
         for attempt in range(self.retries + 1):
             try:
                 result = run_job(spec, store, options)
-                return {"job_id": job_id, "status": "done", "top1": result["metrics"]["top1"]}
+                return {"job_id": job_id, "status": "done", "metric": headline(result)}
             except JobInterrupted as interrupted:
                 if interrupted.signum == signal.SIGUSR2:
                     # submitit's handler (restored once the runner returned) checkpoints this

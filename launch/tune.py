@@ -34,7 +34,7 @@ from orchestrator.study import JobGraph
 if TYPE_CHECKING:
     from launch.cli import Session
 
-METRICS = ("val/top1", "val/top5", "train/loss")
+METRICS = ("val/top1", "val/top5", "val/miou", "val/pixel_acc", "train/loss")
 MODES = ("max", "min")
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 TRIAL_FILE = "trial.json"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Type, TypeVar
+from typing import Any, Dict, Mapping, Type, TypeVar
 
 from methods.errors import ConfigError
 
@@ -44,3 +44,18 @@ def require_positive(name: str, value: float) -> None:
 def require_non_negative(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or value < 0:
         raise ConfigError(name, f"must be >= 0, got {value!r}", fix=f"set {name} to a value >= 0")
+
+
+def config_record(cfg: Any) -> Dict[str, Any]:
+    """Dataclass ``cfg`` as the plain dict a job spec holds (and hashes into the job id).
+
+    Fields the class lists in ``omitted_at_default`` are left out while at their default, so
+    adding such a setting leaves the ids of existing jobs unchanged; :func:`parse_config` fills
+    them back in.
+    """
+    record = dataclasses.asdict(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name in getattr(cfg, "omitted_at_default", ()):
+        if record[name] == defaults[name]:
+            del record[name]
+    return record

@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import ClassVar, List, Optional, Tuple
 
 from methods.config import require_positive
 from methods.errors import ConfigError
 
 AMP_MODES = ("none", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+LR_SCHEDULES = ("step", "poly")
 
 
 @dataclass
 class Recipe:
-    """SGD with step decay: lr is multiplied by ``lr_decay`` at each epoch in ``lr_milestones``.
+    """SGD with step decay: lr is multiplied by ``lr_decay`` at each epoch in ``lr_milestones``
+    (``lr_schedule=step``), or with the polynomial decay of segmentation recipes
+    (``lr_schedule=poly``): after optimizer step i of n, ``lr * (1 - i / n) ** lr_power``.
 
     ``lr=None`` takes the trained model's default (0.05; 0.01 for MobileNetV2/ShuffleNets).
     ``checkpoint_every_steps`` counts optimizer steps; epoch ends always checkpoint too.
@@ -34,6 +37,9 @@ class Recipe:
     channels_last: bool = False
     checkpoint_every_steps: int = 500
     device: str = "auto"
+    lr_schedule: str = "step"
+    lr_power: float = 0.9
+    omitted_at_default: ClassVar[Tuple[str, ...]] = ("lr_schedule", "lr_power")
 
     def validate(self) -> None:
         for name, least in (("epochs", 0), ("batch_size", 1), ("checkpoint_every_steps", 1)):
@@ -50,5 +56,9 @@ class Recipe:
             raise ConfigError("lr_milestones", f"must increase, got {list(self.lr_milestones)}")
         if self.amp not in AMP_MODES:
             raise ConfigError("amp", f"unknown mode {self.amp!r}", allowed=AMP_MODES)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError("lr_schedule", f"unknown schedule {self.lr_schedule!r}",
+                              allowed=LR_SCHEDULES)
+        require_positive("lr_power", self.lr_power)
         if self.device not in DEVICES:
             raise ConfigError("device", f"unknown device {self.device!r}", allowed=DEVICES)

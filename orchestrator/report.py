@@ -1,5 +1,9 @@
 """Paper-style results of a study: a markdown table (mean +- std over seeds), convergence
-speed, CSV and plots."""
+speed, CSV and plots (and, for segmentation, validation images with each method's prediction).
+
+Each column reports its dataset's task metric: top-1 accuracy for classification, mIoU for
+segmentation (``orchestrator.metrics``), both in percent.
+"""
 from __future__ import annotations
 
 import csv
@@ -8,7 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
+import torch
+
 from methods.distillers import DISTILLERS
+from methods.tasks import CLASSIFICATION, SEGMENTATION
+from orchestrator.data import DATASETS
+from orchestrator.metrics import primary_metric
+from orchestrator.runner import VAL_SAMPLES
+from orchestrator.seg_figure import draw_samples
 from orchestrator.spec import JobSpec
 from orchestrator.store import JobStore
 from orchestrator.study import JobGraph
@@ -98,15 +109,34 @@ def row_label(key: str) -> str:
     return f"{label} ({variant})" if variant else label
 
 
+def dataset_task(dataset: str) -> str:
+    """The task of registered dataset ``dataset`` (its Config's ``task``; classification)."""
+    return getattr(DATASETS.get(dataset).Config, "task", CLASSIFICATION)
+
+
+def study_metric(graph: JobGraph) -> str:
+    """The metric of the study's student datasets: ``top1``, or ``miou`` when they segment."""
+    tasks = {dataset_task(j.dataset) for j in graph.jobs if j.stage != "teacher"}
+    return primary_metric(SEGMENTATION if tasks == {SEGMENTATION} else CLASSIFICATION)
+
+
+def pair_teacher(job: JobSpec) -> str | None:
+    """The study pair's teacher a student job belongs to (a cross-task job reads another)."""
+    return job.labels.get("pair_teacher") or job.teacher
+
+
 def collect(graph: JobGraph, store: JobStore,
-            metric: str = "top1") -> Tuple[List[Column], List[str], Dict[Tuple[str, Column], Cell]]:
-    """Group results into cells keyed by (row, column).
+            metric: str | None = None) -> Tuple[List[Column], List[str],
+                                                Dict[Tuple[str, Column], Cell]]:
+    """Group results into cells keyed by (row, column); ``metric`` defaults to the study's.
 
     Columns are the study's pairs per dataset and training fraction; rows are the teacher
     variants and then the methods (and their ablation variants) in study order. A teacher-free
     job (the student alone) fills the cell of every pair whose student it trains, and a
-    teacher fills every column of its dataset whose teacher it is.
+    teacher fills every column of its dataset whose teacher it is. A cross-task job (its
+    teacher another architecture, or trained on another dataset) fills its pair's column.
     """
+    metric = metric or study_metric(graph)
     teacher_model = {j.job_id: j.model for j in graph.jobs if j.stage == "teacher"}
     students = [j for j in graph.jobs if j.stage != "teacher"]
     teachers = [j for j in graph.jobs if j.stage == "teacher"]
@@ -115,7 +145,8 @@ def collect(graph: JobGraph, store: JobStore,
     rows += sorted(dict.fromkeys(row_key(j) for j in students),
                    key=lambda key: (methods.index(key.partition(VARIANT_SEP)[0]), key))
     columns = list(dict.fromkeys(
-        Column(j.dataset, j.labels.get("fraction", ""), teacher_model[j.teacher_job], j.model)
+        Column(j.dataset, j.labels.get("fraction", ""),
+               j.labels.get("pair_teacher") or teacher_model[j.teacher_job], j.model)
         for j in students if j.teacher_job))
     cells: Dict[Tuple[str, Column], Cell] = {}
     for column in columns:
@@ -125,7 +156,8 @@ def collect(graph: JobGraph, store: JobStore,
             if job.stage == "teacher":
                 matches = job.model == column.teacher
             else:
-                matches = (job.model == column.student and job.teacher in (None, column.teacher)
+                matches = (job.model == column.student
+                           and pair_teacher(job) in (None, column.teacher)
                            and job.labels.get("fraction", "") == column.fraction)
             if not matches:
                 continue
@@ -148,12 +180,12 @@ def _table(columns: List[Column], rows: List[str], cells: Dict[Tuple[str, Column
     return "\n".join(lines)
 
 
-def markdown_table(graph: JobGraph, store: JobStore, metric: str = "top1") -> str:
-    """Accuracy per method (rows) and pair (columns), mean ± sample std over seeds."""
+def markdown_table(graph: JobGraph, store: JobStore, metric: str | None = None) -> str:
+    """The metric per method (rows) and pair (columns), mean ± sample std over seeds."""
     return _table(*collect(graph, store, metric), Cell.render)
 
 
-def convergence_table(graph: JobGraph, store: JobStore, metric: str = "top1") -> str:
+def convergence_table(graph: JobGraph, store: JobStore, metric: str | None = None) -> str:
     """Epochs until the seed-mean validation curve first reaches 90/95/99% of its final value."""
     columns, rows, cells = collect(graph, store, metric)
     students = [r for r in rows if not r.startswith(TEACHER_ROW)]
@@ -167,16 +199,22 @@ def convergence_table(graph: JobGraph, store: JobStore, metric: str = "top1") ->
     return _table(columns, students, cells, render)
 
 
-def write_report(graph: JobGraph, store: JobStore, folder: Path, metric: str = "top1") -> str:
-    """Write ``report.md``, ``report.csv``, ``accuracy.png`` and ``curves.png``; return the md."""
+METRIC_NAMES = {"top1": "Top-1 accuracy", "miou": "mIoU (ignore index 255, whole split)"}
+
+
+def write_report(graph: JobGraph, store: JobStore, folder: Path,
+                 metric: str | None = None) -> str:
+    """Write ``report.md``, ``report.csv``, ``accuracy.png`` and ``curves.png`` (and, for
+    segmentation studies, ``segmentation.png``); return the markdown."""
     folder.mkdir(parents=True, exist_ok=True)
+    metric = metric or study_metric(graph)
     columns, rows, cells = collect(graph, store, metric)
     seeds = sorted({j.seed for j in graph.jobs if j.stage != "teacher"})
     levels = "/".join(f"{level:.0%}" for level in CONVERGENCE_LEVELS)
-    text = (f"Top-1 accuracy (%) on the held-out split of study `{graph.study}`, last epoch, "
-            f"mean ± sample std over seeds {seeds}.\n\n"
+    text = (f"{METRIC_NAMES.get(metric, metric)} (%) on the held-out split of study "
+            f"`{graph.study}`, last epoch, mean ± sample std over seeds {seeds}.\n\n"
             f"{_table(columns, rows, cells, Cell.render)}\n\n"
-            f"Convergence: epochs until the seed-mean validation top-1 first reaches "
+            f"Convergence: epochs until the seed-mean validation {metric} first reaches "
             f"{levels} of its final value (curves in curves.png).\n\n"
             f"{convergence_table(graph, store, metric)}\n")
     (folder / "report.md").write_text(text)
@@ -194,6 +232,10 @@ def write_report(graph: JobGraph, store: JobStore, folder: Path, metric: str = "
                          + [epochs_to(curve, level) or "" for level in CONVERGENCE_LEVELS])
     _plot_accuracy(columns, rows, cells, folder / "accuracy.png", metric)
     _plot_curves(columns, rows, cells, folder / "curves.png", metric)
+    if plot_segmentation_samples(graph, store, folder / "segmentation.png"):
+        text += ("\nValidation images, their ground truth and each method's prediction "
+                 "(first seed): segmentation.png\n")
+        (folder / "report.md").write_text(text)
     return text
 
 
@@ -253,3 +295,27 @@ def _plot_curves(columns: List[Column], rows: List[str], cells: Dict[Tuple[str, 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_segmentation_samples(graph: JobGraph, store: JobStore, path: Path) -> bool:
+    """Draw the saved validation samples of the first segmentation dataset's finished jobs
+    (teachers, then each student row and pair, first seed) to ``path``; False if there are none."""
+    jobs = [j for j in graph.jobs if dataset_task(j.dataset) == SEGMENTATION]
+    if not jobs:
+        return False
+    dataset, seed = jobs[0].dataset, min(j.seed for j in jobs if j.stage != "teacher")
+    pairs = {pair_teacher(j) for j in jobs if j.stage != "teacher" and pair_teacher(j)}
+    panels = []
+    for job in jobs:
+        sample_file = store.job_dir(job.job_id) / VAL_SAMPLES
+        if job.dataset != dataset or (job.stage != "teacher" and job.seed != seed) \
+                or not sample_file.exists():
+            continue
+        title = row_label(row_key(job))
+        if job.stage == "teacher" or len(pairs) > 1:
+            title += f"\n{job.model}" if job.stage == "teacher" else f"\n{pair_teacher(job) or ''}→{job.model}"
+        panels.append((title, torch.load(sample_file, weights_only=True)))
+    if not panels:
+        return False
+    draw_samples(panels, path)
+    return True

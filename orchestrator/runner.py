@@ -27,12 +27,13 @@ from torch import nn
 
 from methods.config import parse_config
 from methods.distillers import DISTILLERS, Distiller
-from methods.models import build_model
+from methods.tasks import SEGMENTATION
 from orchestrator.atomic import atomic_write, write_json
 from orchestrator.checkpoint import (checkpoint_path, init_checkpoint_path, load_latest_checkpoint,
                                      save_checkpoint)
-from orchestrator.data import Data, build_data
+from orchestrator.data import Data, build_data, validate_dataset
 from orchestrator.distributed import ALONE, DistEnv, Ranks, process_group
+from orchestrator.metrics import TASK_METRICS, primary_metric
 from orchestrator.recipe import Recipe
 from orchestrator.spec import JobSpec
 from orchestrator.store import JobStore
@@ -67,7 +68,7 @@ class RunOptions:
     distributed: this process's place in a multi-process run of the job (every rank calls
                  :func:`run_job` with its own); None, or a world of one, runs it here alone.
     on_epoch:    called on rank 0 after each epoch with the epoch's 0-based index and its
-                 metrics (``val/top1`` in percent, ``train/loss``...), once they are logged
+                 metrics (``val/top1`` or ``val/miou`` in percent, ``train/loss``...), once they are logged
                  and checkpointed (a hyperparameter search reports them from here).
     """
 
@@ -117,16 +118,27 @@ def _preemption_flag() -> Iterator[List[int]]:
             signal.signal(sig, handler)
 
 
+def _teacher_classes(spec: JobSpec, store: JobStore, data: Data) -> int:
+    """The class count of the teacher job's dataset: the student's, unless the teacher was
+    trained on another dataset (cross-task distillation)."""
+    teacher = store.spec(spec.teacher_job)
+    if (teacher.dataset, teacher.dataset_cfg) == (spec.dataset, spec.dataset_cfg):
+        return data.info.num_classes
+    cfg = validate_dataset(teacher.dataset, teacher.dataset_cfg, f"{teacher.job_id}.dataset_cfg",
+                           require_data=False)
+    return cfg.class_count()
+
+
 def _build_distiller(spec: JobSpec, store: JobStore, data: Data, device: torch.device) -> Distiller:
     cls = DISTILLERS.get(spec.method)
     cfg = parse_config(cls.Config, spec.method_cfg, f"{spec.job_id}.method_cfg")
-    student = build_model(spec.model, data.info.num_classes)
+    student = cls.build_student(cfg, spec.model, data.info.num_classes)
     teacher = None
     if spec.teacher_job:
         weights = store.weights_path(spec.teacher_job)
         if not weights.exists():
             raise JobFailed(f"teacher job {spec.teacher_job} has no weights at {weights}")
-        teacher = cls.build_teacher(cfg, spec.teacher, data.info.num_classes)
+        teacher = cls.build_teacher(cfg, spec.teacher, _teacher_classes(spec, store, data))
         teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return cls(student, teacher, cfg, data.info).to(device)
 
@@ -156,6 +168,18 @@ def _restart_schedule(optimizer: torch.optim.Optimizer,
     schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
+def _schedule(optimizer: torch.optim.Optimizer, recipe: Recipe,
+              steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The recipe's learning-rate schedule: stepped per epoch (``step``) or per optimizer step
+    (``poly``: factor ``(1 - i / n) ** lr_power`` after step i of the job's n)."""
+    if recipe.lr_schedule == "poly":
+        total = max(1, recipe.epochs * steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: max(0.0, 1 - i / total) ** recipe.lr_power)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, recipe.lr_milestones,
+                                                gamma=recipe.lr_decay)
+
+
 def _trainable_state(distiller: Distiller) -> Dict[str, torch.Tensor]:
     """The distiller's state without the (frozen, reloadable) teacher."""
     return {k: v for k, v in distiller.state_dict().items() if not k.startswith("teacher.")}
@@ -168,26 +192,44 @@ def _trained_modules(distiller: Distiller) -> List[nn.Module]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Data, device: torch.device, recipe: Recipe,
+def evaluate(distiller: Distiller, data: Data, device: torch.device, recipe: Recipe,
              ranks: Ranks = ALONE) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy in percent over the whole held-out split.
+    """The task's metrics (:mod:`orchestrator.metrics`, in percent) of ``distiller.predict``
+    over the whole held-out split: top1/top5, or miou/pixel_acc.
 
-    Over several ``ranks`` (which must hold the same ``model``), rank r evaluates the batches
+    Over several ``ranks`` (which must hold the same network), rank r evaluates the batches
     ``i`` with ``i % world_size == r`` and the counts are summed: every rank returns the same.
     """
-    model.eval()
-    counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 hits, top-5 hits, samples
+    distiller.eval()
+    metrics = TASK_METRICS.get(data.info.task)(data.info.num_classes, device)
     for batch in data.val.batches(shard=ranks.part):
-        x = batch.x.to(device)
+        x, y = batch.x.to(device), batch.y.to(device)
         with _autocast(device, recipe):
-            logits = model(x).float()
-        y = batch.y.to(device)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        counts[0] += (top[:, 0] == y).sum()
-        counts[1] += (top == y[:, None]).any(dim=1).sum()
-        counts[2] += y.numel()
-    correct1, correct5, total = ranks.sum(counts).tolist()
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
+            logits = distiller.predict(x, y).float()
+        metrics.update(logits, y)
+    return metrics.result(ranks.sum(metrics.counts))
+
+
+#: The file of a segmentation job's validation samples (:func:`save_val_samples`).
+VAL_SAMPLES = "val_samples.pt"
+#: Validation images a segmentation job keeps with their predictions (for the report's figure).
+SAMPLE_IMAGES = 4
+
+
+@torch.no_grad()
+def save_val_samples(distiller: Distiller, data: Data, device: torch.device, recipe: Recipe,
+                     path: Path) -> None:
+    """Write the first ``SAMPLE_IMAGES`` validation images of a segmentation job to ``path``:
+    ``x`` (K, 3, H, W) float16 normalised images, ``y`` and ``pred`` (K, H, W) uint8 label maps
+    (255 = ignore), ``index`` (K,) their positions in the split."""
+    distiller.eval()
+    batch = next(iter(data.val.batches()))
+    x, y = batch.x[:SAMPLE_IMAGES].to(device), batch.y[:SAMPLE_IMAGES].to(device)
+    with _autocast(device, recipe):
+        pred = distiller.predict(x, y).float().argmax(dim=1)
+    samples = {"x": x.half().cpu(), "y": y.to(torch.uint8).cpu(),
+               "pred": pred.to(torch.uint8).cpu(), "index": batch.index[:SAMPLE_IMAGES].cpu()}
+    atomic_write(path, lambda f: torch.save(samples, f))
 
 
 @torch.no_grad()
@@ -265,7 +307,8 @@ def _run(spec: JobSpec, store: JobStore, options: RunOptions, ranks: Ranks) -> D
             tracker.finish("FAILED")
         raise
     if ranks.is_main:
-        store.update_state(job_id, status="done", last_metric=result["metrics"]["top1"])
+        store.update_state(job_id, status="done",
+                           last_metric=result["metrics"][primary_metric(result["task"])])
     if tracker:
         tracker.finish("FINISHED")
     return result
@@ -286,8 +329,8 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
     optimizer = torch.optim.SGD(distiller.learnable_parameters(), lr=recipe.lr,
                                 momentum=recipe.momentum, nesterov=recipe.nesterov,
                                 weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, recipe.lr_milestones,
-                                                    gamma=recipe.lr_decay)
+    steps = data.train.steps_per_epoch
+    schedule = _schedule(optimizer, recipe, steps)
     progress = _Progress()
     ckpt_dir = store.checkpoint_dir(spec.job_id)
     checkpoint = ranks.from_main(load_latest_checkpoint(ckpt_dir) if ranks.is_main else None)
@@ -319,7 +362,7 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
                          "seen": progress.seen},
         })
 
-    steps = data.train.steps_per_epoch
+    primary = primary_metric(data.info.task)
     bar = _progress_bar(spec, options, total=recipe.epochs * steps,
                         initial=progress.epoch * steps + progress.step) if ranks.is_main else None
     with _preemption_flag() as preempted:
@@ -340,6 +383,8 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
                              for name, value in {"loss": loss, **terms}.items()},
                     share=y.numel() / global_size, received=preempted)
                 optimizer.step()
+                if recipe.lr_schedule == "poly":
+                    schedule.step()
                 for name, value in sums.items():
                     progress.sums[name] = progress.sums.get(name, 0) + value
                 progress.seen += global_size
@@ -357,11 +402,12 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
             metrics = _end_epoch(progress, distiller, data, device, recipe, schedule, ranks)
             if ranks.is_main:
                 store.update_state(spec.job_id, epoch=progress.epoch,
-                                   last_metric=metrics["val/top1"])
+                                   last_metric=metrics[f"val/{primary}"])
             if tracker:
                 tracker.log_metrics(metrics, step=progress.epoch - 1)
             if bar is not None:
-                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", top1=f"{metrics['val/top1']:.1f}")
+                bar.set_postfix({"loss": f"{metrics['train/loss']:.3f}",
+                                 primary: f"{metrics[f'val/{primary}']:.1f}"})
             if ranks.is_main:
                 save()
                 if options.on_epoch is not None:
@@ -370,15 +416,16 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
         bar.close()
     if not progress.history:  # zero epochs: the initial weights are the result
         calibrate_batchnorm(distiller.student, data, device, recipe)
-        val = evaluate(distiller.student, data, device, recipe, ranks)
-        progress.history.append({"epoch": 0, "val/top1": val["top1"], "val/top5": val["top5"]})
+        val = evaluate(distiller, data, device, recipe, ranks)
+        progress.history.append({"epoch": 0, **{f"val/{k}": v for k, v in val.items()}})
     final = progress.history[-1]
+    metrics = {k[len("val/"):]: v for k, v in final.items() if k.startswith("val/")}
     result = {
         "job_id": spec.job_id, "stage": spec.stage, "method": spec.method,
         "teacher": spec.teacher, "student": spec.model, "dataset": spec.dataset,
-        "seed": spec.seed, "epochs": recipe.epochs,
-        "metrics": {"top1": final["val/top1"], "top5": final["val/top5"],
-                    "top1_best": max(h["val/top1"] for h in progress.history)},
+        "seed": spec.seed, "epochs": recipe.epochs, "task": data.info.task,
+        "metrics": {**metrics,
+                    f"{primary}_best": max(h[f"val/{primary}"] for h in progress.history)},
         "history": progress.history,
         "wall_time_s": time.time() - started,
         "world_size": ranks.part[1],
@@ -386,6 +433,9 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
     if ranks.is_main:
         weights = store.weights_path(spec.job_id)
         atomic_write(weights, lambda f: torch.save(distiller.exported_model().state_dict(), f))
+        if data.info.task == SEGMENTATION:
+            save_val_samples(distiller, data, device, recipe,
+                             store.job_dir(spec.job_id) / VAL_SAMPLES)
         write_json(store.job_dir(spec.job_id) / "result.json", result)
     if tracker:
         tracker.log_artifact(store.job_dir(spec.job_id) / "result.json")
@@ -413,11 +463,12 @@ def _end_epoch(progress: _Progress, distiller: Distiller, data: Data, device: to
         if not math.isfinite(value):
             raise JobFailed(f"non-finite {name} = {value} in epoch {progress.epoch}")
     ranks.average_norms(_trained_modules(distiller))
-    val = evaluate(distiller.student, data, device, recipe, ranks)
-    metrics = {**train, "val/top1": val["top1"], "val/top5": val["top5"],
+    val = evaluate(distiller, data, device, recipe, ranks)
+    metrics = {**train, **{f"val/{k}": v for k, v in val.items()},
                "lr": schedule.get_last_lr()[0]}
     progress.history.append({"epoch": progress.epoch, **metrics})
-    schedule.step()
+    if recipe.lr_schedule == "step":
+        schedule.step()
     progress.epoch += 1
     progress.step = 0
     progress.sums = {}

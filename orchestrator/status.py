@@ -27,7 +27,7 @@ def status_table(graph: JobGraph, store: JobStore,
     sched = 14 if views is not None else 0
     sched_head = f"  {'scheduler':{sched}}" if sched else ""
     header = (f"{'job':16}  {'stage':8}  {'job title':{width}}  {'state':11}{sched_head}  "
-              f"{'tries':>5}  {'epoch':>5}  {'top1':>6}")
+              f"{'tries':>5}  {'epoch':>5}  {'metric':>6}")
     lines = [header, "-" * len(header)]
     notes = []
     counts: dict[str, int] = {}

@@ -7,11 +7,12 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping
 
-from methods.config import parse_config
+from methods.config import config_record, parse_config
 from methods.distillers import DISTILLERS, TeacherRequest
 from methods.features import TapShapes
 from methods.errors import ConfigError
 from methods.models import MODELS, build_model, probe_taps
+from methods.tasks import CLASSIFICATION
 from orchestrator.data import dataset_record, validate_dataset
 from orchestrator.recipe import Recipe
 from orchestrator.spec import STAGES, JobSpec
@@ -32,7 +33,7 @@ def _resolve_recipe(values: Mapping[str, Any], model: str, field: str) -> Dict[s
     recipe = parse_config(Recipe, values, field)
     if recipe.lr is None:
         recipe.lr = MODELS.get(model).default_lr
-    return dataclasses.asdict(recipe)
+    return config_record(recipe)
 
 
 def _require_list(study: Mapping[str, Any], key: str) -> List[Any]:
@@ -52,11 +53,13 @@ def _model_taps(model: str, num_classes: int, input_shape: tuple[int, int, int])
 
 
 def _check_pair(method: str, method_cfg: Any, teacher: str | None, student: str,
-                input_shape: tuple[int, int, int], num_classes: int, field: str) -> None:
-    """Probe both models on the dataset's input shape and let the method refuse the pair."""
+                input_shape: tuple[int, int, int], num_classes: int, teacher_classes: int,
+                field: str) -> None:
+    """Probe both models on the student dataset's input shape (the teacher with the class count
+    of its own dataset) and let the method refuse the pair."""
     try:
         student_taps = _model_taps(student, num_classes, input_shape)
-        teacher_taps = _model_taps(teacher, num_classes, input_shape) if teacher else None
+        teacher_taps = _model_taps(teacher, teacher_classes, input_shape) if teacher else None
     except RuntimeError as err:
         raise ConfigError(field, f"{teacher or ''}->{student} cannot run on inputs of shape "
                           f"{input_shape}: {str(err).splitlines()[0]}",
@@ -156,13 +159,53 @@ def _add_teacher(jobs: Dict[str, JobSpec], request: TeacherRequest, model: str, 
     upstream = trainer.teacher_request(settings)
     spec = JobSpec(
         stage="teacher", method=request.trainer, model=model, seed=seed,
-        method_cfg=dataclasses.asdict(settings),
+        method_cfg=config_record(settings),
         recipe=recipe if request.trained else {**recipe, "epochs": 0},
         teacher=model if upstream else None,
         teacher_job=_add_teacher(jobs, upstream, model, seed, recipe, common) if upstream else None,
         **common)
     jobs.setdefault(spec.job_id, spec)
     return spec.job_id
+
+
+def _task(cfg: Any) -> str:
+    """The task of a dataset's parsed settings (classification unless the Config says)."""
+    return getattr(cfg, "task", CLASSIFICATION)
+
+
+def _require_task(model: str, task: str, field: str, dataset: str, teacher: bool = False) -> None:
+    """ConfigError at ``field`` unless zoo model ``model`` serves ``task``."""
+    model_task = MODELS.get(model, field).task
+    if model_task != task:
+        kind = ("a segmentation model (deeplabv3_*, pspnet_*, fcn_*, lraspp_*)"
+                if task != CLASSIFICATION else "a classifier")
+        cross = (f"; a {model_task} teacher needs a dataset of its task: set the method's "
+                 "teacher_dataset (cross-task KD, e.g. inverted_projection)") if teacher else ""
+        raise ConfigError(field, f"{model!r} is a {model_task} model, and dataset {dataset!r} "
+                          f"is a {task} dataset", fix=f"use {kind}{cross}")
+
+
+@dataclass(frozen=True)
+class TeacherData:
+    """Where a teacher trains: its dataset's spec fields and facts about it."""
+
+    common: Dict[str, Any]
+    task: str
+    num_classes: int
+
+
+def _teacher_data(name: str, study: Mapping[str, Any], require_data: bool,
+                  cache: Dict[str, TeacherData]) -> TeacherData:
+    """The dataset ``name`` a cross-task teacher trains on, with the settings under
+    ``study.teacher_datasets.<name>`` (its config's defaults when absent)."""
+    if name not in cache:
+        field = f"study.teacher_datasets.{name}"
+        cfg = validate_dataset(name, (study.get("teacher_datasets") or {}).get(name), field,
+                               require_data)
+        cache[name] = TeacherData({"dataset": name, "dataset_cfg": dataset_record(cfg),
+                                   "labels": {"study": study.get("name") or "study"}},
+                                  _task(cfg), cfg.class_count())
+    return cache[name]
 
 
 def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGraph:
@@ -192,6 +235,7 @@ def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGrap
             MODELS.get(pair[role], f"study.pairs[{i}].{role}")
 
     jobs: Dict[str, JobSpec] = {}
+    teacher_datasets: Dict[str, TeacherData] = {}
     teacher_seed = int(study.get("teacher_seed", 0))
     for dataset, dataset_values in datasets.items():
         dataset_field = f"study.datasets.{dataset}"
@@ -200,31 +244,57 @@ def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGrap
             input_shape, num_classes = dataset_cfg.input_shape(), dataset_cfg.class_count()
         except ConfigError as err:
             raise err.under(dataset_field) from None
+        task = _task(dataset_cfg)
+        for method in methods:
+            cls = DISTILLERS.get(method)
+            if task not in cls.tasks:
+                raise ConfigError(f"study.methods.{method}", f"method {method!r} trains "
+                                  f"{' and '.join(cls.tasks)} models, and dataset {dataset!r} is "
+                                  f"a {task} dataset", fix="use a method of that task: "
+                                  + ", ".join(m for m in DISTILLERS.names()
+                                              if task in DISTILLERS.get(m).tasks))
         common = {"dataset": dataset, "dataset_cfg": dataset_record(dataset_cfg),
                   "labels": {"study": name}}
+        own_data = TeacherData(common, task, num_classes)
         student_data = _fraction_variants(dataset, dataset_values, dataset_field, require_data,
                                           study.get("train_fractions"), common)
         for i, pair in enumerate(pairs):
-            teacher, student = pair["teacher"], pair["student"]
-            teacher_recipe = _resolve_recipe(study.get("teacher_recipe") or {}, teacher,
-                                             "study.teacher_recipe")
+            student = pair["student"]
+            _require_task(student, task, f"study.pairs[{i}].student", dataset)
             student_recipe = _resolve_recipe(study.get("student_recipe") or {}, student,
                                              "study.student_recipe")
             for variant in variants:
                 method, method_cfg = variant.method, variant.cfg
                 request = DISTILLERS.get(method).teacher_request(method_cfg)
-                _check_pair(method, method_cfg, teacher if request else None, student,
-                            input_shape, num_classes, f"study.pairs[{i}]")
-                teacher_job = (_add_teacher(jobs, request, teacher, teacher_seed, teacher_recipe,
-                                            common) if request else None)
+                teacher = (request.model or pair["teacher"]) if request else None
+                teacher_field = (f"study.methods.{method}.teacher_model"
+                                 if request and request.model else f"study.pairs[{i}].teacher")
+                teacher_data = own_data
+                if request and request.dataset:
+                    teacher_data = _teacher_data(request.dataset, study, require_data,
+                                                 teacher_datasets)
+                if teacher:
+                    _require_task(teacher, teacher_data.task, teacher_field,
+                                  teacher_data.common["dataset"], teacher=True)
+                _check_pair(method, method_cfg, teacher, student, input_shape, num_classes,
+                            teacher_data.num_classes, f"study.pairs[{i}]")
+                teacher_job = None
+                if request:
+                    teacher_recipe = _resolve_recipe(study.get("teacher_recipe") or {}, teacher,
+                                                     "study.teacher_recipe")
+                    teacher_job = _add_teacher(jobs, request, teacher, teacher_seed,
+                                               teacher_recipe, teacher_data.common)
+                cross = ({"pair_teacher": pair["teacher"]}
+                         if teacher not in (None, pair["teacher"]) or teacher_data is not own_data
+                         else {})
                 for data in student_data:
-                    labels = {**data["labels"],
+                    labels = {**data["labels"], **cross,
                               **({"variant": variant.label} if variant.label else {})}
                     for seed in seeds:
                         spec = JobSpec(
                             stage=variant.stage, method=method, model=student, seed=int(seed),
-                            method_cfg=dataclasses.asdict(method_cfg), recipe=student_recipe,
-                            teacher=teacher if request else None, teacher_job=teacher_job,
+                            method_cfg=config_record(method_cfg), recipe=student_recipe,
+                            teacher=teacher, teacher_job=teacher_job,
                             **{**data, "labels": labels})
                         jobs.setdefault(spec.job_id, spec)
     by_stage = sorted(jobs.values(), key=lambda job: STAGES.index(job.stage))

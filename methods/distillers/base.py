@@ -24,11 +24,16 @@ class TeacherRequest:
               classifier; a method-specific trainer such as HSAKD's for teachers with extra heads).
     settings: that trainer's settings (they enter the teacher job's id).
     trained:  False for a randomly initialised teacher: its job trains for zero epochs.
+    model:    the teacher's architecture when it is not the study pair's (cross-task KD).
+    dataset:  the dataset (a name the study's ``teacher_datasets`` may configure) the teacher
+              trains on when it is not the student's: a teacher of another task.
     """
 
     trainer: str = "vanilla"
     settings: Dict[str, Any] = field(default_factory=dict)
     trained: bool = True
+    model: str | None = None
+    dataset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,15 +64,18 @@ class Distiller(nn.Module):
     none of its parameters is handed to the optimizer.
 
     Subclasses set ``Config`` (a dataclass of the method's settings, whose fields are the
-    config keys) and ``display_name`` (the row label in reports). They may override
-    ``teacher_request`` (which teacher job they need; None for none), ``build_teacher`` (the
-    module that teacher job's weights load into), ``start_epoch`` (per-epoch schedule),
-    ``exported_model`` (what a job of this
-    method saves as its weights) and ``check_taps`` (refuse pairs whose taps cannot be matched).
+    config keys), ``display_name`` (the row label in reports) and ``tasks`` (the tasks of
+    ``methods.tasks`` they train). They may override ``teacher_request`` (which teacher job
+    they need; None for none), ``build_teacher`` / ``build_student`` (the modules the teacher
+    job's weights load into, and the network this job trains), ``start_epoch`` (per-epoch
+    schedule), ``predict`` (the logits a job of this method is evaluated on),
+    ``exported_model`` (what a job of this method saves as its weights) and ``check_taps``
+    (refuse pairs whose taps cannot be matched).
     """
 
     Config: ClassVar[Type[Any]]
     display_name: ClassVar[str] = ""
+    tasks: ClassVar[Tuple[str, ...]] = (CLASSIFICATION,)
 
     @classmethod
     def teacher_request(cls, cfg: Any) -> TeacherRequest | None:
@@ -78,6 +86,16 @@ class Distiller(nn.Module):
     def build_teacher(cls, cfg: Any, name: str, num_classes: int) -> nn.Module:
         """The teacher module, before its job's weights are loaded: model ``name`` by default."""
         return build_model(name, num_classes)
+
+    @classmethod
+    def build_student(cls, cfg: Any, name: str, num_classes: int) -> nn.Module:
+        """The network a job of this method trains: model ``name`` by default."""
+        return build_model(name, num_classes)
+
+    def predict(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Evaluation logits for images ``x`` (labels ``y`` are there for methods whose network
+        reads them, as LAD's teacher does): the student's by default."""
+        return self.student(x)
 
     def checked_taps(self, data: DataInfo) -> Tuple[TapShapes | None, TapShapes]:
         """Probe the teacher's and the student's taps on ``data.input_shape`` (one forward

@@ -24,7 +24,7 @@ projector with a ridge penalty: its optimal weight and the split of the loss int
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Tuple
+from typing import Any, ClassVar, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +33,10 @@ from torch import nn
 from methods.config import require_non_negative, require_positive
 from methods.distillers.base import (DataInfo, Distiller, LossTerms, TeacherRequest,
                                      register_distiller)
+from methods.distillers.segmentation_losses import supervised_loss
 from methods.errors import ConfigError
 from methods.features import Features, TapShapes
+from methods.tasks import CLASSIFICATION, SEGMENTATION
 
 DIRECTIONS = ("standard", "inverted")
 FEATURES = ("stage", "embedding")
@@ -143,7 +145,11 @@ class ProjectionConfig:
     embedding (pooled ``Features.embedding``); stage: index into ``Features.stages`` (negative
     counts from the last stage of each model); distance: mse | l1; weight: lambda > 0 of the
     projection loss; ce_weight: weight of CE (>= 0); teacher_init: trained | random (a randomly
-    initialised teacher job that trains zero epochs). Defaults are [KDFLOW]."""
+    initialised teacher job that trains zero epochs); aux_weight: the student's auxiliary CE
+    relative to its main CE, for segmentation models with an auxiliary head (0.4, CIRKD's);
+    teacher_model, teacher_dataset: a cross-task teacher, this architecture trained on this
+    dataset (e.g. a classifier for a segmentation student); "" = the study pair's teacher on the
+    student's dataset. Defaults are [KDFLOW]."""
 
     direction: str = "inverted"
     feature: str = "stage"
@@ -152,6 +158,11 @@ class ProjectionConfig:
     weight: float = 1.0
     ce_weight: float = 1.0
     teacher_init: str = "trained"
+    aux_weight: float = 0.4
+    teacher_model: str = ""
+    teacher_dataset: str = ""
+    omitted_at_default: ClassVar[Tuple[str, ...]] = ("aux_weight", "teacher_model",
+                                                     "teacher_dataset")
 
     def validate(self) -> None:
         _choose("direction", self.direction, DIRECTIONS)
@@ -163,6 +174,7 @@ class ProjectionConfig:
         require_positive("weight", self.weight)
         require_non_negative("ce_weight", self.ce_weight)
         _choose("teacher_init", self.teacher_init, TEACHER_INITS)
+        require_non_negative("aux_weight", self.aux_weight)
 
 
 def check_stage(stage: int, counts: dict[str, int]) -> None:
@@ -192,12 +204,14 @@ class ProjectionKD(Distiller):
     """
 
     display_name = "Projection KD"
+    tasks = (CLASSIFICATION, SEGMENTATION)
 
     Config = ProjectionConfig
 
     @classmethod
     def teacher_request(cls, cfg: ProjectionConfig) -> TeacherRequest:
-        return TeacherRequest(trained=cfg.teacher_init == "trained")
+        return TeacherRequest(trained=cfg.teacher_init == "trained",
+                              model=cfg.teacher_model or None, dataset=cfg.teacher_dataset or None)
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: ProjectionConfig,
                  data: DataInfo) -> None:
@@ -223,7 +237,7 @@ class ProjectionKD(Distiller):
         feats = self.student.forward_features(x)
         terms: LossTerms = {}
         if self.cfg.ce_weight > 0:
-            terms["loss_ce"] = self.cfg.ce_weight * F.cross_entropy(feats.logits, y)
+            terms["loss_ce"] = self.cfg.ce_weight * supervised_loss(feats, y, self.cfg.aux_weight)
         loss = projection_loss(select_feature(feats, self.cfg), z_t, self.projector,
                                self.cfg.direction, self.cfg.distance)
         terms["loss_proj"] = self.cfg.weight * loss

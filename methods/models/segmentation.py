@@ -6,13 +6,16 @@ nothing is ever downloaded.
 
 Heads, all reading the backbone's last stage:
 
-- ``deeplabv3``: torchvision's ``DeepLabHead`` (ASPP + conv3x3 + 1x1 classifier, 256 wide).
+- ``deeplabv3``: torchvision's ``DeepLabHead`` (ASPP + conv3x3 + 1x1 classifier, 256 wide); on
+                 the CIFAR backbones the same layers around torchvision's ``ASPP`` as wide as
+                 the last stage (``Backbone.head_width``).
 - ``fcn``:       torchvision's ``FCNHead`` (conv3x3 to C/4 + dropout + 1x1 classifier).
 - ``lraspp``:    torchvision's ``LRASPPHead`` (128 wide); it also reads the first stage as its
                  low-level input, one resolution step finer than the last (torchvision pairs
                  strides 8 and 16 on MobileNetV3; here 4 and 8).
 - ``pspnet``:    kdflow's own ``PSPHead`` (methods/models/seg_heads.py): pyramid pooling with
-                 bins 1/2/3/6, conv3x3 to 512, 1x1 classifier.
+                 bins 1/2/3/6, conv3x3 to 512 (twice ``head_width`` on the CIFAR backbones),
+                 1x1 classifier.
 
 DeepLabV3, PSPNet and FCN also carry torchvision's auxiliary ``FCNHead`` on the second-to-last
 stage (layer3 of the ResNets, CIRKD's c3); its upsampled logits are ``Features.aux``. LRASPP has
@@ -42,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.models.segmentation.lraspp import LRASPPHead
 
@@ -128,6 +131,10 @@ class Backbone:
     output_stride: input side / last stage side.
     atrous_rates:  DeepLabV3's ASPP rates for this backbone's maps at ``input_size``.
     input_size:    registered native input side.
+    head_width:    channels of the DeepLabV3 (ASPP) and PSPNet heads: the papers' 256 / 512 on
+                   the torchvision backbones; on the CIFAR ones a head as wide as the last
+                   stage (a 256-wide ASPP would hold ~95% of a ResNet8's weights and FLOPs),
+                   twice that for PSPNet.
     """
 
     build: Callable[[], TappedModel]
@@ -135,6 +142,7 @@ class Backbone:
     output_stride: int
     atrous_rates: Tuple[int, int, int]
     input_size: int
+    head_width: int = 256
 
 
 # torchvision's ASPP rates (12, 24, 36) suit 64-pixel maps (512 px at output stride 8); the
@@ -152,9 +160,9 @@ BACKBONES: Dict[str, Backbone] = {
     "resnet101": Backbone(partial(_bottleneck_resnet, tvm.resnet101), (256, 512, 1024, 2048), 8,
                           _TV_RATES, 512),
     "mobilenetv2": Backbone(_mobilenetv2, (24, 32, 96, 320), 8, _TV_RATES, 512),
-    **{name: Backbone(partial(_cifar_resnet, name), _NARROW, 4, _CIFAR_RATES, 64)
+    **{name: Backbone(partial(_cifar_resnet, name), _NARROW, 4, _CIFAR_RATES, 64, _NARROW[-1])
        for name in ("resnet8", "resnet20", "resnet56", "resnet110")},
-    **{name: Backbone(partial(_cifar_resnet, name), _WIDE, 4, _CIFAR_RATES, 64)
+    **{name: Backbone(partial(_cifar_resnet, name), _WIDE, 4, _CIFAR_RATES, 64, _WIDE[-1])
        for name in ("resnet8x4", "resnet32x4")},
 }
 
@@ -228,10 +236,24 @@ class HeadFamily:
     aux: bool
 
 
+def deeplab_head(in_channels: int, num_classes: int, rates: Tuple[int, int, int],
+                 width: int) -> nn.Module:
+    """torchvision's DeepLabV3 head (ASPP, conv3x3-BN-ReLU, 1x1 classifier) at ``width``
+    channels: ``DeepLabHead`` itself at its fixed 256, the same layers (and state-dict keys)
+    around torchvision's ``ASPP`` otherwise."""
+    if width == 256:
+        return DeepLabHead(in_channels, num_classes, rates)
+    return nn.Sequential(ASPP(in_channels, list(rates), width),
+                         nn.Conv2d(width, width, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, num_classes, 1))
+
+
 HEADS: Dict[str, HeadFamily] = {
-    "deeplabv3": HeadFamily(lambda b, k: DeepLabHead(b.stages[-1], k, b.atrous_rates),
+    "deeplabv3": HeadFamily(lambda b, k: deeplab_head(b.stages[-1], k, b.atrous_rates,
+                                                      b.head_width),
                             SegmentationModel, aux=True),
-    "pspnet": HeadFamily(lambda b, k: PSPHead(b.stages[-1], k), SegmentationModel, aux=True),
+    "pspnet": HeadFamily(lambda b, k: PSPHead(b.stages[-1], k, channels=2 * b.head_width),
+                         SegmentationModel, aux=True),
     "fcn": HeadFamily(lambda b, k: FCNHead(b.stages[-1], k), SegmentationModel, aux=True),
     "lraspp": HeadFamily(lambda b, k: LRASPPHead(b.stages[0], b.stages[-1], k, LRASPP_CHANNELS),
                          LRASPPModel, aux=False),

@@ -5,12 +5,11 @@ any job is submitted); ``build_data`` loads the dataset and returns its loaders.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, Mapping
 
 import torch
 
-from methods.config import parse_config
+from methods.config import config_record, parse_config
 from methods.errors import ConfigError
 from orchestrator.data import (cifar, cityscapes, digits, imagefolder, seg_synthetic,  # noqa: F401
                               synthetic, voc)  # (registers)
@@ -48,18 +47,8 @@ def validate_dataset(dataset_name: str, settings: Mapping[str, Any] | None, fiel
 
 
 def dataset_record(cfg: Any) -> Dict[str, Any]:
-    """``cfg`` as the plain dict a job spec holds (and hashes into the job id).
-
-    Fields the Config lists in ``omitted_at_default`` are left out while at their default, so
-    adding such a setting leaves the ids of existing jobs unchanged; the runner's parse fills
-    them back in.
-    """
-    record = dataclasses.asdict(cfg)
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    for name in getattr(cfg, "omitted_at_default", ()):
-        if record[name] == defaults[name]:
-            del record[name]
-    return record
+    """``cfg`` as the plain dict a job spec holds (:func:`methods.config.config_record`)."""
+    return config_record(cfg)
 
 
 def build_data(dataset_name: str, settings: Mapping[str, Any] | None, field: str,
