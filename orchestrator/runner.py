@@ -378,10 +378,11 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
                 loss = sum(terms.values())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                rows = y.shape[0]  # samples: a segmentation batch's losses are per-pixel means
                 sums, signals = ranks.reduce_step(
-                    params, {name: value.detach().float() * y.numel()
+                    params, {name: value.detach().float() * rows
                              for name, value in {"loss": loss, **terms}.items()},
-                    share=y.numel() / global_size, received=preempted)
+                    share=rows / global_size, received=preempted)
                 optimizer.step()
                 if recipe.lr_schedule == "poly":
                     schedule.step()
