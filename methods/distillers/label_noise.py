@@ -2,8 +2,12 @@
 
 Every class index k of a label map, and the ignore index as class ``C``, is replaced by a
 scalar code; Gaussian noise is added per pixel. Teacher training draws the codes per image and
-class from N(0, 1) (two independent draws give LAD's two paths); distillation uses the fixed
-codes ``(k - (C + 1) // 2) / 10`` (VOC, C = 21: (k - 11) / 10, as in the released code).
+class from N(0, 1) (two independent draws give LAD's two paths); distillation uses fixed codes
+spread evenly over the released code's range [-1.1, 1.0]: ``-1.1 + 2.1 k / C``, which is the
+released ``(k - 11) / 10`` for VOC (C = 21). Spreading them over that range for any C keeps the
+jumps between regions about as large as those of the N(0, 1) codes the teacher was trained on;
+the literal ``(k - (C + 1) // 2) / 10`` would squeeze 5 classes into [-0.3, 0.2] and leave the
+teacher an almost flat label channel.
 """
 from __future__ import annotations
 
@@ -18,9 +22,16 @@ def code_indices(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.where(y == IGNORE_INDEX, torch.full_like(y, num_classes), y).long()
 
 
+#: The released code's fixed codes span (0 - 11) / 10 .. (21 - 11) / 10.
+FIXED_CODE_RANGE = (-1.1, 1.0)
+
+
 def fixed_codes(num_classes: int) -> torch.Tensor:
-    """(num_classes + 1,) float32 codes ``(k - (num_classes + 1) // 2) / 10``, k = 0..C."""
-    return (torch.arange(num_classes + 1, dtype=torch.float32) - (num_classes + 1) // 2) / 10
+    """(num_classes + 1,) float32 codes for k = 0..C (C = the ignore index's code), evenly
+    spaced over :data:`FIXED_CODE_RANGE`: ``-1.1 + 2.1 k / C`` (= (k - 11) / 10 for C = 21)."""
+    low, high = FIXED_CODE_RANGE
+    k = torch.arange(num_classes + 1, dtype=torch.float64)
+    return (low + (high - low) * k / num_classes).float()
 
 
 def random_code_map(y: torch.Tensor, num_classes: int, pixel_std: float) -> torch.Tensor:

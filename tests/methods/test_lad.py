@@ -49,6 +49,12 @@ def test_teacher_training_codes_are_standard_normal_per_image_and_class_with_sma
 
 def test_distillation_codes_are_the_fixed_ones_with_their_noise():
     assert torch.allclose(fixed_codes(VOC_CLASSES), (torch.arange(22) - 11) / 10)
+    # other class counts keep the released range, evenly spaced (ignore = the top code)
+    for classes in (5, 19):
+        codes = fixed_codes(classes)
+        assert codes.shape == (classes + 1,)
+        assert torch.allclose(codes[[0, -1]], torch.tensor([-1.1, 1.0]))
+        assert torch.allclose(codes.diff(), torch.full((classes,), 2.1 / classes))
     torch.manual_seed(1)
     y = label_maps(64, 32, VOC_CLASSES)
     clean = fixed_code_map(y, VOC_CLASSES, pixel_std=0.0)
