@@ -27,6 +27,8 @@ USAGE_EXAMPLES = """examples:
                                                submit the whole study to SLURM and return
   kdflow status launcher=slurm                 job states joined with squeue/sacct
   kdflow cancel launcher=slurm                 cancel the study's queued and running jobs
+  kdflow sync tracking_uri=http://mlflow:5000  send what jobs kept while the server was down
+  kdflow server --port 5000                    browse the study's MLflow store on 127.0.0.1
   kdflow run -m study.methods.kd.temperature=2,4,8   one study per value (a Hydra sweep)
   kdflow tune search=kd study=quick            a Ray Tune search over one KD job's settings
   kdflow tune search=kd search.num_samples=32 search.max_concurrent=4
@@ -45,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
                        ("status", "show each job of the study: state, attempts, last metric"),
                        ("report", "write the study's table (markdown, CSV) and plots"),
                        ("cancel", "cancel the study's queued and running jobs (launcher=slurm)"),
+                       ("sync", "send the tracking calls jobs kept while the MLflow server "
+                                "was unreachable"),
+                       ("server", "serve the study's MLflow store (mlflow server) on "
+                                  "127.0.0.1 unless --host is given"),
                        ("tune", "search one job's settings with Ray Tune (search=<name>; "
                                 "configs/search/)")):
         sub = verbs.add_parser(verb, help=text, description=text)
@@ -56,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--dry-run", action="store_true",
                              help="validate the study and print its job plan; run nothing "
                                   "(the datasets' files need not exist)")
+        if verb == "server":
+            sub.add_argument("--host", default="127.0.0.1",
+                             help="address to bind (default 127.0.0.1: this machine only)")
+            sub.add_argument("--port", type=int, default=5000, help="TCP port (default 5000)")
+            sub.add_argument("--workers", type=int, default=1,
+                             help="server processes (default 1)")
     data = verbs.add_parser("data", help="dataset files: `kdflow data prepare DATASET`",
                             description="dataset files")
     actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -117,12 +129,12 @@ class Session:
 
 
 def _run(session: Session) -> int:
-    from orchestrator.tracking import ensure_experiment
+    from orchestrator.tracking import prepare_experiment
 
     jobs = session.graph.jobs
     print(f"study {session.graph.study}: {len(jobs)} jobs "
           f"({sum(j.stage == 'teacher' for j in jobs)} of them teacher jobs), outputs in {session.output_dir}")
-    ensure_experiment(session.tracking_uri, session.graph.study)
+    prepare_experiment(session.tracking_uri, session.graph.study)
     return session.launcher.run(session.study_run())
 
 
@@ -166,6 +178,12 @@ def _tune(session: Session) -> int:
     return run_search(plan_search(session))
 
 
+def _sync(session: Session) -> int:
+    from launch.tracking_cli import sync_command
+
+    return sync_command(session)
+
+
 def _data(args: argparse.Namespace) -> int:
     from launch.data_cli import prepare_command
 
@@ -177,7 +195,8 @@ def _data(args: argparse.Namespace) -> int:
         return 2
 
 
-VERBS = {"run": _run, "status": _status, "report": _report, "cancel": _cancel, "tune": _tune}
+VERBS = {"run": _run, "status": _status, "report": _report, "cancel": _cancel, "tune": _tune,
+         "sync": _sync}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -200,8 +219,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         dry_run = getattr(args, "dry_run", False)
         points = [(args.overrides, "")]
         if args.multirun:
+            from launch.compose import check_overrides
             from launch.multirun import sweep_points
 
+            check_overrides(args.overrides)  # names the override Hydra cannot parse
             points = sweep_points(args.overrides)
         # every point is composed and validated before any job starts
         sessions = [Session.compose(p, require_data=not dry_run, point=name) for p, name in points]
@@ -210,6 +231,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             print("\n---\n".join(OmegaConf.to_yaml(s.cfg) for s in sessions))
             return 0
+        if args.verb == "server":
+            from launch.tracking_cli import server_command
+
+            server_command(sessions[0], args.host, args.port, args.workers)
         codes = []
         for session in sessions:
             if args.multirun:

@@ -1,36 +1,73 @@
-"""MLflow tracking of jobs: one experiment per study, one run per job, per-epoch metrics."""
+"""MLflow tracking of jobs: one experiment per study, one run per job, per-epoch metrics.
+
+Every call a job makes to MLflow is first written to its outbox
+(:mod:`orchestrator.tracking_outbox`), then sent. A server that is down, or stops mid-run,
+never stops training: what could not be sent stays in the job folder and goes out, in order
+and exactly once, at the next epoch or through ``kdflow sync`` (:func:`sync_job`).
+"""
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import logging
+import os
 import random
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, TypeVar
 
 from orchestrator.spec import JobSpec
+from orchestrator.tracking_outbox import Outbox, OutboxContents
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: The scheme of an embedded (file) SQLite store's URI.
+SQLITE_PREFIX = "sqlite:///"
 TAG_FIELDS = ("job_id", "stage", "method", "teacher", "student", "dataset", "seed")
+#: A tag naming the outbox record that created a run, so that a ``create_run`` whose reply was
+#: lost is found again instead of making a second run.
+RUN_TOKEN_TAG = "kdflow.run_token"
+#: MLflow's HTTP client retries a refused connection for minutes by default; a job whose server
+#: is down should notice in seconds and carry on (the outbox keeps what it could not send).
+#: Values already set in the environment win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def resolve_tracking_uri(tracking_uri: Optional[str], output_dir: Path | str) -> str:
     """``tracking_uri`` as given, or the embedded SQLite store ``<output_dir>/mlflow.db``."""
     if tracking_uri:
         return tracking_uri
-    return "sqlite:///" + str((Path(output_dir) / "mlflow.db").resolve())
+    return SQLITE_PREFIX + str((Path(output_dir) / "mlflow.db").resolve())
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from) says the server could not be reached:
+    connection refused or reset, or no answer in time."""
+    import requests
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _retry(call: Callable[[], T], what: str, attempts: int = 6) -> T:
-    """Run ``call`` with exponential backoff (SQLite answers 'database is locked' under load)."""
+    """Run ``call`` with exponential backoff (SQLite answers 'database is locked' under load).
+
+    An unreachable server is not retried here: MLflow's HTTP client has already retried it.
+    """
     for attempt in range(attempts):
         try:
             return call()
         except Exception as err:  # mlflow raises several unrelated types for a busy store
-            if attempt == attempts - 1:
+            if attempt == attempts - 1 or unreachable(err):
                 raise
             delay = 0.2 * 2 ** attempt * (1 + random.random())
             log.debug("mlflow %s failed (%s); retrying in %.1fs", what, err, delay)
@@ -72,10 +109,10 @@ def job_params(spec: JobSpec) -> Dict[str, str]:
 def _schema_lock(tracking_uri: str) -> Iterator[None]:
     """For a SQLite store, an exclusive flock beside the database file: processes that open a
     fresh store at once (sweep points starting together) would race creating its tables."""
-    if not tracking_uri.startswith("sqlite:///"):
+    if not tracking_uri.startswith(SQLITE_PREFIX):
         yield
         return
-    database = Path(tracking_uri[len("sqlite:///"):])
+    database = Path(tracking_uri[len(SQLITE_PREFIX):])
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{database}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -85,56 +122,175 @@ def _schema_lock(tracking_uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_experiment(tracking_uri: str, name: str) -> str:
-    """Create the study's experiment if needed (also creates the SQLite schema); its id."""
-    with _schema_lock(tracking_uri):
-        return _ensure_experiment(tracking_uri, name)
+def mlflow_client(tracking_uri: str) -> Any:
+    """An ``MlflowClient`` for ``tracking_uri``, with short HTTP retries (:data:`HTTP_DEFAULTS`).
 
-
-def _ensure_experiment(tracking_uri: str, name: str) -> str:
+    Opening a SQLite store creates its tables if needed, under :func:`_schema_lock`.
+    """
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    experiment = _retry(lambda: client.get_experiment_by_name(name), "get_experiment")
-    if experiment is not None:
-        return experiment.experiment_id
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    with _schema_lock(tracking_uri):
+        return MlflowClient(tracking_uri)
+
+
+def artifact_location(tracking_uri: str) -> Optional[str]:
+    """Where a new experiment of ``tracking_uri`` keeps its artifacts: ``mlartifacts/`` beside
+    an embedded SQLite store (MLflow's default, ``./mlruns``, would follow the working
+    directory); None for a server, which decides."""
+    if not tracking_uri.startswith(SQLITE_PREFIX):
+        return None
+    return (Path(tracking_uri[len(SQLITE_PREFIX):]).parent / "mlartifacts").as_uri()
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """Create the study's experiment if needed (also creates the SQLite schema); its id.
+
+    Processes creating it at once agree: the losers of the race read the winner's.
+    """
+    return _ensure_experiment(mlflow_client(tracking_uri), name, artifact_location(tracking_uri))
+
+
+def prepare_experiment(tracking_uri: str, name: str) -> None:
+    """:func:`ensure_experiment`, or a warning if the store cannot be reached: the study runs
+    anyway and its jobs keep what they could not send in their outboxes."""
     try:
-        return _retry(lambda: client.create_experiment(name), "create_experiment")
-    except Exception:
+        ensure_experiment(tracking_uri, name)
+    except Exception as err:
+        log.warning("MLflow at %s is unreachable (%s); jobs run anyway and keep their tracking "
+                    "in their folders until `kdflow sync` sends it", tracking_uri, err)
+
+
+def _ensure_experiment(client: Any, name: str, artifacts: Optional[str]) -> str:
+    def get_or_create() -> str:
         experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+        if experiment is not None:
+            return experiment.experiment_id
+        # fails if another process won: try again
+        return client.create_experiment(name, artifact_location=artifacts)
+
+    return _retry(get_or_create, "create_experiment")
 
 
-class JobTracker:
-    """Logs one job to MLflow; a resumed job continues its earlier run.
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
-    Tracking failures never stop training: they are logged as warnings and the job goes on.
+
+@dataclass
+class FlushReport:
+    """What one :meth:`OutboxSender.flush` did.
+
+    sent:    the records that reached MLflow, in order (outbox records: ``seq``, ``op``...);
+    pending: how many records are still unsent;
+    error:   why sending stopped early (None: everything was sent).
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, spec: JobSpec,
-                 run_id: Optional[str]) -> None:
-        from mlflow.tracking import MlflowClient
+    sent: List[Dict[str, Any]] = field(default_factory=list)
+    pending: int = 0
+    error: Optional[BaseException] = None
 
-        self.client = MlflowClient(tracking_uri)
+
+class OutboxSender:
+    """Sends a job's outbox to MLflow in order, each record exactly once.
+
+    A record sent in an earlier attempt whose acknowledgement may be missing (the process died,
+    the reply was lost) is checked against the server first: a run is looked up by its
+    :data:`RUN_TOKEN_TAG`, a metric by its (name, step), which MLflow would otherwise store twice.
+    ``on_run`` is called with the run id as soon as it is known.
+    """
+
+    def __init__(self, tracking_uri: str, outbox: Outbox, run_id: Optional[str] = None,
+                 on_run: Optional[Callable[[str], None]] = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.outbox = outbox
+        self.on_run = on_run
         self.run_id = run_id
-        self.ok = True
-        try:
-            if self.run_id is None:
-                experiment_id = ensure_experiment(tracking_uri, experiment)
-                run = _retry(lambda: self.client.create_run(
-                    experiment_id, tags=job_tags(spec), run_name=spec.title), "create_run")
-                self.run_id = run.info.run_id
-                self._log_params(job_params(spec))
-            else:
-                _retry(lambda: self.client.update_run(self.run_id, status="RUNNING"), "update_run")
-        except Exception as err:
-            self._disable(err)
+        self._client: Any = None
+        self._fresh: Set[int] = set()  # seqs appended by this process and never tried
+        self._steps_on_server: Dict[str, Set[int]] = {}  # per flush: metric name -> its steps
 
-    def _disable(self, err: Exception) -> None:
-        log.warning("MLflow tracking unavailable, training goes on without it: %s", err)
-        self.ok = False
+    @property
+    def client(self) -> Any:
+        """The MLflow client, made on first use (inside a flush, whose errors it may raise)."""
+        if self._client is None:
+            self._client = mlflow_client(self.tracking_uri)
+        return self._client
+
+    def contents(self) -> OutboxContents:
+        """The outbox as on disk (call under ``outbox.locked()``); learns its run id."""
+        contents = self.outbox.read()
+        if contents.run_id and contents.run_id != self.run_id:
+            self.set_run(contents.run_id)
+        return contents
+
+    def append(self, contents: OutboxContents, op: str, **fields: Any) -> None:
+        self._fresh.add(self.outbox.append(contents, op, **fields)["seq"])
+
+    def flush(self) -> FlushReport:
+        """Send every pending record, stopping at the first that fails."""
+        with self.outbox.locked():
+            contents = self.contents()
+            report = FlushReport()
+            self._steps_on_server = {}
+            for record in contents.pending:
+                verify = record["seq"] not in self._fresh
+                self._fresh.discard(record["seq"])
+                try:
+                    run_id = self._send(record, contents, verify)
+                except Exception as err:
+                    report.error = err
+                    break
+                self.outbox.ack(contents, record["seq"], run_id)
+                report.sent.append(record)
+            report.pending = len(contents.pending)
+            return report
+
+    def set_run(self, run_id: str) -> None:
+        """Note that the job's run is ``run_id`` (and tell ``on_run``)."""
+        self.run_id = run_id
+        if self.on_run is not None:
+            self.on_run(run_id)
+
+    def _send(self, record: Dict[str, Any], contents: OutboxContents,
+              verify: bool) -> Optional[str]:
+        """Make ``record``'s call; the run id a ``create_run`` made (None for other ops)."""
+        op = record["op"]
+        if op == "create_run":
+            return self._create_run(record, verify)
+        if self.run_id is None:
+            raise RuntimeError(f"outbox record {record['seq']} ({op}) precedes any run")
+        if op == "params":
+            self._log_params(record["params"])
+        elif op == "metrics":
+            self._log_metrics(record, contents, verify)
+        elif op == "artifact":
+            self._log_artifact(Path(record["path"]))
+        elif op == "status" and record["status"] == "RUNNING":
+            _retry(lambda: self.client.update_run(self.run_id, status="RUNNING"), "update_run")
+        elif op == "status":
+            _retry(lambda: self.client.set_terminated(self.run_id, status=record["status"],
+                                                      end_time=record["time_ms"]), "terminate")
+        else:
+            raise ValueError(f"outbox record {record['seq']} has unknown op {op!r}")
+        return None
+
+    def _create_run(self, record: Dict[str, Any], verify: bool) -> str:
+        if self.run_id is not None:  # the run exists already (recorded in the job's state)
+            return self.run_id
+        experiment_id = ensure_experiment(self.tracking_uri, record["experiment"])
+        token = record["tags"][RUN_TOKEN_TAG]
+        found = _retry(lambda: self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`{RUN_TOKEN_TAG}` = '{token}'"),
+            "search_runs") if verify else []
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            run_id = _retry(lambda: self.client.create_run(
+                experiment_id, start_time=record["time_ms"], tags=record["tags"],
+                run_name=record["run_name"]), "create_run").info.run_id
+        self.set_run(run_id)
+        return run_id
 
     def _log_params(self, params: Dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -144,31 +300,118 @@ class JobTracker:
             chunk = items[start:start + 100]
             _retry(lambda: self.client.log_batch(self.run_id, params=chunk), "log_params")
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        if not self.ok:
-            return
+    def _log_metrics(self, record: Dict[str, Any], contents: OutboxContents,
+                     verify: bool) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        try:
+        step = record["step"]
+        done = contents.acked_metric_steps()
+        names = [name for name in record["metrics"] if (name, step) not in done]
+        if verify:
+            names = [name for name in names if step not in self._server_steps(name)]
+        batch = [Metric(name, float(record["metrics"][name]), record["time_ms"], step)
+                 for name in names]
+        if batch:
             _retry(lambda: self.client.log_batch(self.run_id, metrics=batch), "log_metrics")
-        except Exception as err:
-            self._disable(err)
+        for name in names:
+            if name in self._steps_on_server:
+                self._steps_on_server[name].add(step)
+
+    def _server_steps(self, name: str) -> Set[int]:
+        """The steps at which the run has metric ``name`` in MLflow (fetched once per flush)."""
+        if name not in self._steps_on_server:
+            history = _retry(lambda: self.client.get_metric_history(self.run_id, name),
+                             "get_metric_history")
+            self._steps_on_server[name] = {m.step for m in history}
+        return self._steps_on_server[name]
+
+    def _log_artifact(self, path: Path) -> None:
+        if not path.exists():
+            log.warning("%s is gone; not uploading it to MLflow", path)
+            return
+        _retry(lambda: self.client.log_artifact(self.run_id, str(path)), "log_artifact")
+
+
+def sync_job(tracking_uri: str, job_dir: Path, run_id: Optional[str],
+             on_run: Optional[Callable[[str], None]] = None) -> FlushReport:
+    """Send what the job in ``job_dir`` (whose run is ``run_id``, if known) still keeps."""
+    return OutboxSender(tracking_uri, Outbox(job_dir), run_id, on_run).flush()
+
+
+def reachability_problem(tracking_uri: str) -> Optional[str]:
+    """Why the tracking server at ``tracking_uri`` cannot be reached; None if it answers
+    (an embedded SQLite store always does)."""
+    if tracking_uri.startswith(SQLITE_PREFIX):
+        return None
+    try:
+        mlflow_client(tracking_uri).search_experiments(max_results=1)
+    except Exception as err:
+        return str(err)
+    return None
+
+
+class JobTracker:
+    """Logs one job to MLflow through the outbox in ``job_dir``; a resumed job continues its
+    earlier run (``run_id``, or the one its outbox created).
+
+    Tracking failures never stop training: each call is kept in the outbox, and every call
+    (each epoch at least) first sends what is still pending. ``on_run`` is called with the
+    run id once MLflow has it (at once if the run exists already).
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, spec: JobSpec,
+                 run_id: Optional[str], job_dir: Path,
+                 on_run: Optional[Callable[[str], None]] = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.sender = OutboxSender(tracking_uri, Outbox(job_dir), run_id, on_run)
+        self.offline = False
+        with self.sender.outbox.locked():
+            contents = self.sender.contents()
+            if self.sender.run_id is not None:
+                self.sender.append(contents, "status", status="RUNNING", time_ms=_now_ms())
+            elif not any(r["op"] == "create_run" for r in contents.records):
+                tags = {**job_tags(spec), RUN_TOKEN_TAG: uuid.uuid4().hex}
+                self.sender.append(contents, "create_run", experiment=experiment, tags=tags,
+                                   run_name=spec.title, time_ms=_now_ms())
+                self.sender.append(contents, "params", params=job_params(spec))
+        self._flush()
+
+    @property
+    def run_id(self) -> Optional[str]:
+        """The job's MLflow run (None while the server has not been reached yet)."""
+        return self.sender.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log ``metrics`` (name -> value) at ``step`` (the epoch's 0-based index)."""
+        self._record("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=step,
+                     time_ms=_now_ms())
 
     def log_artifact(self, path: Path) -> None:
-        if not self.ok:
-            return
-        try:
-            _retry(lambda: self.client.log_artifact(self.run_id, str(path)), "log_artifact")
-        except Exception as err:
-            log.warning("could not upload %s to MLflow: %s", path, err)
+        """Upload the file at ``path`` (while the server is down: at the next flush)."""
+        self._record("artifact", flush=not self.offline, path=str(Path(path).resolve()))
 
     def finish(self, status: str) -> None:
         """``status``: FINISHED, FAILED or KILLED (interrupted, to be resumed)."""
-        if not self.ok:
-            return
-        try:
-            _retry(lambda: self.client.set_terminated(self.run_id, status=status), "terminate")
-        except Exception as err:
-            self._disable(err)
+        report = self._record("status", status=status, time_ms=_now_ms())
+        if report is not None and report.pending:
+            log.warning("%d MLflow call(s) of this job are kept in %s; `kdflow sync` sends them "
+                        "once %s answers", report.pending, self.sender.outbox.path,
+                        self.tracking_uri)
+
+    def _record(self, op: str, flush: bool = True, **fields: Any) -> Optional[FlushReport]:
+        """Keep an ``op`` call in the outbox; then, if ``flush``, send what is pending."""
+        with self.sender.outbox.locked():
+            self.sender.append(self.sender.contents(), op, **fields)
+        return self._flush() if flush else None
+
+    def _flush(self) -> FlushReport:
+        report = self.sender.flush()
+        if report.error is not None and not self.offline:
+            log.warning("MLflow at %s failed (%s); training goes on, %d call(s) kept in %s and "
+                        "sent at the next epoch or by `kdflow sync`", self.tracking_uri,
+                        report.error, report.pending, self.sender.outbox.path)
+        elif report.error is None and self.offline:
+            log.info("MLflow at %s answers again: sent %d kept call(s)", self.tracking_uri,
+                     len(report.sent))
+        self.offline = report.error is not None
+        return report

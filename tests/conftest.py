@@ -23,6 +23,13 @@ SMALL_STUDY: Dict[str, Any] = {
 }
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "reliability: fault-injection tests (crashes, outages, bad input, security); "
+        "run them alone with pytest -m reliability")
+
+
 @pytest.fixture
 def study() -> Dict[str, Any]:
     """A fresh copy of a two-method study on generated data (a few seconds to run)."""
