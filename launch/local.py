@@ -68,6 +68,7 @@ def run_local(graph: JobGraph, output_dir: str, options: RunOptions,
     workers = workers or default_workers()
     workers = max(1, min(workers, len(pending) or 1))
     finished = set(summary.skipped)
+    titles = {job.job_id: job.title for job in graph.jobs}
 
     def ready() -> List[str]:
         return [j for j, needs in pending.items() if all(n in finished for n in needs)]
@@ -88,7 +89,8 @@ def run_local(graph: JobGraph, output_dir: str, options: RunOptions,
             summary.interrupted.append(job_id)
         else:
             summary.failed[job_id] = f"{type(error).__name__}: {error}"
-            block_dependents(job_id, f"needs job {job_id}, which failed")
+            block_dependents(job_id, f"needs job {job_id} ({titles[job_id]}), which failed: "
+                                     f"{summary.failed[job_id]}")
 
     if workers == 1:
         while (todo := ready()) and not summary.interrupted:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import math
 import signal
 import threading
 import time
@@ -28,11 +27,13 @@ from torch import nn
 from methods.config import parse_config
 from methods.distillers import DISTILLERS, Distiller
 from methods.tasks import SEGMENTATION
-from orchestrator.atomic import atomic_write, write_json
-from orchestrator.checkpoint import (checkpoint_path, init_checkpoint_path, load_latest_checkpoint,
-                                     save_checkpoint)
+from orchestrator.atomic import atomic_write, remove_partial_writes, write_json
+from orchestrator.checkpoint import (CheckpointRejected, checkpoint_path, init_checkpoint_path,
+                                     load_latest_checkpoint, read_sealed, save_checkpoint,
+                                     write_sealed)
 from orchestrator.data import Data, build_data, validate_dataset
 from orchestrator.distributed import ALONE, DistEnv, Ranks, process_group
+from orchestrator.loss_guard import TOTAL, LossGuard
 from orchestrator.metrics import TASK_METRICS, primary_metric
 from orchestrator.recipe import Recipe
 from orchestrator.spec import JobSpec
@@ -139,20 +140,51 @@ def _build_distiller(spec: JobSpec, store: JobStore, data: Data, device: torch.d
         if not weights.exists():
             raise JobFailed(f"teacher job {spec.teacher_job} has no weights at {weights}")
         teacher = cls.build_teacher(cfg, spec.teacher, _teacher_classes(spec, store, data))
-        teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        try:
+            teacher.load_state_dict(read_sealed(weights))
+        except CheckpointRejected as err:
+            raise JobFailed(f"the weights of teacher job {spec.teacher_job} cannot be used: "
+                            f"{err}; delete {store.job_dir(spec.teacher_job) / 'result.json'} "
+                            f"to train that job again") from err
     return cls(student, teacher, cfg, data.info).to(device)
 
 
 def load_donor_checkpoint(spec: JobSpec, store: JobStore) -> Dict[str, Any]:
     """The checkpoint ``spec.init_from`` names: the copy kept in the job's own ``init`` folder
-    (a search puts it there) or else the donor job's own; JobFailed if neither exists."""
+    (a search puts it there) or else the donor job's own, whichever exists and is intact
+    (:func:`orchestrator.checkpoint.read_sealed`); JobFailed if neither is."""
     donor, step = spec.donor
+    rejected: List[CheckpointRejected] = []
     for path in (init_checkpoint_path(store.checkpoint_dir(spec.job_id), step),
                  checkpoint_path(store.checkpoint_dir(donor), step)):
-        if path.exists():
-            return torch.load(path, map_location="cpu", weights_only=False)
-    raise JobFailed(f"job {spec.job_id} starts from job {donor} at step {step}, but no checkpoint "
-                    f"of that job at that step exists (in {store.checkpoint_dir(donor)})")
+        if not path.exists():
+            continue
+        try:
+            state = read_sealed(path)
+        except CheckpointRejected as err:
+            rejected.append(err)
+            continue
+        store.add_notes(spec.job_id, *(f"donor checkpoint {bad.path} rejected, used {path}: "
+                                       f"{bad.reason}" for bad in rejected))
+        return state
+    problem = "; ".join(map(str, rejected)) or (f"no checkpoint of that job at that step exists "
+                                                f"(in {store.checkpoint_dir(donor)})")
+    raise JobFailed(f"job {spec.job_id} starts from job {donor} at step {step}, but {problem}")
+
+
+def _resume_state(spec: JobSpec, store: JobStore) -> Optional[Dict[str, Any]]:
+    """Rank 0, under the job's lock: the contents of the job's newest usable checkpoint (None:
+    there is none), once the temporary files of writes killed mid-way are deleted. Checkpoints
+    that could not be used are added to the job's ``notes`` (and were logged)."""
+    job_dir, ckpt_dir = store.job_dir(spec.job_id), store.checkpoint_dir(spec.job_id)
+    remove_partial_writes(ckpt_dir)
+    for name in (store.weights_path(spec.job_id).name, "result.json", VAL_SAMPLES):
+        remove_partial_writes(job_dir, name)
+    found = load_latest_checkpoint(ckpt_dir)
+    start = f"resumed from {found.path.name}" if found.path else "started from scratch"
+    store.add_notes(spec.job_id, *(f"checkpoint {bad.path.name} rejected, {start}: {bad.reason}"
+                                   for bad in found.rejected))
+    return found.state
 
 
 def _restart_schedule(optimizer: torch.optim.Optimizer,
@@ -291,8 +323,9 @@ def _run(spec: JobSpec, store: JobStore, options: RunOptions, ranks: Ranks) -> D
     tracker = None
     try:
         if options.tracking_uri and ranks.is_main:
-            tracker = JobTracker(options.tracking_uri, options.experiment, spec, state.mlflow_run_id)
-            store.update_state(job_id, mlflow_run_id=tracker.run_id)
+            tracker = JobTracker(options.tracking_uri, options.experiment, spec, state.mlflow_run_id,
+                                 store.job_dir(job_id),
+                                 on_run=lambda run_id: store.update_state(job_id, mlflow_run_id=run_id))
         result = _train(spec, store, options, tracker, ranks)
     except JobInterrupted:
         if ranks.is_main:
@@ -333,7 +366,7 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
     schedule = _schedule(optimizer, recipe, steps)
     progress = _Progress()
     ckpt_dir = store.checkpoint_dir(spec.job_id)
-    checkpoint = ranks.from_main(load_latest_checkpoint(ckpt_dir) if ranks.is_main else None)
+    checkpoint = ranks.from_main(_resume_state(spec, store) if ranks.is_main else None)
     donated = checkpoint is None and spec.donor is not None
     if donated:
         checkpoint = ranks.from_main(load_donor_checkpoint(spec, store) if ranks.is_main else None)
@@ -351,6 +384,7 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
         store.update_state(spec.job_id, resumed_step=progress.global_step if checkpoint else None)
     ranks.share_state(_trainable_state(distiller).values())
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    guard = LossGuard(progress.global_step, device)
 
     def save() -> None:  # rank 0 only
         save_checkpoint(ckpt_dir, progress.global_step, {
@@ -381,8 +415,9 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
                 rows = y.shape[0]  # samples: a segmentation batch's losses are per-pixel means
                 sums, signals = ranks.reduce_step(
                     params, {name: value.detach().float() * rows
-                             for name, value in {"loss": loss, **terms}.items()},
+                             for name, value in {TOTAL: loss, **terms}.items()},
                     share=rows / global_size, received=preempted)
+                guard.observe(sums)  # summed over the ranks: every rank sees the same record
                 optimizer.step()
                 if recipe.lr_schedule == "poly":
                     schedule.step()
@@ -393,13 +428,17 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
                 progress.global_step += 1
                 if bar is not None:
                     bar.update(1)
+                checkpoint_due = progress.global_step % recipe.checkpoint_every_steps == 0
+                if guard.eager or signals or checkpoint_due:
+                    _require_finite_loss(guard, progress.epoch)
                 if signals:
                     if ranks.is_main:
                         save()
                     ranks.wait()  # no rank leaves before the checkpoint is on disk
                     raise _interrupted(preempted, signals, progress.global_step)
-                if progress.global_step % recipe.checkpoint_every_steps == 0 and ranks.is_main:
+                if checkpoint_due and ranks.is_main:
                     save()
+            _require_finite_loss(guard, progress.epoch)
             metrics = _end_epoch(progress, distiller, data, device, recipe, schedule, ranks)
             if ranks.is_main:
                 store.update_state(spec.job_id, epoch=progress.epoch,
@@ -433,7 +472,7 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
     }
     if ranks.is_main:
         weights = store.weights_path(spec.job_id)
-        atomic_write(weights, lambda f: torch.save(distiller.exported_model().state_dict(), f))
+        write_sealed(weights, distiller.exported_model().state_dict())
         if data.info.task == SEGMENTATION:
             save_val_samples(distiller, data, device, recipe,
                              store.job_dir(spec.job_id) / VAL_SAMPLES)
@@ -451,6 +490,14 @@ def _interrupted(received: List[int], anywhere: List[int], step: int) -> JobInte
     return JobInterrupted(f"signal {anywhere[0]} to another rank at step {step}", anywhere[0])
 
 
+def _require_finite_loss(guard: LossGuard, epoch: int) -> None:
+    """JobFailed naming the first step (of ``epoch``) whose loss was NaN or infinite, if any:
+    called before anything is checkpointed, so no checkpoint holds the poisoned weights."""
+    fault = guard.first_fault()
+    if fault is not None:
+        raise JobFailed(fault.describe(epoch))
+
+
 def _end_epoch(progress: _Progress, distiller: Distiller, data: Data, device: torch.device,
                recipe: Recipe, schedule: torch.optim.lr_scheduler.LRScheduler,
                ranks: Ranks) -> Dict[str, float]:
@@ -460,9 +507,6 @@ def _end_epoch(progress: _Progress, distiller: Distiller, data: Data, device: to
     averaged first, so every rank evaluates (its share of) the same network.
     """
     train = {f"train/{k}": (v / max(progress.seen, 1)).item() for k, v in progress.sums.items()}
-    for name, value in train.items():
-        if not math.isfinite(value):
-            raise JobFailed(f"non-finite {name} = {value} in epoch {progress.epoch}")
     ranks.average_norms(_trained_modules(distiller))
     val = evaluate(distiller, data, device, recipe, ranks)
     metrics = {**train, **{f"val/{k}": v for k, v in val.items()},

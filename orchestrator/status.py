@@ -21,7 +21,8 @@ def status_table(graph: JobGraph, store: JobStore,
 
     With ``views`` (a scheduler's account of each job), the state comes from there and a
     ``scheduler`` column shows the job's scheduler id; notes (why a job is blocked, failed or
-    lost) follow the table.
+    lost, and the faults each job survived, such as a damaged checkpoint set aside) follow the
+    table.
     """
     width = max([len("job title")] + [len(job.title) for job in graph.jobs])
     sched = 14 if views is not None else 0
@@ -43,5 +44,6 @@ def status_table(graph: JobGraph, store: JobStore,
                      f"{state.attempts:>5}  {state.epoch:>5}  {metric:>6}")
         if note and status != "done":
             notes.append(f"  {job.job_id} ({status}): {note}")
+        notes += [f"  {job.job_id} (survived): {survived}" for survived in state.notes]
     lines.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return "\n".join(lines + notes)

@@ -26,6 +26,8 @@ class JobState:
     scheduler_ids: the scheduler ids the job has run under (a requeued SLURM job keeps its id);
     resumed_step: the global step of the checkpoint the latest run started from (None: from
     scratch).
+    notes: faults the job survived, oldest first, one sentence each (e.g. a damaged checkpoint
+    that was set aside and which one was used instead).
     """
 
     status: str = "pending"
@@ -36,6 +38,7 @@ class JobState:
     last_metric: Optional[float] = None
     epoch: int = 0
     resumed_step: Optional[int] = None
+    notes: List[str] = field(default_factory=list)
     updated: float = 0.0
 
 
@@ -93,6 +96,11 @@ class JobStore:
             setattr(state, key, value)
         self.save_state(job_id, state)
         return state
+
+    def add_notes(self, job_id: str, *notes: str) -> None:
+        """Append ``notes`` (faults the job survived) to its state's ``notes``; none: no write."""
+        if notes:
+            self.update_state(job_id, notes=[*self.state(job_id).notes, *notes])
 
     def record_submission(self, job_id: str, scheduler_id: str) -> None:
         """Note that ``job_id`` was handed to a scheduler under ``scheduler_id``.
