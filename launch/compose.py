@@ -3,14 +3,22 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import List
+from typing import Any, List, Mapping
+from urllib.parse import urlparse
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 import configs
+from methods.config import require_one_line
 from methods.errors import ConfigError
 
 CONFIG_DIR = Path(configs.__file__).parent
+#: URI schemes MLflow can store runs under ("" is a local folder).
+TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql",
+                    "databricks")
+OVERRIDE_SYNTAX = ("write key=value (a list as key=[0,1], a text with spaces or brackets in "
+                   "quotes: key='a b'; a setting the config lacks as +key=value)")
 
 
 def group_options(group: str) -> List[str]:
@@ -21,19 +29,107 @@ def group_options(group: str) -> List[str]:
 def compose_config(overrides: List[str]) -> DictConfig:
     """The composed config for ``overrides`` (Hydra syntax: ``study=demo``, ``a.b=1``).
 
-    Hydra's own errors (an unknown study, a misspelt key) are turned into :class:`ConfigError`
-    naming the setting and, for config groups, the allowed values.
+    Hydra's own errors (an unknown study, a misspelt key, an override it cannot parse, a config
+    file that is not valid YAML, an interpolation naming no setting) and top-level settings of
+    the wrong kind are turned into :class:`ConfigError` naming the setting and, for config
+    groups, the allowed values.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    check_overrides(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            return compose("config", overrides=overrides)
+            cfg = compose("config", overrides=overrides)
     except HydraException as err:
+        if isinstance(err.__cause__, yaml.YAMLError):
+            raise _yaml_error(err.__cause__) from None
         raise _as_config_error(err, overrides) from None
+    except yaml.YAMLError as err:
+        raise _yaml_error(err) from None
+    check_settings(_resolved(cfg))
+    return cfg
+
+
+def check_overrides(overrides: List[str]) -> None:
+    """ConfigError naming the key of the first override Hydra's grammar cannot parse (sweeps
+    such as ``a=1,2`` parse)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        key = text.split("=", 1)[0].lstrip("+~").split("@")[0].strip("'\" ")
+        try:
+            (parsed,) = parser.parse_overrides([text])
+        except HydraException as err:
+            problem = str(err).splitlines()[0].rstrip(".")
+            raise ConfigError(key or text, f"cannot parse the override {text!r} ({problem})",
+                              fix=OVERRIDE_SYNTAX) from None
+        if not parsed.key_or_group:
+            raise ConfigError(text, "the override names no setting", fix=OVERRIDE_SYNTAX)
+
+
+def _yaml_error(err: yaml.YAMLError) -> ConfigError:
+    """A config file that is not YAML: the field is its config group (the folder it is in)."""
+    mark = getattr(err, "problem_mark", None)
+    path = Path(mark.name) if mark is not None else None
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if path else "a config file"
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    group = path.parent.name if path else "overrides"
+    return ConfigError(group, f"{where} is not valid YAML: {problem}",
+                       fix=f"correct that line of {path.name if path else 'the file'} (close "
+                           "brackets and quotes, indent with spaces), or choose another "
+                           f"{group}=<name>")
+
+
+def _resolved(cfg: DictConfig) -> Mapping[str, Any]:
+    """``cfg`` as plain containers with every interpolation resolved; ConfigError naming the
+    setting whose interpolation cannot be resolved."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        problem = str(err).splitlines()[0].rstrip(".")
+        raise ConfigError(getattr(err, "full_key", None) or "overrides",
+                          f"cannot be resolved: {problem}",
+                          fix="an interpolation ${...} must name an existing setting, e.g. "
+                              "${output_dir}; write a literal $ as \\$") from None
+
+
+def check_settings(cfg: Mapping[str, Any]) -> None:
+    """The top-level settings (``output_dir``, ``tracking_uri``, ``progress``, ``data.loader``)
+    have the right kind of value; ConfigError naming the first that does not."""
+    from orchestrator.data.registry import loader_names
+
+    output_dir = cfg.get("output_dir")
+    if not isinstance(output_dir, str) or not output_dir.strip():
+        raise ConfigError("output_dir", f"must be a folder path, got {output_dir!r}",
+                          fix="set output_dir=/path/to/outputs")
+    require_one_line("output_dir", output_dir)
+    uri = cfg.get("tracking_uri")
+    if uri is not None:
+        if not isinstance(uri, str):
+            raise ConfigError("tracking_uri", f"must be a URI, got {uri!r}",
+                              fix="set tracking_uri=http://host:5000, or null for the embedded store")
+        require_one_line("tracking_uri", uri)
+        scheme = urlparse(uri).scheme
+        if scheme not in TRACKING_SCHEMES:
+            raise ConfigError("tracking_uri", f"MLflow cannot store runs under a {scheme}:// URI",
+                              allowed=[f"{s}://..." for s in TRACKING_SCHEMES if s],
+                              fix="point tracking_uri at an `mlflow server` (http://host:5000), "
+                                  "or set it to null for the embedded store")
+    progress = cfg.get("progress", True)
+    if not isinstance(progress, bool):
+        raise ConfigError("progress", f"must be true or false, got {progress!r}",
+                          allowed=[True, False])
+    loader = (cfg.get("data") or {}).get("loader")
+    if loader is not None and loader not in loader_names():
+        raise ConfigError("data.loader", f"unknown loader {loader!r}", allowed=loader_names(),
+                          fix="set data.loader=torchvision (or ffcv after `kdflow data prepare`)")
 
 
 def _as_config_error(err: Exception, overrides: List[str]) -> ConfigError:
@@ -46,13 +142,15 @@ def _as_config_error(err: Exception, overrides: List[str]) -> ConfigError:
                            fix=f"pass {group}=<one of the allowed values>")
     key = re.search(r"override '([^']+)'", message) or re.search(r"Key '([^']+)'", message)
     field = key.group(1) if key else "overrides"
+    problem = ("there is no such setting" if "not in struct" in f"{message} {err.__cause__}"
+               else message.splitlines()[0].rstrip("."))
     allowed = _sibling_keys(field, overrides)
     fix = "check the spelling against `kdflow run --cfg` or the files in configs/"
     if not allowed:
         allowed = None
         fix = (f"to add a setting the config does not have yet, prefix it with '+' "
                f"(+{field}=...); else {fix}")
-    return ConfigError(field, message.splitlines()[0].rstrip("."), allowed=allowed, fix=fix)
+    return ConfigError(field, problem, allowed=allowed, fix=fix)
 
 
 def _sibling_keys(field: str, overrides: List[str]) -> List[str] | None:

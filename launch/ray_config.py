@@ -54,7 +54,8 @@ class RaySettings:
                 raise ConfigError("num_cpus", "only sizes the embedded Ray, not a cluster at "
                                   f"address {self.address!r}", fix="set num_cpus=null")
         if not isinstance(self.retries, int):
-            raise ConfigError("retries", f"must be an integer, got {self.retries!r}")
+            raise ConfigError("retries", f"must be an integer, got {self.retries!r}",
+                              fix="set retries to a whole number >= 0, e.g. retries=1")
         require_non_negative("retries", self.retries)
         check_stages(RayResources, self.resources, self.stages)
 

@@ -52,7 +52,8 @@ def _number(field: str, args: Mapping[str, Any], key: str) -> float:
 def _bounds(field: str, args: Mapping[str, Any]) -> Tuple[float, float]:
     low, high = _number(field, args, "low"), _number(field, args, "high")
     if low >= high:
-        raise ConfigError(f"{field}.low", f"must be below high, got low={low} >= high={high}")
+        raise ConfigError(f"{field}.low", f"must be below high, got low={low} >= high={high}",
+                          fix=f"set {field}.low below {field}.high")
     return low, high
 
 

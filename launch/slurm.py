@@ -109,8 +109,6 @@ def submit_study(graph: JobGraph, output_dir: str, options: RunOptions, settings
     started = time.time()
     queue = queue or SlurmQueue()
     store = JobStore(Path(output_dir) / "jobs")
-    for job in graph.jobs:
-        store.add(job)
     live = queue.live()
     stuck = [sid for job in graph.jobs
              if (sid := latest_scheduler_id(store, job.job_id)) in live and not live[sid].live]
@@ -118,7 +116,9 @@ def submit_study(graph: JobGraph, output_dir: str, options: RunOptions, settings
     done = {job.job_id for job in graph.jobs if store.is_done(job.job_id)}
     todo = {job.job_id for job in graph.jobs} - done - set(flying)
     plan = plan_arrays(graph, todo, flying, settings.stage_resources)
-    check_resources(plan, settings, queue)
+    check_resources(plan, settings, queue)  # before the store holds anything of this study
+    for job in graph.jobs:
+        store.add(job)
     if stuck:  # pending on a dependency that failed hard: they would never run; replace them
         queue.cancel(stuck)
     submission = Submission(already_done=len(done), in_flight=len(flying), resubmitted_stuck=len(stuck))

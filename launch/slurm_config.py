@@ -5,9 +5,31 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from methods.config import parse_config, require_non_negative, require_positive
+from methods.config import parse_config, require_one_line, require_positive
 from methods.errors import ConfigError
 from launch.stages import check_stages, stage_resources
+from orchestrator.data.checks import require_bool, require_int
+
+#: sbatch flags kdflow sets itself: ``additional`` may not set them too. Flag -> the typed
+#: setting that sets it, or None for those kdflow sets for its arrays, logs and dependencies.
+OWNED_FLAGS = {
+    "partition": "partition", "nodes": "nodes", "ntasks-per-node": "tasks_per_node",
+    "gpus-per-node": "gpus_per_node", "cpus-per-task": "cpus_per_task", "mem": "mem_gb",
+    "time": "time_min", "account": "account", "qos": "qos", "constraint": "constraint",
+    "signal": "signal_delay_s", "job-name": "launcher.job_name", "array": None, "output": None,
+    "error": None, "open-mode": None, "dependency": None, "wrap": None,
+}
+
+
+def require_text(name: str, value: Any, optional: bool = True) -> None:
+    """ConfigError unless ``value`` is one line of text (or None when ``optional``): the
+    value is written into an sbatch script."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value:
+        raise ConfigError(name, f"must be text, got {value!r}",
+                          fix=f"set {name} to a string" + (" or null" if optional else ""))
+    require_one_line(name, value)
 
 
 @dataclass
@@ -34,17 +56,40 @@ class Resources:
     additional: Dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        for name in ("nodes", "tasks_per_node", "cpus_per_task", "mem_gb", "time_min"):
-            require_positive(name, getattr(self, name))
+        for name in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
+            require_int(name, getattr(self, name), 1)
+        require_positive("mem_gb", self.mem_gb)
         for name in ("gpus_per_node", "signal_delay_s"):
-            require_non_negative(name, getattr(self, name))
+            require_int(name, getattr(self, name), 0)
         if self.signal_delay_s >= self.time_min * 60:
             raise ConfigError("signal_delay_s", f"{self.signal_delay_s} s is not shorter than the "
                               f"time limit ({self.time_min} min)",
                               fix="lower signal_delay_s or raise time_min")
+        if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
+            raise ConfigError("tasks_per_node", f"{self.tasks_per_node} tasks on nodes with "
+                              f"{self.gpus_per_node} GPUs: a job runs one task per GPU",
+                              fix=f"set tasks_per_node={self.gpus_per_node}, or gpus_per_node="
+                                  f"{self.tasks_per_node}")
+        for name in ("partition", "account", "qos", "constraint"):
+            require_text(name, getattr(self, name))
+        self._check_additional()
+
+    def _check_additional(self) -> None:
         if not isinstance(self.additional, Mapping):
             raise ConfigError("additional", f"must be a mapping of sbatch flags, got {self.additional!r}",
                               fix="write e.g. additional: {exclude: node3}")
+        for key, value in self.additional.items():
+            require_text(f"additional.{key}", str(key), optional=False)
+            flag = str(key).replace("_", "-")
+            if flag in OWNED_FLAGS:
+                owner = OWNED_FLAGS[flag]
+                raise ConfigError(f"additional.{key}", f"--{flag} is set by kdflow"
+                                  + (f" from {owner}" if owner else " itself"),
+                                  fix=f"set {owner} instead" if owner else f"remove additional.{key}")
+            if not isinstance(value, (str, int, float, bool)):
+                raise ConfigError(f"additional.{key}", f"must be one sbatch value, got {value!r}",
+                                  fix=f"write e.g. additional.{key}: value (true for a bare flag)")
+            require_one_line(f"additional.{key}", str(value))
 
     @property
     def world_size(self) -> int:
@@ -88,6 +133,9 @@ class SlurmSettings:
     retries: how many times a failed job is run again (from its last checkpoint) before it
              counts as failed for good. max_requeues: how many preemptions / time-outs a job
              survives. wait: stay and show progress until every job has ended.
+    python, setup: the interpreter command on the nodes and the lines run before it are shell
+             code the user writes, run as written; every other value reaches sbatch quoted, and
+             none may hold a line break (it would end the #SBATCH line it is written on).
     """
 
     name: str = "slurm"
@@ -104,10 +152,19 @@ class SlurmSettings:
     stages: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
+        require_bool("wait", self.wait)
+        require_text("job_name", self.job_name, optional=False)
+        require_text("python", self.python)
+        require_text("folder", self.folder)
+        if not isinstance(self.setup, list) or not all(isinstance(line, str) for line in self.setup):
+            raise ConfigError("setup", f"must be a list of shell lines, got {self.setup!r}",
+                              fix="write e.g. setup: ['module load cuda']")
+        for i, line in enumerate(self.setup):
+            require_one_line(f"setup[{i}]", line)
         require_positive("poll_s", self.poll_s)
-        require_non_negative("retries", self.retries)
-        require_non_negative("max_requeues", self.max_requeues)
-        require_positive("array_parallelism", self.array_parallelism)
+        require_int("retries", self.retries, 0)
+        require_int("max_requeues", self.max_requeues, 0)
+        require_int("array_parallelism", self.array_parallelism, 1)
         check_stages(Resources, self.resources, self.stages)
 
     def stage_resources(self, stage: str) -> Resources:

@@ -89,7 +89,8 @@ class SlurmQueue:
         proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=120)
         if proc.returncode == 0:
             return None
-        return proc.stderr.strip().replace("sbatch: error: ", "") or f"sbatch exited {proc.returncode}"
+        lines = [line.replace("sbatch: error: ", "").strip() for line in proc.stderr.splitlines()]
+        return "; ".join(line for line in lines if line) or f"sbatch exited {proc.returncode}"
 
     def cancel(self, scheduler_ids: Sequence[str], signal: Optional[str] = None) -> None:
         """``scancel`` the ids (in batches); with ``signal``, send it instead of cancelling."""

@@ -77,7 +77,8 @@ class SearchConfig:
         for name in ("num_samples", *(("max_concurrent",) if self.max_concurrent is not None else ())):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+                raise ConfigError(name, f"must be an integer >= 1, got {value!r}",
+                                  fix=f"set search.{name} to a whole number >= 1")
         if self.metric not in METRICS:
             raise ConfigError("metric", f"unknown metric {self.metric!r}", allowed=METRICS)
         if self.mode not in MODES:

@@ -46,6 +46,15 @@ def require_non_negative(name: str, value: float) -> None:
         raise ConfigError(name, f"must be >= 0, got {value!r}", fix=f"set {name} to a value >= 0")
 
 
+def require_one_line(name: str, value: str) -> None:
+    """Raise ConfigError when text ``value`` holds a line break or another control character:
+    names, paths and scheduler flags are written into files a shell reads line by line."""
+    bad = sorted({c for c in value if ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise ConfigError(name, f"holds the control character(s) {', '.join(repr(c) for c in bad)} "
+                          f"in {value!r}", fix=f"write {name} on one line, without control characters")
+
+
 def config_record(cfg: Any) -> Dict[str, Any]:
     """Dataclass ``cfg`` as the plain dict a job spec holds (and hashes into the job id).
 

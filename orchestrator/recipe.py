@@ -45,7 +45,8 @@ class Recipe:
         for name, least in (("epochs", 0), ("batch_size", 1), ("checkpoint_every_steps", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ConfigError(name, f"must be an integer >= {least}, got {value!r}")
+                raise ConfigError(name, f"must be an integer >= {least}, got {value!r}",
+                                  fix=f"set {name} to a whole number >= {least}")
         if self.lr is not None:
             require_positive("lr", self.lr)
         require_positive("lr_decay", self.lr_decay)

@@ -7,7 +7,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping
 
-from methods.config import config_record, parse_config
+from methods.config import config_record, parse_config, require_one_line
 from methods.distillers import DISTILLERS, TeacherRequest
 from methods.features import TapShapes
 from methods.errors import ConfigError
@@ -29,8 +29,16 @@ class JobGraph:
         return {job.job_id: job for job in self.jobs}
 
 
+#: Seeds are 32-bit unsigned integers, as every RNG kdflow seeds accepts them.
+SEED_RANGE = range(0, 2**32)
+
+
 def _resolve_recipe(values: Mapping[str, Any], model: str, field: str) -> Dict[str, Any]:
     recipe = parse_config(Recipe, values, field)
+    if recipe.epochs < 1:
+        raise ConfigError(f"{field}.epochs", f"must be >= 1 in a study, got {recipe.epochs}",
+                          fix=f"set {field}.epochs to the epochs to train (an untrained, "
+                              "random teacher is inverted_projection's teacher_init=random)")
     if recipe.lr is None:
         recipe.lr = MODELS.get(model).default_lr
     return config_record(recipe)
@@ -38,10 +46,34 @@ def _resolve_recipe(values: Mapping[str, Any], model: str, field: str) -> Dict[s
 
 def _require_list(study: Mapping[str, Any], key: str) -> List[Any]:
     value = study.get(key)
+    if value is not None and not isinstance(value, (list, tuple)):
+        raise ConfigError(f"study.{key}", f"must be a list, got {value!r}",
+                          fix=f"write study.{key} as a list, e.g. study.{key}=[...]")
     if not value:
         raise ConfigError(f"study.{key}", "is empty or missing",
                           fix=f"list at least one entry under study.{key}")
     return list(value)
+
+
+def _seed(value: Any, field: str) -> int:
+    """``value`` as a seed; ConfigError at ``field`` unless an integer in :data:`SEED_RANGE`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in SEED_RANGE:
+        raise ConfigError(field, f"must be an integer from 0 to {SEED_RANGE.stop - 1}, got {value!r}",
+                          fix=f"set {field} to e.g. 0")
+    return value
+
+
+def _study_name(study: Mapping[str, Any]) -> str:
+    """The study's name, which names its folders, MLflow experiment and SLURM jobs."""
+    name = study.get("name") or "study"
+    if not isinstance(name, str):
+        raise ConfigError("study.name", f"must be text, got {name!r}", fix="set study.name=my_study")
+    require_one_line("study.name", name)
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise ConfigError("study.name", f"{name!r} is not a folder name (it names the study's "
+                          "report and log folders)", fix="use a name without / or \\, e.g. "
+                          "study.name=kd_sweep")
+    return name
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,7 +143,9 @@ def _method_variants(methods: Mapping[str, Any], ablations: Mapping[str, Any]) -
                                   allowed=settings)
             if not isinstance(options, (list, tuple)) or not options:
                 raise ConfigError(f"study.ablations.{method}.{setting}",
-                                  f"must be a non-empty list of values, got {options!r}")
+                                  f"must be a non-empty list of values, got {options!r}",
+                                  fix=f"list the values to compare, e.g. study.ablations."
+                                      f"{method}.{setting}=[a,b]")
 
         def label(cfg: Any) -> str:
             return ", ".join(f"{k}={getattr(cfg, k)}" for k in axes)
@@ -215,9 +249,9 @@ def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGrap
     the first problem raises :class:`ConfigError` naming the field. ``require_data=False``
     (a dry run) skips only the check that the datasets' files exist.
     """
-    name = study.get("name") or "study"
+    name = _study_name(study)
     pairs = _require_list(study, "pairs")
-    seeds = _require_list(study, "seeds")
+    seeds = [_seed(seed, f"study.seeds[{i}]") for i, seed in enumerate(_require_list(study, "seeds"))]
     datasets = study.get("datasets") or {}
     methods = study.get("methods") or {}
     if not datasets:
@@ -236,7 +270,7 @@ def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGrap
 
     jobs: Dict[str, JobSpec] = {}
     teacher_datasets: Dict[str, TeacherData] = {}
-    teacher_seed = int(study.get("teacher_seed", 0))
+    teacher_seed = _seed(study.get("teacher_seed", 0), "study.teacher_seed")
     for dataset, dataset_values in datasets.items():
         dataset_field = f"study.datasets.{dataset}"
         dataset_cfg = validate_dataset(dataset, dataset_values, dataset_field, require_data)
@@ -292,7 +326,7 @@ def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGrap
                               **({"variant": variant.label} if variant.label else {})}
                     for seed in seeds:
                         spec = JobSpec(
-                            stage=variant.stage, method=method, model=student, seed=int(seed),
+                            stage=variant.stage, method=method, model=student, seed=seed,
                             method_cfg=config_record(method_cfg), recipe=student_recipe,
                             teacher=teacher, teacher_job=teacher_job,
                             **{**data, "labels": labels})

@@ -90,9 +90,11 @@ class ImageFolderConfig(TrainFraction, LoaderChoice):
                "val_dir/<class>/*.jpg (an ImageNet-style tree)")
         require_folder("root", self.root, fix)
         classes: dict[str, list[str]] = {}
-        for split in (self.train_dir, self.val_dir):
+        folders = ", ".join(sorted(e.name for e in os.scandir(self.root) if e.is_dir()))
+        for setting, split in (("train_dir", self.train_dir), ("val_dir", self.val_dir)):
             path = os.path.join(self.root, split)
-            require_folder("root", path, fix)
+            require_folder(setting, path, f"set {setting} to the split's folder under root "
+                           f"({folders or 'it has none'}), or {fix}")
             classes[split] = sorted(e.name for e in os.scandir(path) if e.is_dir())
             if not classes[split]:
                 raise ConfigError("root", f"folder {os.path.abspath(path)} has no class folders",

@@ -42,6 +42,13 @@ class DatasetEntry(Generic[C]):
 DATASETS: Registry[DatasetEntry[Any]] = Registry("dataset", "datasets")
 
 
+def loader_names() -> list[str]:
+    """Every loader some registered dataset has (``torchvision`` first): the values
+    ``data.loader`` may take."""
+    names = {loader for name in DATASETS for loader in DATASETS.get(name).loaders}
+    return [DEFAULT_LOADER, *sorted(names - {DEFAULT_LOADER})]
+
+
 def register_dataset(name: str, Config: type) -> Callable[[Builder[C]], Builder[C]]:
     """Decorator registering a dataset's default builder under ``name`` with its settings
     dataclass ``Config``."""
