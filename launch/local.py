@@ -1,8 +1,11 @@
 """The local launcher: runs a job graph on this machine, in dependency order, N jobs at a time."""
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -37,10 +40,27 @@ class Summary:
         return "\n".join(lines)
 
 
-def _init_worker(threads: int) -> None:
+#: prctl(2) option: the signal a process gets when the thread that started it exits.
+PR_SET_PDEATHSIG = 1
+
+
+def _init_worker(threads: int, parent: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    _stop_with_parent(parent)
+
+
+def _stop_with_parent(parent: int) -> None:
+    """On Linux, have the kernel send this worker SIGTERM when ``parent`` (the ``kdflow run``
+    process) dies, even by SIGKILL: the worker's job then checkpoints and stops as on any
+    preemption, instead of training on with nobody to collect its result."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def default_workers() -> int:
@@ -114,7 +134,7 @@ def _run_pool(pending, ready, settle, output_dir: str, options: RunOptions, work
     free_slots = list(range(workers))
     running: Dict[Future, tuple[str, int]] = {}
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(threads,)) as pool:
+                             initargs=(threads, os.getpid())) as pool:
         while True:
             if not summary.interrupted:
                 for job_id in ready():
