@@ -1,0 +1,34 @@
+"""Every study shipped in configs/study/ composes, validates and plans (``--dry-run``) without
+its datasets' files; the segmentation studies plan the jobs their comments promise."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launch.cli import main
+
+STUDIES = sorted(p.stem for p in (Path(__file__).parents[2] / "configs" / "study").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_shipped_study_plans(study: str, tmp_path: Path, capsys) -> None:
+    code = main(["run", f"study={study}", f"output_dir={tmp_path}", f"data.root={tmp_path}/data",
+                 "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.startswith(f"plan for study {study}: ") and "dry run: nothing was started." in out
+    assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())
+
+
+@pytest.mark.parametrize("study, plan", [
+    # 3 teachers (plain, LAD's label-assisted, the cross-task classifier); 2 seeds x (student
+    # alone, pixel KD, LAD, inverted projection, its standard-projector ablation)
+    ("segmentation_demo", "13 jobs (3 teacher, 8 distill, 2 ablation)"),
+    # 2 pairs x (plain + LAD teacher); student alone (shared by both pairs) + 2 x (CWD, LAD)
+    ("cityscapes_lad", "9 jobs (4 teacher, 5 distill)"),
+])
+def test_segmentation_studies_plan_their_jobs(study: str, plan: str, tmp_path: Path,
+                                              capsys) -> None:
+    assert main(["run", f"study={study}", f"output_dir={tmp_path}", "--dry-run"]) == 0
+    assert f"plan for study {study}: {plan}" in capsys.readouterr().out
