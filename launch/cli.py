@@ -129,12 +129,9 @@ class Session:
 
 
 def _run(session: Session) -> int:
-    from orchestrator.tracking import prepare_experiment
-
     jobs = session.graph.jobs
     print(f"study {session.graph.study}: {len(jobs)} jobs "
           f"({sum(j.stage == 'teacher' for j in jobs)} of them teacher jobs), outputs in {session.output_dir}")
-    prepare_experiment(session.tracking_uri, session.graph.study)
     return session.launcher.run(session.study_run())
 
 

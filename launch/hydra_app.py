@@ -27,13 +27,12 @@ def main(cfg: DictConfig) -> Dict[str, float]:
     from launch.cli import Session
     from launch.local import run_local
     from orchestrator.metrics import headline
-    from orchestrator.tracking import ensure_experiment
 
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     workers = int(cpus) if cpus else cfg.launcher.get("workers")
     session = Session(cfg, point=_sweep_point())
     run = session.study_run()
-    ensure_experiment(session.tracking_uri, session.graph.study)
+    run.prepare_tracking()
     summary = run_local(session.graph, session.output_dir, run.options, workers)
     print(summary.render())
     run.write_report()

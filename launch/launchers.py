@@ -35,6 +35,14 @@ class StudyRun:
     def store(self) -> JobStore:
         return JobStore(Path(self.output_dir) / "jobs")
 
+    def prepare_tracking(self) -> None:
+        """Create the study's MLflow experiment (a warning if the store is unreachable): once
+        the launcher has accepted the study, so a refused one leaves no tracking store."""
+        from orchestrator.tracking import prepare_experiment
+
+        if self.options.tracking_uri:
+            prepare_experiment(self.options.tracking_uri, self.options.experiment)
+
     def write_report(self) -> None:
         print(write_report(self.graph, self.store, self.report_dir))
         print(f"report: {self.report_dir}/report.md (.csv, accuracy.png, curves.png)")
@@ -61,6 +69,7 @@ class ForegroundLauncher:
         raise NotImplementedError
 
     def run(self, study: StudyRun) -> int:
+        study.prepare_tracking()
         summary = self.run_graph(study)
         print(summary.render())
         study.write_report()
@@ -109,7 +118,8 @@ class SlurmLauncher:
         from launch.slurm_queue import SlurmQueue
 
         queue = SlurmQueue()
-        submission = submit_study(study.graph, study.output_dir, study.options, self.settings, queue)
+        submission = submit_study(study.graph, study.output_dir, study.options, self.settings, queue,
+                                  on_accepted=study.prepare_tracking)
         print(submission.render())
         if not self.settings.wait:
             print("SLURM runs the jobs now; this terminal may close. Follow them with "

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from launch.slurm_config import SlurmSettings
 from methods.errors import ConfigError
@@ -101,8 +101,11 @@ def check_resources(plan: List[ArrayPlan], settings: SlurmSettings, queue: Slurm
 
 
 def submit_study(graph: JobGraph, output_dir: str, options: RunOptions, settings: SlurmSettings,
-                 queue: Optional[SlurmQueue] = None) -> Submission:
-    """Submit every job of ``graph`` that is not done and not already queued or running."""
+                 queue: Optional[SlurmQueue] = None,
+                 on_accepted: Optional[Callable[[], None]] = None) -> Submission:
+    """Submit every job of ``graph`` that is not done and not already queued or running;
+    ``on_accepted`` is called once SLURM has accepted the requests (``sbatch --test-only``),
+    before anything is written."""
     import submitit
 
     require_slurm()
@@ -117,6 +120,8 @@ def submit_study(graph: JobGraph, output_dir: str, options: RunOptions, settings
     todo = {job.job_id for job in graph.jobs} - done - set(flying)
     plan = plan_arrays(graph, todo, flying, settings.stage_resources)
     check_resources(plan, settings, queue)  # before the store holds anything of this study
+    if on_accepted is not None:
+        on_accepted()
     for job in graph.jobs:
         store.add(job)
     if stuck:  # pending on a dependency that failed hard: they would never run; replace them

@@ -72,5 +72,6 @@ def test_bad_slurm_settings_exit_2_and_submit_nothing(overrides, field, tmp_path
     assert "Fix:" in line or "Allowed values:" in line, line
     assert not (out / "jobs").exists(), files_under(out / "jobs")
     assert not (out / "slurm").exists(), "submitit wrote a submission"
+    assert not (out / "mlflow.db").exists(), "the tracking store was created"
     assert study_jobs(tag) == set()
     assert not Path("/tmp/kdflow-pwned").exists()
