@@ -54,13 +54,25 @@ def _init_worker(threads: int, parent: int) -> None:
 def _stop_with_parent(parent: int) -> None:
     """On Linux, have the kernel send this worker SIGTERM when ``parent`` (the ``kdflow run``
     process) dies, even by SIGKILL: the worker's job then checkpoints and stops as on any
-    preemption, instead of training on with nobody to collect its result."""
+    preemption (:func:`_run_in_worker` then ends the worker), instead of training on with
+    nobody to collect its result."""
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:  # it died before the request was made
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _run_in_worker(output_dir: str, job_id: str, options: RunOptions, parent: int) -> None:
+    """A pool worker's job; if ``parent`` died meanwhile, the worker exits once the job has
+    stopped: the pool's queues never report a dead parent to a worker waiting for more work,
+    as every worker holds their write ends too."""
+    try:
+        run_job_in_store(output_dir, job_id, options)
+    finally:
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def default_workers() -> int:
@@ -143,7 +155,8 @@ def _run_pool(pending, ready, settle, output_dir: str, options: RunOptions, work
                     slot = free_slots.pop(0)
                     del pending[job_id]
                     slot_options = RunOptions(**{**options.__dict__, "progress_position": slot})
-                    future = pool.submit(run_job_in_store, output_dir, job_id, slot_options)
+                    future = pool.submit(_run_in_worker, output_dir, job_id, slot_options,
+                                         os.getpid())
                     running[future] = (job_id, slot)
             if not running:
                 break

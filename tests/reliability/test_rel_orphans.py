@@ -37,6 +37,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _teacher_checkpointed(jobs: Path) -> bool:
+    return any(json.loads((ckpts.parent / "spec.json").read_text())["stage"] == "teacher"
+               and any(ckpts.glob("step-*.pt")) for ckpts in jobs.glob("*/checkpoints"))
+
+
 def _wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -49,7 +54,7 @@ def test_killed_kdflow_run_stops_its_workers_and_the_next_run_resumes(tmp_path: 
     main = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        _wait_for(lambda: any((tmp_path / "jobs").glob("*/checkpoints/step-*.pt")), 240,
+        _wait_for(lambda: _teacher_checkpointed(tmp_path / "jobs"), 240,
                   "the teacher's first checkpoint")
         workers = _children(main.pid)
         assert workers
@@ -60,7 +65,8 @@ def test_killed_kdflow_run_stops_its_workers_and_the_next_run_resumes(tmp_path: 
     finally:
         if main.poll() is None:
             os.killpg(main.pid, signal.SIGKILL)
-    (teacher,) = [d for d in (tmp_path / "jobs").iterdir() if (d / "checkpoints").is_dir()]
+    (teacher,) = [d for d in (tmp_path / "jobs").iterdir()
+                  if json.loads((d / "spec.json").read_text())["stage"] == "teacher"]
     state = json.loads((teacher / "state.json").read_text())
     assert state["status"] == "interrupted", state  # it checkpointed on SIGTERM and said so
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
