@@ -79,10 +79,16 @@ def latest_checkpoint_path(folder: Path) -> Optional[Path]:
     return paths[-1] if paths else None
 
 
+def _ends_without_comment(archive: bytes) -> bool:
+    """Whether ``archive`` ends in a zip end record with an empty comment (as ``torch.save``
+    writes it, and as kdflow's files were before they were sealed)."""
+    return archive[-ZIP_END_LENGTH:-ZIP_END_LENGTH + 4] == ZIP_END and archive[-2:] == b"\0\0"
+
+
 def seal(archive: bytes) -> bytes:
     """``archive`` (the bytes of a ``torch.save`` zip, which end in a comment-less zip end
     record) with a comment holding the sha256 of every byte before that comment."""
-    if archive[-ZIP_END_LENGTH:-ZIP_END_LENGTH + 4] != ZIP_END or archive[-2:] != b"\0\0":
+    if not _ends_without_comment(archive):
         raise ValueError("not a torch.save archive without a zip comment")
     body = archive[:-2] + SEAL_LENGTH.to_bytes(2, "little")
     return body + SEAL_MAGIC + hashlib.sha256(body).hexdigest().encode()
@@ -123,7 +129,7 @@ def read_sealed(path: Path) -> Any:
             raise CheckpointRejected(
                 path, f"checksum mismatch (sha256 {actual[:12]}..., recorded {expected[:12]}...): "
                       f"the file was damaged after it was written")
-    elif data[-ZIP_END_LENGTH:-ZIP_END_LENGTH + 4] == ZIP_END and data[-2:] == b"\0\0":
+    elif _ends_without_comment(data):
         log.warning("%s has no checksum (written before kdflow sealed its files); loading it "
                     "weights-only", path)
     else:
