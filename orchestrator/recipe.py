@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, List, Optional, Tuple
+from typing import ClassVar, List, Optional, Tuple, Union
 
 from methods.config import require_positive
 from methods.errors import ConfigError
 
-AMP_MODES = ("none", "bf16")
+AMP_MODES = ("auto", "none", "bf16")
+COMPILE = ("none", "default", "max-autotune")
+AUTO = "auto"
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("step", "poly")
 
@@ -23,6 +25,12 @@ class Recipe:
     ``epochs=0`` trains nothing: the job evaluates and saves its initial weights (the
     randomly initialised teachers of cross-task studies), with BatchNorm statistics set from
     one pass over the training split so the untrained network's activations stay bounded.
+
+    Speed switches (:mod:`orchestrator.fast_path`): ``amp`` (``auto`` | ``none`` | ``bf16``),
+    ``channels_last`` and ``fused_optimizer`` (true | false | ``auto``): ``auto`` is on on CUDA
+    and off on the CPU. ``compile`` (``none`` | ``default`` | ``max-autotune``) compiles the
+    forward and loss; ``cuda_graphs`` replays the compiled step as CUDA graphs (needs
+    ``compile``; ignored on the CPU).
     """
 
     epochs: int = 240
@@ -33,13 +41,17 @@ class Recipe:
     weight_decay: float = 5e-4
     lr_milestones: List[int] = field(default_factory=lambda: [150, 180, 210])
     lr_decay: float = 0.1
-    amp: str = "none"
-    channels_last: bool = False
+    amp: str = AUTO
+    channels_last: Union[bool, str] = AUTO
+    fused_optimizer: Union[bool, str] = AUTO
+    compile: str = "none"
+    cuda_graphs: bool = False
     checkpoint_every_steps: int = 500
     device: str = "auto"
     lr_schedule: str = "step"
     lr_power: float = 0.9
-    omitted_at_default: ClassVar[Tuple[str, ...]] = ("lr_schedule", "lr_power")
+    omitted_at_default: ClassVar[Tuple[str, ...]] = ("lr_schedule", "lr_power", "fused_optimizer",
+                                                     "compile", "cuda_graphs")
 
     def validate(self) -> None:
         for name, least in (("epochs", 0), ("batch_size", 1), ("checkpoint_every_steps", 1)):
@@ -57,6 +69,18 @@ class Recipe:
             raise ConfigError("lr_milestones", f"must increase, got {list(self.lr_milestones)}")
         if self.amp not in AMP_MODES:
             raise ConfigError("amp", f"unknown mode {self.amp!r}", allowed=AMP_MODES)
+        for name in ("channels_last", "fused_optimizer"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and value != AUTO:
+                raise ConfigError(name, f"must be true, false or auto, got {value!r}",
+                                  fix=f"set {name}: auto (on on GPUs), true or false")
+        if self.compile not in COMPILE:
+            raise ConfigError("compile", f"unknown mode {self.compile!r}", allowed=COMPILE)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError("cuda_graphs", f"must be true or false, got {self.cuda_graphs!r}")
+        if self.cuda_graphs and self.compile == "none":
+            raise ConfigError("cuda_graphs", "replays a compiled step, but compile is none",
+                              fix="also set compile: default (or max-autotune), or drop cuda_graphs")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError("lr_schedule", f"unknown schedule {self.lr_schedule!r}",
                               allowed=LR_SCHEDULES)

@@ -33,6 +33,8 @@ from orchestrator.checkpoint import (CheckpointRejected, checkpoint_path, init_c
                                      write_sealed)
 from orchestrator.data import Data, build_data, validate_dataset
 from orchestrator.distributed import ALONE, DistEnv, Ranks, process_group
+from orchestrator.fast_path import (FastPath, autocast, build_optimizer, resolve_fast_path,
+                                    step_forward)
 from orchestrator.loss_guard import TOTAL, LossGuard
 from orchestrator.metrics import TASK_METRICS, primary_metric
 from orchestrator.recipe import Recipe
@@ -224,7 +226,7 @@ def _trained_modules(distiller: Distiller) -> List[nn.Module]:
 
 
 @torch.no_grad()
-def evaluate(distiller: Distiller, data: Data, device: torch.device, recipe: Recipe,
+def evaluate(distiller: Distiller, data: Data, device: torch.device, fast: FastPath,
              ranks: Ranks = ALONE) -> Dict[str, float]:
     """The task's metrics (:mod:`orchestrator.metrics`, in percent) of ``distiller.predict``
     over the whole held-out split: top1/top5, or miou/pixel_acc.
@@ -236,7 +238,7 @@ def evaluate(distiller: Distiller, data: Data, device: torch.device, recipe: Rec
     metrics = TASK_METRICS.get(data.info.task)(data.info.num_classes, device)
     for batch in data.val.batches(shard=ranks.part):
         x, y = batch.x.to(device), batch.y.to(device)
-        with _autocast(device, recipe):
+        with autocast(device, fast):
             logits = distiller.predict(x, y).float()
         metrics.update(logits, y)
     return metrics.result(ranks.sum(metrics.counts))
@@ -249,7 +251,7 @@ SAMPLE_IMAGES = 4
 
 
 @torch.no_grad()
-def save_val_samples(distiller: Distiller, data: Data, device: torch.device, recipe: Recipe,
+def save_val_samples(distiller: Distiller, data: Data, device: torch.device, fast: FastPath,
                      path: Path) -> None:
     """Write the first ``SAMPLE_IMAGES`` validation images of a segmentation job to ``path``:
     ``x`` (K, 3, H, W) float16 normalised images, ``y`` and ``pred`` (K, H, W) uint8 label maps
@@ -257,7 +259,7 @@ def save_val_samples(distiller: Distiller, data: Data, device: torch.device, rec
     distiller.eval()
     batch = next(iter(data.val.batches()))
     x, y = batch.x[:SAMPLE_IMAGES].to(device), batch.y[:SAMPLE_IMAGES].to(device)
-    with _autocast(device, recipe):
+    with autocast(device, fast):
         pred = distiller.predict(x, y).float().argmax(dim=1)
     samples = {"x": x.half().cpu(), "y": y.to(torch.uint8).cpu(),
                "pred": pred.to(torch.uint8).cpu(), "index": batch.index[:SAMPLE_IMAGES].cpu()}
@@ -265,7 +267,7 @@ def save_val_samples(distiller: Distiller, data: Data, device: torch.device, rec
 
 
 @torch.no_grad()
-def calibrate_batchnorm(model: nn.Module, data: Data, device: torch.device, recipe: Recipe) -> None:
+def calibrate_batchnorm(model: nn.Module, data: Data, device: torch.device) -> None:
     """Set BatchNorm running statistics to their averages over one pass of the training split.
 
     Only the statistics change, never a weight: an untrained (randomly initialised) network
@@ -280,10 +282,6 @@ def calibrate_batchnorm(model: nn.Module, data: Data, device: torch.device, reci
     for batch in data.train.batches(0):
         model(batch.x.to(device))
     model.eval()
-
-
-def _autocast(device: torch.device, recipe: Recipe) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.amp == "bf16")
 
 
 def run_job(spec: JobSpec, store: JobStore, options: RunOptions | None = None) -> Dict[str, Any]:
@@ -352,16 +350,16 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
     started = time.time()
     recipe = parse_config(Recipe, spec.recipe, f"{spec.job_id}.recipe")
     device = ranks.device(select_device(recipe.device))
+    fast = resolve_fast_path(recipe, device)
     torch.manual_seed(spec.seed)
     data = build_data(spec.dataset, spec.dataset_cfg, f"{spec.job_id}.dataset_cfg",
-                      recipe.batch_size, spec.seed, device, recipe.channels_last)
+                      recipe.batch_size, spec.seed, device, fast.channels_last)
     ranks.check_batches(data.info.num_samples, recipe.batch_size)
     distiller = _build_distiller(spec, store, data, device)
-    if recipe.channels_last:
+    if fast.channels_last:
         distiller.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(distiller.learnable_parameters(), lr=recipe.lr,
-                                momentum=recipe.momentum, nesterov=recipe.nesterov,
-                                weight_decay=recipe.weight_decay)
+    optimizer = build_optimizer(distiller.learnable_parameters(), recipe, fast)
+    forward = step_forward(distiller, device, fast)
     steps = data.train.steps_per_epoch
     schedule = _schedule(optimizer, recipe, steps)
     progress = _Progress()
@@ -407,9 +405,7 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
                 x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
                 global_size = min(recipe.batch_size,
                                   data.info.num_samples - progress.step * recipe.batch_size)
-                with _autocast(device, recipe):
-                    _, terms = distiller(x, y, batch.index.to(device))
-                loss = sum(terms.values())
+                _, loss, terms = forward(x, y, batch.index.to(device, non_blocking=True))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 rows = y.shape[0]  # samples: a segmentation batch's losses are per-pixel means
@@ -439,7 +435,7 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
                 if checkpoint_due and ranks.is_main:
                     save()
             _require_finite_loss(guard, progress.epoch)
-            metrics = _end_epoch(progress, distiller, data, device, recipe, schedule, ranks)
+            metrics = _end_epoch(progress, distiller, data, device, fast, recipe, schedule, ranks)
             if ranks.is_main:
                 store.update_state(spec.job_id, epoch=progress.epoch,
                                    last_metric=metrics[f"val/{primary}"])
@@ -455,8 +451,8 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
     if bar is not None:
         bar.close()
     if not progress.history:  # zero epochs: the initial weights are the result
-        calibrate_batchnorm(distiller.student, data, device, recipe)
-        val = evaluate(distiller, data, device, recipe, ranks)
+        calibrate_batchnorm(distiller.student, data, device)
+        val = evaluate(distiller, data, device, fast, ranks)
         progress.history.append({"epoch": 0, **{f"val/{k}": v for k, v in val.items()}})
     final = progress.history[-1]
     metrics = {k[len("val/"):]: v for k, v in final.items() if k.startswith("val/")}
@@ -469,12 +465,13 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
         "history": progress.history,
         "wall_time_s": time.time() - started,
         "world_size": ranks.part[1],
+        "fast_path": fast.record(),
     }
     if ranks.is_main:
         weights = store.weights_path(spec.job_id)
         write_sealed(weights, distiller.exported_model().state_dict())
         if data.info.task == SEGMENTATION:
-            save_val_samples(distiller, data, device, recipe,
+            save_val_samples(distiller, data, device, fast,
                              store.job_dir(spec.job_id) / VAL_SAMPLES)
         write_json(store.job_dir(spec.job_id) / "result.json", result)
     if tracker:
@@ -499,7 +496,7 @@ def _require_finite_loss(guard: LossGuard, epoch: int) -> None:
 
 
 def _end_epoch(progress: _Progress, distiller: Distiller, data: Data, device: torch.device,
-               recipe: Recipe, schedule: torch.optim.lr_scheduler.LRScheduler,
+               fast: FastPath, recipe: Recipe, schedule: torch.optim.lr_scheduler.LRScheduler,
                ranks: Ranks) -> Dict[str, float]:
     """Evaluate, record the epoch's metrics, step the LR schedule and reset the accumulators.
 
@@ -508,7 +505,7 @@ def _end_epoch(progress: _Progress, distiller: Distiller, data: Data, device: to
     """
     train = {f"train/{k}": (v / max(progress.seen, 1)).item() for k, v in progress.sums.items()}
     ranks.average_norms(_trained_modules(distiller))
-    val = evaluate(distiller, data, device, recipe, ranks)
+    val = evaluate(distiller, data, device, fast, ranks)
     metrics = {**train, **{f"val/{k}": v for k, v in val.items()},
                "lr": schedule.get_last_lr()[0]}
     progress.history.append({"epoch": progress.epoch, **metrics})
