@@ -107,10 +107,9 @@ def build_kd_box(teacher: nn.Module, student: nn.Module, train_set: torch.utils.
 
 
 def run_steps(box: Any, steps: int, device: torch.device) -> Tuple[int, float]:
-    """Run `steps` training steps of torchdistill's loop over box.train_data_loader (restarting the
-    loader as epochs end: call box.pre_epoch_process(epoch=...) / post_epoch_process as its example does when
-    appropriate, or at least re-iterate the loader), exactly as its example's train_one_epoch does per batch
-    (including loss.item() per step). Returns (images processed, last loss as float).
+    """Run `steps` training steps of torchdistill's loop over ``box.train_data_loader``, each as
+    its example's ``train_one_epoch`` runs a batch (``loss.item()`` included), restarting the
+    loader as epochs end. Returns (images processed, last loss as float).
 
     Each call starts a pass over the loader with ``pre_epoch_process(epoch=n)`` (student to train
     mode, I/O dicts cleared); a pass that runs to the end of the loader is closed with
