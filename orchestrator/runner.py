@@ -360,6 +360,9 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
         distiller.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(distiller.learnable_parameters(), recipe, fast)
     forward = step_forward(distiller, device, fast)
+    if tracker:
+        tracker.set_tags({"kdflow.device": device.type,
+                          **{f"kdflow.fast_path.{k}": v for k, v in fast.record().items()}})
     steps = data.train.steps_per_epoch
     schedule = _schedule(optimizer, recipe, steps)
     progress = _Progress()

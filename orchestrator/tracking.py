@@ -262,6 +262,8 @@ class OutboxSender:
             raise RuntimeError(f"outbox record {record['seq']} ({op}) precedes any run")
         if op == "params":
             self._log_params(record["params"])
+        elif op == "tags":
+            self._set_tags(record["tags"])
         elif op == "metrics":
             self._log_metrics(record, contents, verify)
         elif op == "artifact":
@@ -299,6 +301,12 @@ class OutboxSender:
         for start in range(0, len(items), 100):
             chunk = items[start:start + 100]
             _retry(lambda: self.client.log_batch(self.run_id, params=chunk), "log_params")
+
+    def _set_tags(self, tags: Dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, v) for k, v in tags.items()]
+        _retry(lambda: self.client.log_batch(self.run_id, tags=batch), "set_tags")
 
     def _log_metrics(self, record: Dict[str, Any], contents: OutboxContents,
                      verify: bool) -> None:
@@ -385,6 +393,11 @@ class JobTracker:
         """Log ``metrics`` (name -> value) at ``step`` (the epoch's 0-based index)."""
         self._record("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=step,
                      time_ms=_now_ms())
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (name -> value, sent as strings; a later value replaces an earlier
+        one, so a job resumed elsewhere records where it last ran)."""
+        self._record("tags", tags={k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: Path) -> None:
         """Upload the file at ``path`` (while the server is down: at the next flush)."""

@@ -37,6 +37,9 @@ def test_job_logs_tags_params_metrics_and_result_to_server(study, tmp_path, mlfl
     assert run.data.tags["kdflow.student"] == "resnet8"
     assert run.data.tags["kdflow.seed"] == "0"
     assert run.data.params["recipe.epochs"] == "2"
+    assert run.data.tags["kdflow.device"] == "cpu"
+    assert run.data.tags["kdflow.fast_path.bf16"] == "False"
+    assert run.data.tags["kdflow.fast_path.compile_mode"] == "None"
     assert run.data.params["dataset_cfg.num_train"] == "128"
     history = client.get_metric_history(run.info.run_id, "val/top1")
     assert [m.step for m in history] == [0, 1]
