@@ -159,7 +159,7 @@ def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None
 
 def all_reduce_gradients(params: Sequence[torch.Tensor], share: float,
                          received: Sequence[int] = (), stats: Optional[torch.Tensor] = None,
-                         ) -> Tuple[torch.Tensor, List[int]]:
+                         read_signals: bool = True) -> Tuple[torch.Tensor, List[int]]:
     """Average the gradients of ``params`` over the ranks, with ONE all-reduce.
 
     params:    the optimizer's parameters, in the same order on every rank; those whose
@@ -171,6 +171,8 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], share: float,
     received:  the numbers of the (preemption) signals this rank received.
     stats:     (K,) float values summed over the ranks unscaled (e.g. loss * samples); a
                (0,) tensor when omitted.
+    read_signals: read the signal flags back to the host (a device synchronisation); when
+               False the signals returned are empty, and the step queues device work only.
     Returns the summed ``stats`` (K,) and the signals any rank received (ascending; empty
     when none was). The gradients, the stats and one flag per signal number travel in one
     buffer on the parameters' device.
@@ -186,7 +188,8 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], share: float,
     buffer[:count].mul_(share)
     dist.all_reduce(buffer)
     _unflatten_into(buffer[:count], grads)  # the real grads, and zeros that are dropped
-    anywhere = torch.nonzero(buffer[-signal.NSIG:] > 0).flatten().tolist()
+    anywhere = (torch.nonzero(buffer[-signal.NSIG:] > 0).flatten().tolist() if read_signals
+                else [])
     return buffer[count:-signal.NSIG].to(stats.dtype), anywhere
 
 
@@ -268,15 +271,17 @@ class Ranks:
                              f"{world_size} processes")
 
     def reduce_step(self, params: Sequence[torch.Tensor], stats: Dict[str, torch.Tensor],
-                    share: float, received: Sequence[int],
+                    share: float, received: Sequence[int], read_signals: bool = True,
                     ) -> Tuple[Dict[str, torch.Tensor], List[int]]:
         """Average the gradients (:func:`all_reduce_gradients`), sum the scalar ``stats`` over
-        the ranks and gather the signals any rank ``received``; alone: the arguments."""
+        the ranks and, if ``read_signals`` (every rank must pass the same), gather the signals
+        any rank ``received`` (else none are returned); alone: the arguments."""
         if self.env is None:
             return stats, list(received)
         names = list(stats)
         summed, signals = all_reduce_gradients(params, share, received,
-                                               torch.stack([stats[n] for n in names]))
+                                               torch.stack([stats[n] for n in names]),
+                                               read_signals)
         return dict(zip(names, summed.unbind())), signals
 
     def from_main(self, obj: Any) -> Any:

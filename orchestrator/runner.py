@@ -43,6 +43,9 @@ from orchestrator.store import JobStore
 from orchestrator.tracking import JobTracker
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+#: In a multi-process run, the ranks compare the signals they received every this many steps
+#: (and before each checkpoint): reading them back is the one host synchronisation of a step.
+SIGNAL_CHECK_EVERY = 8
 
 
 class JobInterrupted(Exception):
@@ -412,10 +415,13 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 rows = y.shape[0]  # samples: a segmentation batch's losses are per-pixel means
+                after = progress.global_step + 1
+                checkpoint_due = after % recipe.checkpoint_every_steps == 0
                 sums, signals = ranks.reduce_step(
                     params, {name: value.detach().float() * rows
                              for name, value in {TOTAL: loss, **terms}.items()},
-                    share=rows / global_size, received=preempted)
+                    share=rows / global_size, received=preempted,
+                    read_signals=checkpoint_due or after % SIGNAL_CHECK_EVERY == 0)
                 guard.observe(sums)  # summed over the ranks: every rank sees the same record
                 optimizer.step()
                 if recipe.lr_schedule == "poly":
@@ -427,7 +433,6 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
                 progress.global_step += 1
                 if bar is not None:
                     bar.update(1)
-                checkpoint_due = progress.global_step % recipe.checkpoint_every_steps == 0
                 if guard.eager or signals or checkpoint_due:
                     _require_finite_loss(guard, progress.epoch)
                 if signals:

@@ -118,11 +118,15 @@ COLLECTIVES = textwrap.dedent("""
         sums, signals = all_reduce_gradients([*model.parameters(), unused], share=n / 5,
                                              received=[12] if env.rank == 1 else [],
                                              stats=loss.detach().reshape(1) * n)
+        reduced = [p.grad.tolist() for p in model.parameters()]
+        _, unread = all_reduce_gradients(list(model.parameters()), share=n / 5,
+                                         received=[12] if env.rank == 1 else [],
+                                         read_signals=False)
         broadcast_from_main([shared])
         average_running_stats([norm], env.world_size)
     json.dump({
         "local": [g.tolist() for g in local],
-        "reduced": [p.grad.tolist() for p in model.parameters()],
+        "reduced": reduced, "unread": unread,
         "max_error": max((p.grad - e).abs().max().item()
                          for p, e in zip(model.parameters(), expected)),
         "sums": sums.tolist(), "full_sum": full.item() * 5, "signals": signals,
@@ -141,6 +145,7 @@ def test_collectives_average_gradients_by_share_and_agree_on_state(tmp_path):
         assert rank["max_error"] < 1e-6
         assert rank["sums"] == pytest.approx([rank["full_sum"]], rel=1e-6)
         assert rank["signals"] == [12]  # only rank 1 was signalled
+        assert rank["unread"] == []  # a step that does not read the flags returns none
         assert rank["unused_grad"] is False  # a parameter without a gradient keeps none
         assert rank["shared"] == [1.0, 1.0, 1.0]  # rank 0's values
         assert rank["norm"] == [[0.5, 0.5], [2.0, 2.0]]  # averages of 0 and 1, 1 and 3
