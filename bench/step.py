@@ -8,7 +8,10 @@ method and each implementation:
   switches at ``auto`` (on a GPU: bf16 autocast, channels_last, fused SGD; the teacher under
   ``inference_mode``; no host synchronisation), fed by kdflow's in-memory loader holding the
   whole uint8 training set on the device and augmenting there (``device_resident``);
-- ``kdflow+compile``: the same with ``compile: default`` and ``cuda_graphs: true``;
+- ``kdflow-fp32``: the same loop and loader with the switches off (fp32, NCHW, per-tensor
+  SGD): what the loop and the data path give without changing the arithmetic;
+- ``kdflow+compile``: the fast path with ``compile: default`` and ``cuda_graphs: true`` (not
+  in the default set: compiling takes most of a minute per row);
 - ``plain``: the reference repositories' loop (``bench/plain_loop.py``): a torchvision
   DataLoader over PIL images, fp32, ``loss.item()`` every step, the same distiller modules;
 - ``torchdistill``: KD only, torchdistill's ``DistillationBox`` driven as its example script
@@ -75,9 +78,16 @@ from orchestrator.recipe import Recipe  # noqa: E402
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 METHODS = ("vanilla", "kd", "crd", "msdcrd", "hsakd", "stablekd")
-IMPLS = ("kdflow", "kdflow+compile", "plain", "torchdistill")
-DEFAULT_IMPLS = ("kdflow", "plain", "torchdistill")
 PLAIN, KDFLOW = "plain", "kdflow"
+#: Implementation -> the recipe's speed switches of its kdflow step (None: not kdflow's step).
+KDFLOW_SWITCHES: Dict[str, Dict[str, Any]] = {
+    KDFLOW: {},
+    "kdflow-fp32": {"amp": "none", "channels_last": False, "fused_optimizer": False},
+    "kdflow+compile": {"compile": "default", "cuda_graphs": True},
+}
+IMPLS = (KDFLOW, "kdflow-fp32", "kdflow+compile", PLAIN, "torchdistill")
+GPU_IMPLS = (KDFLOW, "kdflow-fp32", PLAIN, "torchdistill")
+CPU_IMPLS = (KDFLOW, PLAIN, "torchdistill")
 PHASE_EPOCHS = 1000
 """The epoch budget whose epochs are passed to ``start_epoch`` to enter each StableKD phase."""
 IMAGENET_POOL = 2048
@@ -173,12 +183,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated (%(default)s)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (%(default)s)")
     p.add_argument("--impls", default=None,
-                   help=f"comma-separated, of {', '.join(IMPLS)} (default: all on a GPU, "
-                        f"{','.join(DEFAULT_IMPLS)} on the CPU)")
+                   help=f"comma-separated, of {', '.join(IMPLS)} (default: "
+                        f"{','.join(GPU_IMPLS)} on a GPU, {','.join(CPU_IMPLS)} on the CPU)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps per row (20 on GPU, 3 on CPU; --small: 1)")
+                   help="untimed steps per row (10 on GPU, 3 on CPU; --small: 1)")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed steps per row (100 on GPU, 10 on CPU; --small: 2)")
+                   help="timed steps per row (50 on GPU, 10 on CPU; --small: 2)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader processes of the plain loop and torchdistill "
                         "(min(8, CPUs); --small: 0)")
@@ -187,7 +197,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--crd-negatives", type=int, default=None,
                    help="CRD's K (default: its published 16,384; --small: 64)")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default: bench/results/step-<device>-<date>[.cpu].json)")
+                   help="JSON path (default: bench/results/step-<device>[-<label>]-<date>"
+                        "[.cpu].json)")
+    p.add_argument("--label", default="", help="a word for the default JSON name")
     p.add_argument("--small", action="store_true",
                    help="CI run: batch 8 (CIFAR) and 2 (ImageNet shapes), 256 training "
                         "images, 1 warm-up and 2 timed steps (explicit flags still win)")
@@ -213,11 +225,11 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     cases = [CASES[n] for n in _names(args.cases, list(CASES), "--cases")]
     if args.small:
         cases = [replace(c, batch_size=8 if c.cifar else 2, num_samples=256) for c in cases]
-    impls = _names(args.impls or ",".join(IMPLS if on_gpu else DEFAULT_IMPLS), IMPLS, "--impls")
+    impls = _names(args.impls or ",".join(GPU_IMPLS if on_gpu else CPU_IMPLS), IMPLS, "--impls")
     return Settings(
         device=device, cases=cases, methods=_names(args.methods, METHODS, "--methods"),
-        impls=impls, warmup=pick(args.warmup, 1, 20 if on_gpu else 3),
-        steps=pick(args.steps, 2, 100 if on_gpu else 10),
+        impls=impls, warmup=pick(args.warmup, 1, 10 if on_gpu else 3),
+        steps=pick(args.steps, 2, 50 if on_gpu else 10),
         workers=pick(args.workers, 0, min(8, os.cpu_count() or 1)),
         threads=torch.get_num_threads(),
         crd_negatives=args.crd_negatives if args.crd_negatives is not None else (64 if args.small else None))
@@ -271,11 +283,11 @@ Step = Callable[[], torch.Tensor]
 
 
 def kdflow_step(distiller: Distiller, case: Case, data: CaseData, device: torch.device,
-                compiled: bool) -> Step:
+                switches: Dict[str, Any]) -> Step:
     """The runner's step (forward, loss sum, zero_grad, backward, loss guard, SGD step, device
-    sums of the terms) over kdflow's device-resident loader, with the switches at ``auto``."""
-    recipe = parse_config(Recipe, {"lr": LR, "compile": "default" if compiled else "none",
-                                   "cuda_graphs": compiled}, "bench.recipe")
+    sums of the terms) over kdflow's device-resident loader, with the recipe's speed
+    ``switches`` (those not given at their defaults: ``auto``, not compiled)."""
+    recipe = parse_config(Recipe, {"lr": LR, **switches}, "bench.recipe")
     fast = resolve_fast_path(recipe, device)
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2)
     if not case.cifar:  # kdflow feeds ImageNet through FFCV; here: a resident 224 px centre cut
@@ -370,8 +382,8 @@ class _WithoutIndex(torch.utils.data.Dataset):
 
 def make_step(impl: str, distiller: Distiller, case: Case, data: CaseData, s: Settings,
               device: torch.device) -> Step:
-    if impl in (KDFLOW, "kdflow+compile"):
-        return kdflow_step(distiller, case, data, device, compiled=impl != KDFLOW)
+    if impl in KDFLOW_SWITCHES:
+        return kdflow_step(distiller, case, data, device, KDFLOW_SWITCHES[impl])
     if impl == PLAIN:
         return plain_loop_step(distiller, case, data, device, s.workers)
     return torchdistill_step(distiller, case, data, device, s.workers)
@@ -477,7 +489,7 @@ def targets(rows: List[Row]) -> Dict[str, Any]:
     by = {(r.case, r.method, r.impl): r for r in rows}
     kd, plain = by.get(("cifar-b64", "kd", KDFLOW)), by.get(("cifar-b64", "kd", PLAIN))
     peers = [(r, by[(r.case, r.method, "torchdistill")]) for r in rows
-             if r.impl.startswith(KDFLOW) and (r.case, r.method, "torchdistill") in by]
+             if r.impl == KDFLOW and (r.case, r.method, "torchdistill") in by]
     return {
         "cifar_b64_kd_vs_plain": kd.images_per_s / plain.images_per_s if kd and plain else None,
         "ahead_of_torchdistill": (all(a.images_per_s > b.images_per_s for a, b in peers)
@@ -504,12 +516,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def default_out(device: torch.device, day: str) -> Path:
-    """GPU: step-<gpu-slug>-<date>.json; CPU: step-cpu-<date>.cpu.json (git-ignored)."""
+def default_out(device: torch.device, day: str, label: str = "") -> Path:
+    """GPU: step-<gpu-slug>[-<label>]-<date>.json; CPU: step-cpu[-<label>]-<date>.cpu.json
+    (git-ignored)."""
+    tag = f"-{label}" if label else ""
     if device.type == "cuda":
         slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-        return RESULTS_DIR / f"step-{slug}-{day}.json"
-    return RESULTS_DIR / f"step-cpu-{day}.cpu.json"
+        return RESULTS_DIR / f"step-{slug}{tag}-{day}.json"
+    return RESULTS_DIR / f"step-cpu{tag}-{day}.cpu.json"
 
 
 def markdown_table(rows: List[Row], device: torch.device) -> str:
@@ -579,7 +593,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: a non-finite result: {r}", file=sys.stderr)
     goal = targets(rows)
     now = datetime.now().astimezone()
-    out = args.out or default_out(device, now.date().isoformat())
+    out = args.out or default_out(device, now.date().isoformat(), args.label)
     fast = resolve_fast_path(parse_config(Recipe, {}, "bench.recipe"), device)
     record = {
         "benchmark": "train_step",

@@ -39,7 +39,7 @@ def test_small_run_measures_every_case_method_and_implementation(bench, tmp_path
     rows = record["rows"]
     expected = [(case, name, impl) for case in bench.CASES
                 for name in bench.row_names(bench.METHODS, bench.CASES[case])
-                for impl in bench.DEFAULT_IMPLS if bench.applies(impl, name)]
+                for impl in bench.CPU_IMPLS if bench.applies(impl, name)]
     assert [(r["case"], r["method"], r["impl"]) for r in rows] == expected
     assert [r["method"] for r in rows if r["impl"] == "torchdistill"] == ["kd"] * 3
     assert {r["method"] for r in rows} >= {"stablekd[decomposed]", "stablekd[partial]",
@@ -69,12 +69,12 @@ def test_small_run_measures_every_case_method_and_implementation(bench, tmp_path
     assert "projected 240-epoch cifar-b64 KD run" in printed
 
 
-def test_compiled_kdflow_step_runs(bench, tmp_path: Path) -> None:
+def test_compiled_and_fp32_kdflow_steps_run(bench, tmp_path: Path) -> None:
     out = tmp_path / "c.json"
     assert bench.main(["--small", "--cases", "cifar-b64", "--methods", "kd",
-                       "--impls", "kdflow+compile,kdflow", "--out", str(out)]) == 0
+                       "--impls", "kdflow+compile,kdflow-fp32,kdflow", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["impl"] for r in rows] == ["kdflow+compile", "kdflow"]
+    assert [r["impl"] for r in rows] == ["kdflow+compile", "kdflow-fp32", "kdflow"]
     assert all(r["vs_plain"] is None and math.isfinite(r["final_loss"]) for r in rows)
 
 
