@@ -78,6 +78,10 @@ ROWS: List[BadInput] = [
     row("range", "launcher.workers", "run", "launcher.workers=0"),
     row("range", "study.name", "run", "study.name=../elsewhere"),
     row("range", "tracking_uri", "run", "tracking_uri=ftp://mlflow.example"),
+    row("range", "study.student_recipe.channels_last", "run",
+        "study.student_recipe.channels_last=maybe"),
+    row("range", "study.student_recipe.compile", "run", "study.student_recipe.compile=fast"),
+    row("range", "study.student_recipe.cuda_graphs", "run", "study.student_recipe.cuda_graphs=true"),
     # missing or empty
     row("missing", "study.datasets.cifar100.root", "run", "study=cifar100_baselines",
         "data.root={missing}"),
