@@ -112,7 +112,7 @@ def test_fused_optimizer_takes_the_same_steps_as_the_plain_one() -> None:
         torch.testing.assert_close(a, b)
 
 
-def _host_reads_per_job(study: Dict[str, Any], num_train: int, tmp_path, monkeypatch) -> Dict[str, Counter]:
+def _host_reads_per_job(study: Dict[str, Any], num_train: int, tmp_path) -> Dict[str, Counter]:
     study["datasets"]["synthetic"]["num_train"] = num_train
     store = JobStore(tmp_path / str(num_train))
     counts = {}
@@ -135,19 +135,32 @@ def test_a_training_step_reads_nothing_back_to_the_host(study, tmp_path, monkeyp
                         "hsakd": {}, "stablekd": {}}
     for recipe in ("teacher_recipe", "student_recipe"):
         study[recipe].update(epochs=1, batch_size=16, checkpoint_every_steps=1000)
-    four = _host_reads_per_job(study, 64, tmp_path, monkeypatch)
-    eight = _host_reads_per_job(study, 128, tmp_path, monkeypatch)
+    four = _host_reads_per_job(study, 64, tmp_path)
+    eight = _host_reads_per_job(study, 128, tmp_path)
     assert set(four) == set(study["methods"])
     assert four == eight
 
 
-def test_the_host_read_count_catches_a_read_per_step(study, tmp_path, monkeypatch) -> None:
+def test_the_host_read_count_catches_a_read_per_step(study, tmp_path) -> None:
     """The CPU's eager loss guard reads its record after every step: the count sees it."""
     study["methods"] = {"vanilla": {}}
     study["student_recipe"].update(epochs=1, batch_size=16, checkpoint_every_steps=1000)
-    four = _host_reads_per_job(study, 64, tmp_path, monkeypatch)["vanilla"]
-    eight = _host_reads_per_job(study, 128, tmp_path, monkeypatch)["vanilla"]
+    four = _host_reads_per_job(study, 64, tmp_path)["vanilla"]
+    eight = _host_reads_per_job(study, 128, tmp_path)["vanilla"]
     assert eight["item"] - four["item"] == 4
+
+
+def _plain_and_switched(study: Dict[str, Any], switches: Dict[str, Any], store: JobStore):
+    """Run the study's single distillation job as given and with the student recipe's
+    ``switches`` (after the shared teacher): ((plain job, its result), (switched, its result))."""
+    (plain,) = [j for j in expand_study(study).jobs if j.stage == "distill"]
+    study["student_recipe"].update(switches)
+    graph = expand_study(study)
+    (switched,) = [j for j in graph.jobs if j.stage == "distill"]
+    for job in graph.jobs:
+        if job.stage == "teacher":
+            run_job(job, store, QUIET)
+    return (plain, run_job(plain, store, QUIET)), (switched, run_job(switched, store, QUIET))
 
 
 def test_fast_switches_train_to_the_plain_paths_accuracy(study, tmp_path) -> None:
@@ -157,15 +170,8 @@ def test_fast_switches_train_to_the_plain_paths_accuracy(study, tmp_path) -> Non
     study["datasets"]["synthetic"].update(num_train=512, num_val=256)
     study["teacher_recipe"].update(epochs=3, lr_milestones=[2])
     study["student_recipe"].update(epochs=3, lr_milestones=[2])
-    (plain,) = [j for j in expand_study(study).jobs if j.stage == "distill"]
-    study["student_recipe"].update(amp="bf16", channels_last=True, fused_optimizer=True)
-    graph = expand_study(study)
-    (fast,) = [j for j in graph.jobs if j.stage == "distill"]
-    store = JobStore(tmp_path)
-    for job in graph.jobs:
-        if job.stage == "teacher":
-            run_job(job, store, QUIET)
-    a, b = run_job(plain, store, QUIET), run_job(fast, store, QUIET)
+    (_, a), (_, b) = _plain_and_switched(
+        study, {"amp": "bf16", "channels_last": True, "fused_optimizer": True}, JobStore(tmp_path))
     assert b["fast_path"] == {"bf16": True, "channels_last": True, "fused_optimizer": True,
                               "compile_mode": None}
     assert a["fast_path"]["bf16"] is False
@@ -180,15 +186,8 @@ def test_compiled_step_matches_the_eager_step(study, tmp_path) -> None:
     study["methods"] = {"kd": {}}
     study["student_recipe"].update(epochs=1, batch_size=32, checkpoint_every_steps=1000)
     study["teacher_recipe"].update(epochs=1)
-    (eager,) = [j for j in expand_study(study).jobs if j.stage == "distill"]
-    study["student_recipe"].update(compile="default")
-    graph = expand_study(study)
-    (compiled,) = [j for j in graph.jobs if j.stage == "distill"]
     store = JobStore(tmp_path)
-    for job in graph.jobs:
-        if job.stage == "teacher":
-            run_job(job, store, QUIET)
-    a, b = run_job(eager, store, QUIET), run_job(compiled, store, QUIET)
+    (eager, a), (compiled, b) = _plain_and_switched(study, {"compile": "default"}, store)
     assert b["fast_path"]["compile_mode"] == "default"
     assert b["history"][0]["train/loss"] == pytest.approx(a["history"][0]["train/loss"], rel=1e-4)
     wa = read_sealed(store.weights_path(eager.job_id))
