@@ -138,13 +138,17 @@ def test_server_down_from_the_start_creates_the_run_on_sync(server, study, tmp_p
                                             progress=False))
     assert store.state(job.job_id).mlflow_run_id is None
     ops = [r["op"] for r in Outbox(store.job_dir(job.job_id)).read().pending]
-    assert ops == ["create_run", "params", "metrics", "metrics", "artifact", "status"]
+    assert ops == ["create_run", "params", "tags", "metrics", "metrics", "artifact", "status"]
     server.start()
     report = sync_job(server.uri, store.job_dir(job.job_id), None,
                       lambda run_id: store.update_state(job.job_id, mlflow_run_id=run_id))
     assert report.error is None and len(report.sent) == len(ops)
     assert_tracked_once(server.uri, "late", store.state(job.job_id).mlflow_run_id,
                         result["history"])
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(server.uri).get_run(store.state(job.job_id).mlflow_run_id).data.tags
+    assert (tags["kdflow.device"], tags["kdflow.fast_path.bf16"]) == ("cpu", "False")
 
 
 def test_lost_acknowledgements_and_a_torn_line_send_nothing_twice(study, tmp_path, monkeypatch):
