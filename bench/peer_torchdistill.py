@@ -28,7 +28,7 @@ change.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 import torch
 import torch.utils.data
@@ -86,8 +86,9 @@ def build_kd_box(teacher: nn.Module, student: nn.Module, train_set: torch.utils.
                  *, batch_size: int, num_workers: int, device: torch.device,
                  temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4) -> Any:
-    """A torchdistill DistillationBox training `student` from frozen `teacher` with
-    loss = ce_weight * CE(student, y) + kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T)) (batchmean), SGD.
+    """A torchdistill DistillationBox training `student` from frozen `teacher` with SGD on
+    loss = ce_weight * CE(student, y) + kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T))
+    (KL averaged over the batch).
 
     `teacher` and `student` map images (B, 3, H, W) to logits (B, num_classes); `train_set` yields
     (image (3, H, W) float tensor, int label). `temperature` is T (dimensionless); the SGD `lr`,
@@ -106,31 +107,22 @@ def build_kd_box(teacher: nn.Module, student: nn.Module, train_set: torch.utils.
                                 distributed=False, lr_factor=1)
 
 
-def run_steps(box: Any, steps: int, device: torch.device) -> Tuple[int, float]:
-    """Run `steps` training steps of torchdistill's loop over ``box.train_data_loader``, each as
-    its example's ``train_one_epoch`` runs a batch (``loss.item()`` included), restarting the
-    loader as epochs end. Returns (images processed, last loss as float).
-
-    Each call starts a pass over the loader with ``pre_epoch_process(epoch=n)`` (student to train
-    mode, I/O dicts cleared); a pass that runs to the end of the loader is closed with
-    ``post_epoch_process()`` and the next one gets epoch n + 1 (kept on the box between calls); a
-    pass cut short by `steps` before the loader's last batch is not closed, and the next call
-    restarts the loader at epoch n.
-    The last loss is the weighted total for the last batch (a dimensionless scalar), computed
-    before that batch's SGD step. Raises ValueError if a loss is NaN or infinite, as the example
-    does. `steps` must be positive.
-    """
-    if steps <= 0:
-        raise ValueError(f'steps must be positive, got {steps}')
-    images, done, last_loss = 0, 0, float('nan')
-    epoch = getattr(box, 'kdflow_next_epoch', 0)
-    while done < steps:
+def iter_steps(box: Any, device: torch.device) -> Iterator[Tuple[int, float]]:
+    """torchdistill's training loop over ``box.train_data_loader``, one step per ``next``:
+    yields (the batch's images, its loss as a float) after each step, which runs as its
+    example's ``train_one_epoch`` runs a batch (``loss.item()`` included). Epoch after epoch:
+    each pass starts with ``pre_epoch_process(epoch=n)`` and ends with
+    ``post_epoch_process()``; the loader's iterator (and its worker processes) lives for a
+    whole pass, as in the example. Raises ValueError if a loss is NaN or infinite, as the
+    example does."""
+    epoch = 0
+    while True:
         box.pre_epoch_process(epoch=epoch)
         metric_logger = MetricLogger(delimiter='  ')
         metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value}'))
         metric_logger.add_meter('img/s', SmoothedValue(window_size=10, fmt='{value}'))
         header = 'Epoch: [{}]'.format(epoch)
-        batches_in_pass = 0
+        batches = 0
         for sample_batch, targets, supp_dict in metric_logger.log_every(
                 box.train_data_loader, LOG_FREQ, header):
             start_time = time.time()
@@ -138,20 +130,25 @@ def run_steps(box: Any, steps: int, device: torch.device) -> Tuple[int, float]:
             loss = box.forward_process(sample_batch, targets, supp_dict)
             box.post_forward_process(loss=loss)
             batch_size = sample_batch.shape[0]
-            last_loss = loss.item()
-            metric_logger.update(loss=last_loss, lr=box.optimizer.param_groups[0]['lr'])
+            value = loss.item()
+            metric_logger.update(loss=value, lr=box.optimizer.param_groups[0]['lr'])
             metric_logger.meters['img/s'].update(batch_size / (time.time() - start_time))
             if torch.isnan(loss) or torch.isinf(loss):
                 raise ValueError('The training loop was broken due to loss = {}'.format(loss))
-            images += batch_size
-            done += 1
-            batches_in_pass += 1
-            if done == steps:
-                break
-        if batches_in_pass == 0:
+            batches += 1
+            yield batch_size, value
+        if batches == 0:
             raise ValueError('box.train_data_loader yielded no batch')
-        if batches_in_pass == len(box.train_data_loader):
-            box.post_epoch_process()
-            epoch += 1
-            box.kdflow_next_epoch = epoch
+        box.post_epoch_process()
+        epoch += 1
+
+
+def run_steps(box: Any, steps: int, device: torch.device) -> Tuple[int, float]:
+    """Run ``steps`` steps of :func:`iter_steps` from the first epoch; returns (images
+    processed, last loss as float). ``steps`` must be positive."""
+    if steps <= 0:
+        raise ValueError(f'steps must be positive, got {steps}')
+    images, last_loss = 0, float('nan')
+    for _, (batch_size, last_loss) in zip(range(steps), iter_steps(box, device)):
+        images += batch_size
     return images, last_loss

@@ -210,13 +210,16 @@ def _names(text: str, known: Sequence[str], flag: str) -> List[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise SystemExit(f"{flag}: unknown {unknown or 'empty list'}; choose from {', '.join(known)}")
+        raise SystemExit(f"{flag}: unknown {unknown or 'empty list'}; "
+                         f"choose from {', '.join(known)}")
     return names
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
     """Fill the defaults that depend on the device and on ``--small``."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     on_gpu = device == "cuda"
 
     def pick(value: Optional[int], small: int, normal: int) -> int:
@@ -232,7 +235,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         steps=pick(args.steps, 2, 50 if on_gpu else 10),
         workers=pick(args.workers, 0, min(8, os.cpu_count() or 1)),
         threads=torch.get_num_threads(),
-        crd_negatives=args.crd_negatives if args.crd_negatives is not None else (64 if args.small else None))
+        crd_negatives=(args.crd_negatives if args.crd_negatives is not None
+                       else 64 if args.small else None))
 
 
 def make_case_data(case: Case, seed: int = 0) -> CaseData:
@@ -350,7 +354,7 @@ def plain_loop_step(distiller: Distiller, case: Case, data: CaseData, device: to
 def torchdistill_step(distiller: Distiller, case: Case, data: CaseData, device: torch.device,
                       workers: int) -> Step:
     """torchdistill's KD on the plain loop's data, with kdflow KD's T, weights and SGD."""
-    from bench.peer_torchdistill import build_kd_box, run_steps
+    from bench.peer_torchdistill import build_kd_box, iter_steps
 
     cfg = distiller.cfg
     dataset = _WithoutIndex(plain_dataset(case, data))
@@ -360,8 +364,10 @@ def torchdistill_step(distiller: Distiller, case: Case, data: CaseData, device: 
                        kd_weight=cfg.kd_weight, lr=LR, momentum=MOMENTUM,
                        weight_decay=WEIGHT_DECAY)
 
+    steps = iter_steps(box, device)
+
     def step() -> torch.Tensor:
-        return torch.tensor(run_steps(box, 1, device)[1])
+        return torch.tensor(next(steps)[1])
 
     return step
 

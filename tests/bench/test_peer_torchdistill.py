@@ -67,11 +67,19 @@ def test_three_steps_train_student_only() -> None:
     # 16 samples = 2 batches per epoch, so the third step comes from a restarted loader.
     box = peer.build_kd_box(teacher, student, make_data(16), batch_size=BATCH, num_workers=0,
                             device=CPU)
+    epochs = []
+    start_epoch = box.pre_epoch_process
+
+    def recorded(epoch: int, **kwargs) -> None:
+        epochs.append(epoch)
+        start_epoch(epoch=epoch, **kwargs)
+
+    box.pre_epoch_process = recorded
     images, loss = peer.run_steps(box, 3, CPU)
 
     assert images == 3 * BATCH
     assert isinstance(loss, float) and math.isfinite(loss)
-    assert box.kdflow_next_epoch == 1  # one full pass closed with post_epoch_process
+    assert epochs == [0, 1]  # the first pass ended, the second began
     assert not teacher.training and student.training
     assert all(not p.requires_grad for p in teacher.parameters())
     for name, value in teacher.state_dict().items():  # parameters and BN running statistics
