@@ -34,8 +34,8 @@ cumulative) and, for CIFAR rows, the projected time of a 240-epoch run (steps of
 at the measured step time; evaluation not counted). A markdown table is printed, then the
 issue's targets, and a JSON record is written.
 
-    python bench/step.py                 # everything (cuda if available)
-    python bench/step.py --small         # seconds-long CPU run of every code path (CI)
+    python bench/step.py                 # everything on a GPU; cifar-b64 alone on the CPU
+    python bench/step.py --small         # every row at toy size on the CPU (CI, ~2 min)
     python bench/step.py --cases cifar-b64 --methods kd --impls kdflow,plain
 """
 from __future__ import annotations
@@ -93,6 +93,8 @@ PHASE_EPOCHS = 1000
 IMAGENET_POOL = 2048
 """Stored images of the ImageNet-shaped cases (the whole set would not fit in host memory)."""
 EPOCHS_PROJECTED = 240
+CPU_CASE = "cifar-b64"
+"""The one case a full-size CPU run measures by default (the others take hours there)."""
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -180,7 +182,9 @@ class CaseData:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default=",".join(CASES), help="comma-separated (%(default)s)")
+    p.add_argument("--cases", default=None,
+                   help=f"comma-separated, of {', '.join(CASES)} (default: all on a GPU and "
+                        f"with --small, {CPU_CASE} alone on the CPU)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (%(default)s)")
     p.add_argument("--impls", default=None,
                    help=f"comma-separated, of {', '.join(IMPLS)} (default: "
@@ -225,7 +229,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     def pick(value: Optional[int], small: int, normal: int) -> int:
         return value if value is not None else (small if args.small else normal)
 
-    cases = [CASES[n] for n in _names(args.cases, list(CASES), "--cases")]
+    default_cases = ",".join(CASES) if on_gpu or args.small else CPU_CASE
+    cases = [CASES[n] for n in _names(args.cases or default_cases, list(CASES), "--cases")]
     if args.small:
         cases = [replace(c, batch_size=8 if c.cifar else 2, num_samples=256) for c in cases]
     impls = _names(args.impls or ",".join(GPU_IMPLS if on_gpu else CPU_IMPLS), IMPLS, "--impls")

@@ -100,6 +100,14 @@ def test_targets_are_read_off_the_rows(bench) -> None:
     assert "no (" in bench.targets_text(t)
 
 
+def test_a_full_size_cpu_run_measures_the_cifar_batch_64_case_only(bench) -> None:
+    full = bench.resolve_settings(bench.parse_args(["--device", "cpu"]))
+    assert [c.name for c in full.cases] == ["cifar-b64"] and full.cases[0].batch_size == 64
+    assert full.impls == list(bench.CPU_IMPLS) and full.crd_negatives is None
+    small = bench.resolve_settings(bench.parse_args(["--device", "cpu", "--small"]))
+    assert [c.name for c in small.cases] == list(bench.CASES)
+
+
 def test_unknown_names_are_refused_before_anything_runs(bench) -> None:
     with pytest.raises(SystemExit, match="--methods: unknown \\['fitnett'\\]"):
         bench.main(["--small", "--methods", "fitnett"])
