@@ -70,7 +70,7 @@ from methods.distillers.stablekd import (RecompositionSchedule, StableKDConfig, 
 from methods.models import build_model  # noqa: E402
 from methods.models.blocks import default_num_blocks  # noqa: E402
 from orchestrator.data.tensor_loaders import TensorTrainLoader  # noqa: E402
-from orchestrator.fast_path import (FastPath, build_optimizer, resolve_fast_path,  # noqa: E402
+from orchestrator.fast_path import (build_optimizer, resolve_fast_path,  # noqa: E402
                                     step_forward)
 from orchestrator.loss_guard import LossGuard  # noqa: E402
 from orchestrator.recipe import Recipe  # noqa: E402
@@ -457,12 +457,15 @@ def release(device: torch.device) -> None:
 
 
 def measure(case: Case, method: str, row: str, epoch: Optional[int], impl: str, s: Settings,
-            data: CaseData, device: torch.device, peak: float) -> Row:
-    """Build the distiller, count its FLOPs, run warm-up then timed steps of ``impl``."""
+            data: CaseData, device: torch.device, peak: float, gflop: Optional[float]) -> Row:
+    """Build the distiller, count its GFLOP per image unless ``gflop`` already holds them
+    (every implementation of a row does the same arithmetic), run warm-up then timed steps of
+    ``impl``."""
     release(device)
     torch.manual_seed(0)
     distiller = build_distiller(method, case, s, data.info(case), epoch, device)
-    gflop = flops_per_image(distiller, case, device) / 1e9
+    if gflop is None:
+        gflop = flops_per_image(distiller, case, device) / 1e9
     step = make_step(impl, distiller, case, data, s, device)
     for _ in range(s.warmup):
         step()
@@ -592,12 +595,13 @@ def run(args: argparse.Namespace) -> int:
         data = make_case_data(case)
         for method in s.methods:
             for name, epoch in phase_plan(method, case):
-                for impl in s.impls:
-                    if applies(impl, method):
-                        rows.append(measure(case, method, name, epoch, impl, s, data, device, peak))
-                        r = rows[-1]
-                        print(f"  {case.name} {name} {impl}: {r.images_per_s:,.0f} images/s",
-                              file=sys.stderr, flush=True)
+                gflop = None
+                for impl in (i for i in s.impls if applies(i, method)):
+                    r = measure(case, method, name, epoch, impl, s, data, device, peak, gflop)
+                    rows.append(r)
+                    gflop = r.gflop_per_image
+                    print(f"  {case.name} {name} {impl}: {r.images_per_s:,.0f} images/s",
+                          file=sys.stderr, flush=True)
     add_ratios(rows)
     for r in rows:
         if not (math.isfinite(r.images_per_s) and math.isfinite(r.final_loss)):

@@ -7,9 +7,9 @@ from typing import ClassVar, List, Optional, Tuple, Union
 from methods.config import require_positive
 from methods.errors import ConfigError
 
-AMP_MODES = ("auto", "none", "bf16")
-COMPILE = ("none", "default", "max-autotune")
 AUTO = "auto"
+AMP_MODES = (AUTO, "none", "bf16")
+COMPILE = ("none", "default", "max-autotune")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("step", "poly")
 
