@@ -11,8 +11,8 @@ import torch
 
 from methods.config import config_record, parse_config
 from methods.errors import ConfigError
-from orchestrator.data import (cifar, cityscapes, digits, imagefolder, seg_synthetic,  # noqa: F401
-                              synthetic, voc)  # (registers)
+from orchestrator.data import (cifar, cityscapes, digits, imagefolder, imagewoof,  # noqa: F401
+                              seg_synthetic, synthetic, voc)  # (registers)
 from orchestrator.data.loaders import Batch, Data, EvalLoader, TrainLoader
 from orchestrator.data.registry import (DATASETS, DEFAULT_LOADER, DatasetEntry, register_dataset,
                                         register_loader)

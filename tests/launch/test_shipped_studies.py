@@ -32,3 +32,19 @@ def test_segmentation_studies_plan_their_jobs(study: str, plan: str, tmp_path: P
                                               capsys) -> None:
     assert main(["run", f"study={study}", f"output_dir={tmp_path}", "--dry-run"]) == 0
     assert f"plan for study {study}: {plan}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("study, plan, fractions", [
+    # 4 pairs x (student alone, KD, StableKD) x 3 seeds x 2 fractions
+    ("stablekd_paper", "76 jobs (4 teacher, 72 distill)", ("100%", "40%")),
+    # ResNet34 -> ResNet18 x (student alone, KD, StableKD) x 3 seeds x 2 fractions
+    ("stablekd_imagewoof", "19 jobs (1 teacher, 18 distill)", ("100%", "40%")),
+])
+def test_stablekd_studies_plan_both_data_fractions(study: str, plan: str, fractions: tuple,
+                                                   tmp_path: Path, capsys) -> None:
+    assert main(["run", f"study={study}", f"output_dir={tmp_path}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"plan for study {study}: {plan}" in out
+    for fraction in fractions:
+        assert sum("stablekd " in line and f" {fraction} s" in line
+                   for line in out.splitlines()) == (12 if study == "stablekd_paper" else 3)

@@ -160,6 +160,28 @@ def test_empty_or_missing_imagefolder_is_a_config_error(tmp_path: Path) -> None:
         validate_dataset("imagefolder", {"root": str(tmp_path)}, "study.datasets.imagefolder")
 
 
+# --- imagewoof -----------------------------------------------------------------------------
+
+WOOF_SYNSETS = ("n02086240", "n02087394", "n02088364", "n02089973", "n02093754", "n02096294",
+                "n02099601", "n02105641", "n02111889", "n02115641")
+
+
+def test_imagewoof_reads_an_imagewoof2_tree_under_data_root(tmp_path: Path) -> None:
+    write_jpeg_tree(tmp_path / "imagewoof2", {"train": 2, "val": 1}, classes=WOOF_SYNSETS)
+    settings = {"root": str(tmp_path / "imagewoof2"), "image_size": 32, "workers": 0}
+    data = build_data("imagewoof", settings, "study.datasets.imagewoof", 4, 0, CPU)
+    assert data.info.num_classes == 10 and data.info.num_samples == 20
+    assert next(iter(data.train.batches(1))).x.shape == (4, 3, 32, 32)
+    cfg = validate_dataset("imagewoof", settings, "study.datasets.imagewoof")
+    assert cfg.betons() == str(tmp_path / "imagewoof2" / "ffcv" / "imagewoof")
+
+
+def test_imagewoof_with_other_than_ten_classes_is_refused(tmp_path: Path) -> None:
+    write_jpeg_tree(tmp_path, {"train": 1, "val": 1}, classes=WOOF_SYNSETS[:9])
+    with pytest.raises(ConfigError, match=r"study\.datasets\.imagewoof\.num_classes.*is 10"):
+        validate_dataset("imagewoof", {"root": str(tmp_path)}, "study.datasets.imagewoof")
+
+
 # --- synthetic -----------------------------------------------------------------------------
 
 def test_synthetic_is_deterministic_and_learnable() -> None:
