@@ -29,7 +29,7 @@ from torch import nn
 
 from methods.features import Features
 from methods.models.base import TappedModel
-from methods.models.layers import init_weights
+from methods.models.layers import init_kaiming
 
 
 def hsakd_tap_indices(stage_channels: Sequence[int]) -> Tuple[int, ...]:
@@ -52,11 +52,12 @@ def classifier_width(model: nn.Module) -> int:
 
 
 def reinitialise(module: nn.Module) -> None:
-    """In place: fresh parameters and BN statistics, the zoo's init, trainable, no gradients."""
+    """In place: fresh parameters and BN statistics, trainable, no gradients; then kaiming-normal
+    (fan_out) convs, BatchNorm 1 / 0 and zero Linear biases (``layers.init_kaiming``)."""
     for m in module.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
-    init_weights(module)
+    init_kaiming(module, zero_linear_bias=True)
     for p in module.parameters():
         p.requires_grad_(True)
         p.grad = None

@@ -3,6 +3,9 @@
 3x3 stem, three stages of BasicBlocks (strides 1, 2, 2), global average pooling and a linear
 classifier. Parameter names follow RepDistiller's ``models/resnet.py`` so CRD's released
 teacher checkpoints load with ``load_state_dict``.
+
+Init as in ``models/resnet.py``: kaiming-normal (fan_out) convs, BatchNorm 1 / 0, and the
+classifier left at PyTorch's default (weight and bias).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from torch import nn
 from methods.features import Features
 from methods.models.base import TappedModel, register_model
 from methods.models.blocks import PooledClassifier, StageOutput
-from methods.models.layers import PreactSequential, init_weights, run_stages
+from methods.models.layers import PreactSequential, init_kaiming, run_stages
 
 NARROW = (16, 16, 32, 64)
 WIDE = (32, 64, 128, 256)
@@ -64,7 +67,7 @@ class CifarResNet(TappedModel):
         self.layer2 = self._stage(widths[1], widths[2], n, 2)
         self.layer3 = self._stage(widths[2], widths[3], n, 2)
         self.fc = nn.Linear(widths[3], num_classes)
-        init_weights(self)
+        init_kaiming(self)
 
     @staticmethod
     def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> PreactSequential:

@@ -7,10 +7,21 @@ import torch
 from torch import nn
 
 
-def init_weights(model: nn.Module) -> None:
-    """Kaiming-normal (fan_out, ReLU) convs with zero bias, BatchNorm weight 1 and bias 0,
-    Linear bias 0 (Linear weights keep PyTorch's default)."""
-    for m in model.modules():
+def init_kaiming(module: nn.Module, linear_std: float | None = None,
+                 zero_linear_bias: bool = False) -> None:
+    """In place, the weight init of RepDistiller's CIFAR zoo (each family passes its file's
+    Linear rule; ShuffleNet V1 / V2 call nothing and keep PyTorch's defaults, as the official
+    files do).
+
+    Conv2d weights (C_out, C_in / groups, k_h, k_w): N(0, 2 / (k_h * k_w * C_out)), which is
+    both ``kaiming_normal_(mode="fan_out", nonlinearity="relu")`` (resnet.py, resnetv2.py) and
+    ``normal_(0, sqrt(2 / n))`` with n = k * k * out_channels (vgg.py, mobilenetv2.py, wrn.py);
+    conv biases 0. BatchNorm2d weight 1, bias 0.
+    Linear weights (out, in): N(0, linear_std) when ``linear_std`` is given, else PyTorch's
+    default (uniform, std 1 / sqrt(3 * in)); Linear biases 0 when ``zero_linear_bias``, else
+    PyTorch's default (uniform on +-1 / sqrt(in)).
+    """
+    for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
@@ -19,7 +30,10 @@ def init_weights(model: nn.Module) -> None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0.0, linear_std)
+            if zero_linear_bias and m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -1,8 +1,19 @@
-"""RepDistiller's CIFAR MobileNetV2, ``mobile_half``: width 0.5, expansion T = 6, stride-2 stem.
+"""CIFAR MobileNetV2 at width 0.5, expansion T = 6, in the two variants of the KD literature.
 
-Registered as ``MobileNetV2``. The inverted-residual blocks end in a linear (BN) projection, so
-stage outputs carry no final activation and ``stages`` and ``preact`` hold the same tensors.
-Parameter names follow RepDistiller's ``models/mobilenetv2.py``.
+* ``MobileNetV2``: RepDistiller's ``mobile_half`` (``models/mobilenetv2.py``), **stride-2
+  stem**: stages 12@16, 16@8, 48@4, 160@2 at 32 px. The student of CRD's table (and of the
+  RepDistiller / mdistiller based papers: ResNet50 / vgg13 -> MobileNetV2, vanilla 64.60).
+* ``MobileNetV2_hsakd``: HSAKD's ``mobilenetV2`` (winycg/HSAKD ``models/mobilenetv2.py``),
+  the same layers with a **stride-1 stem**: stages 12@32, 16@16, 48@8, 160@4 at 32 px, four
+  times the FLOPs. The student of HSAKD's Table 1 (vgg13 / ResNet50 -> MobileNetV2, vanilla
+  73.51); its numbers are not comparable to the ``MobileNetV2`` ones.
+
+Both have 812,836 parameters at 100 classes. The inverted-residual blocks end in a linear (BN)
+projection, so stage outputs carry no final activation and ``stages`` and ``preact`` hold the
+same tensors. Parameter names follow each official file: RepDistiller wraps the classifier in
+an ``nn.Sequential`` (``classifier.0.*``), HSAKD does not (``classifier.*``). Init as in both
+files' ``_initialize_weights``: convs N(0, 2 / (k * k * C_out)), BatchNorm 1 / 0, classifier
+weight N(0, 0.01) and bias 0.
 """
 from __future__ import annotations
 
@@ -15,7 +26,7 @@ from torch import nn
 from methods.features import Features
 from methods.models.base import TappedModel, register_model
 from methods.models.blocks import PooledClassifier
-from methods.models.layers import init_weights
+from methods.models.layers import init_kaiming
 
 # (channels at width 1, repeats, first stride) per block group; the first group has
 # expansion 1, the others the model's expansion T.
@@ -55,12 +66,14 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(TappedModel):
     """MobileNetV2(T, width) for (B, 3, H, W) inputs.
 
-    At 32x32 with width 0.5: stem 16@16, stages (12@16, 16@8, 48@4, 160@2), then a 1x1 conv
-    to 1280 channels whose pooled output is the (B, 1280) embedding.
+    At 32x32 with width 0.5 and a stride-s stem: stem 16@32/s, stages
+    (12@32/s, 16@16/s, 48@8/s, 160@4/s), then a 1x1 conv to 1280 channels whose pooled output
+    is the (B, 1280) embedding. ``wrap_classifier`` puts the Linear in an ``nn.Sequential``
+    (RepDistiller's parameter names) or not (HSAKD's).
     """
 
     def __init__(self, num_classes: int, expansion: int = 6, width: float = 0.5,
-                 stem_stride: int = 2) -> None:
+                 stem_stride: int = 2, wrap_classifier: bool = True) -> None:
         super().__init__()
         channels = int(32 * width)
         self.conv1 = _conv_bn_relu(3, channels, 3, stem_stride)
@@ -75,8 +88,9 @@ class MobileNetV2(TappedModel):
             self.blocks.append(nn.Sequential(*layers))
         last_channel = int(1280 * width) if width > 1.0 else 1280
         self.conv2 = _conv_bn_relu(channels, last_channel, 1, 1)
-        self.classifier = nn.Sequential(nn.Linear(last_channel, num_classes))
-        init_weights(self)
+        linear = nn.Linear(last_channel, num_classes)
+        self.classifier = nn.Sequential(linear) if wrap_classifier else linear
+        init_kaiming(self, linear_std=0.01, zero_linear_bias=True)
 
     def forward_features(self, x: torch.Tensor) -> Features:
         """x: (B, 3, H, W) -> Features with 4 stages (see the class docstring for shapes)."""
@@ -128,3 +142,10 @@ class MobileNetV2(TappedModel):
 def mobile_half(num_classes: int) -> TappedModel:
     """RepDistiller's ``mobile_half``: T = 6, width 0.5, stride-2 stem."""
     return MobileNetV2(num_classes, expansion=6, width=0.5, stem_stride=2)
+
+
+@register_model("MobileNetV2_hsakd", family="mobilenetv2", default_lr=0.01)
+def mobilenetv2_hsakd(num_classes: int) -> TappedModel:
+    """HSAKD's ``mobilenetV2``: T = 6, width 0.5, stride-1 stem, unwrapped Linear classifier."""
+    return MobileNetV2(num_classes, expansion=6, width=0.5, stem_stride=1,
+                       wrap_classifier=False)

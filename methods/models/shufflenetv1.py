@@ -3,6 +3,9 @@
 1x1 stem to 24 channels (no stride, no pooling), three stages with out_planes (240, 480, 960),
 (4, 8, 4) blocks and 3 groups; each stage starts with a stride-2 block that concatenates an
 average-pooled shortcut. Parameter names follow RepDistiller's ``models/ShuffleNetv1.py``.
+
+The official file has no init loop, so every layer keeps PyTorch's default init (conv and
+Linear weights uniform with std 1 / sqrt(3 * fan_in), BatchNorm 1 / 0).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from torch import nn
 from methods.features import Features
 from methods.models.base import TappedModel, register_model
 from methods.models.blocks import PooledClassifier, StageOutput
-from methods.models.layers import PreactSequential, channel_shuffle, init_weights, run_stages
+from methods.models.layers import PreactSequential, channel_shuffle, run_stages
 
 STEM_CHANNELS = 24
 
@@ -69,7 +72,6 @@ class ShuffleNetV1(TappedModel):
         self.layer2 = self._stage(in_planes[1], out_planes[1], num_blocks[1], groups)
         self.layer3 = self._stage(in_planes[2], out_planes[2], num_blocks[2], groups)
         self.linear = nn.Linear(out_planes[2], num_classes)
-        init_weights(self)
 
     @staticmethod
     def _stage(in_planes: int, out_planes: int, blocks: int, groups: int) -> PreactSequential:

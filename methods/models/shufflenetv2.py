@@ -2,7 +2,8 @@
 
 1x1 stem to 24 channels (no stride, no pooling), three stages with out_channels
 (116, 232, 464) of one stride-2 down block plus (3, 7, 3) basic blocks, then a 1x1 conv to
-1024 channels. Parameter names follow RepDistiller's ``models/ShuffleNetv2.py``.
+1024 channels. Parameter names follow RepDistiller's ``models/ShuffleNetv2.py``. As there, every
+layer keeps PyTorch's default init (no init loop in the official file).
 
 ``preact`` is channel-shuffled like the stage output, so ``stages[i] == relu(preact[i])``
 elementwise (RepDistiller returns it unshuffled; the values are the same, in another order).
@@ -18,7 +19,7 @@ from torch import nn
 from methods.features import Features
 from methods.models.base import TappedModel, register_model
 from methods.models.blocks import PooledClassifier, StageOutput
-from methods.models.layers import PreactSequential, channel_shuffle, init_weights, run_stages
+from methods.models.layers import PreactSequential, channel_shuffle, run_stages
 
 STEM_CHANNELS = 24
 
@@ -98,7 +99,6 @@ class ShuffleNetV2(TappedModel):
         self.conv2 = nn.Conv2d(out_channels[2], out_channels[3], 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels[3])
         self.linear = nn.Linear(out_channels[3], num_classes)
-        init_weights(self)
 
     @staticmethod
     def _stage(in_channels: int, out_channels: int, blocks: int) -> PreactSequential:

@@ -6,6 +6,9 @@ Five conv blocks, each conv followed by BN and ReLU. Blocks 0-2 are each followe
 max-pool; the pool after block 3 is applied only to inputs of 64 px or more (RepDistiller skips
 it at 32 px), then global average pooling and a single ``Linear(512, num_classes)``.
 Parameter names follow RepDistiller's ``models/vgg.py``.
+
+Init as in its ``_initialize_weights``: convs N(0, 2 / (k * k * C_out)) with zero bias,
+BatchNorm 1 / 0, classifier weight N(0, 0.01) and bias 0.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from torch import nn
 from methods.features import Features
 from methods.models.base import TappedModel, register_model
 from methods.models.blocks import PooledClassifier
-from methods.models.layers import init_weights
+from methods.models.layers import init_kaiming
 
 CONFIGS: Dict[str, List[List[int]]] = {
     "S": [[64], [128], [256], [512], [512]],
@@ -76,7 +79,7 @@ class VGG(TappedModel):
         self.block3 = _conv_block(in_channels[3], cfg[3])
         self.block4 = _conv_block(in_channels[4], cfg[4])
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
-        init_weights(self)
+        init_kaiming(self, linear_std=0.01, zero_linear_bias=True)
 
     def forward_features(self, x: torch.Tensor) -> Features:
         """x: (B, 3, H, W) -> Features with 5 stages (see the class docstring for shapes)."""

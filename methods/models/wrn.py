@@ -3,6 +3,9 @@
 Blocks are BN-ReLU-conv-BN-ReLU-conv with an additive shortcut and no activation after the
 sum, so a stage's output is already its pre-activation: ``stages`` and ``preact`` hold the same
 tensors. Parameter names follow RepDistiller's ``models/wrn.py``.
+
+Init as in that file: convs N(0, 2 / (k * k * C_out)), BatchNorm 1 / 0, classifier bias 0 and
+its weight at PyTorch's default.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from torch import nn
 from methods.features import Features
 from methods.models.base import TappedModel, register_model
 from methods.models.blocks import PooledClassifier
-from methods.models.layers import init_weights
+from methods.models.layers import init_kaiming
 
 
 class WideBlock(nn.Module):
@@ -74,7 +77,7 @@ class WideResNet(TappedModel):
         self.block3 = NetworkBlock(n, widths[2], widths[3], 2)
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
-        init_weights(self)
+        init_kaiming(self, zero_linear_bias=True)
 
     def forward_features(self, x: torch.Tensor) -> Features:
         """x: (B, 3, H, W) -> Features with 3 stages (B, 16w * 2^i, H/2^i, W/2^i)."""

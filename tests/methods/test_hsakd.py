@@ -132,10 +132,10 @@ def test_student_loss_matches_loop(temp):
 
 # ---- auxiliary branches --------------------------------------------------------------------
 
-FAMILY_MODELS = ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2",
-                 "resnet18", "mobilenet_v2"]
-EXPECTED_L = {"resnet8": 3, "wrn_16_1": 3, "vgg8": 4, "MobileNetV2": 4, "ShuffleV1": 3,
-              "ShuffleV2": 3, "resnet18": 4, "mobilenet_v2": 4}
+FAMILY_MODELS = ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "MobileNetV2_hsakd", "ShuffleV1",
+                 "ShuffleV2", "ResNet50", "resnet18", "mobilenet_v2"]
+EXPECTED_L = {"resnet8": 3, "wrn_16_1": 3, "vgg8": 4, "MobileNetV2": 4, "MobileNetV2_hsakd": 4,
+              "ShuffleV1": 3, "ShuffleV2": 3, "ResNet50": 4, "resnet18": 4, "mobilenet_v2": 4}
 
 
 def _body_output(branch: torch.nn.Module, x: torch.Tensor, skip_last: int) -> torch.Tensor:
@@ -275,9 +275,11 @@ def test_joint_teacher_trainer_trains_backbone_and_heads():
 
 # ---- paper pairs and refused pairs ---------------------------------------------------------
 
+# HSAKD's Table 1; its MobileNetV2 is HSAKD's own stride-1-stem variant.
 PAPER_PAIRS = [("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"),
                ("resnet32x4", "resnet8x4"), ("wrn_40_2", "ShuffleV1"),
-               ("resnet32x4", "ShuffleV2"), ("vgg13", "MobileNetV2")]
+               ("resnet32x4", "ShuffleV2"), ("vgg13", "MobileNetV2_hsakd"),
+               ("ResNet50", "MobileNetV2_hsakd")]
 
 
 @pytest.mark.parametrize("teacher,student", PAPER_PAIRS)

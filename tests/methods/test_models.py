@@ -37,6 +37,10 @@ PUBLISHED_PARAMS_M: Dict[str, float] = {
     "MobileNetV2": 0.81,
     "ShuffleV1": 0.95,
     "ShuffleV2": 1.36,
+    # RepDistiller / mdistiller ResNet50 (models/resnetv2.py): 23,705,252.
+    "ResNet50": 23.71,
+    # HSAKD's mobilenetV2: mobile_half's layers with a stride-1 stem, 812,836.
+    "MobileNetV2_hsakd": 0.81,
 }
 
 # name -> (stage channels, stage sides at the native input size, embedding dim); methods.md 1.4.
@@ -51,6 +55,8 @@ EXPECTED_TAPS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...], int]] = {
     **{f"vgg{d}": ((64, 128, 256, 512, 512), (32, 16, 8, 4, 4), 512)
        for d in (8, 11, 13, 16, 19)},
     "MobileNetV2": ((12, 16, 48, 160), (16, 8, 4, 2), 1280),
+    "MobileNetV2_hsakd": ((12, 16, 48, 160), (32, 16, 8, 4), 1280),
+    "ResNet50": ((256, 512, 1024, 2048), (32, 16, 8, 4), 2048),
     "ShuffleV1": ((240, 480, 960), (16, 8, 4), 960),
     "ShuffleV2": ((116, 232, 464), (16, 8, 4), 1024),
     "resnet18": ((64, 128, 256, 512), (56, 28, 14, 7), 512),
@@ -132,7 +138,7 @@ def test_imagenet_models_load_torchvision_state_dicts(name: str, reference) -> N
 
 
 def test_default_lr_and_input_size() -> None:
-    small_lr = {"MobileNetV2", "ShuffleV1", "ShuffleV2", "mobilenet_v2"}
+    small_lr = {"MobileNetV2", "MobileNetV2_hsakd", "ShuffleV1", "ShuffleV2", "mobilenet_v2"}
     for name in CLASSIFIERS:
         entry = MODELS.get(name)
         assert entry.default_lr == (0.01 if name in small_lr else 0.05), name

@@ -25,7 +25,7 @@ FIELD = "study.methods.stablekd"
 
 # methods.md 6.2 defaults, one model per family.
 FAMILY_DEFAULTS = {"resnet": 3, "wrn": 3, "vgg": 5, "mobilenetv2": 4, "shufflenet": 3,
-                   "imagenet_resnet": 4, "imagenet_mobilenetv2": 4}
+                   "imagenet_resnet": 4, "imagenet_mobilenetv2": 4, "resnet_bottleneck": 4}
 
 
 def data_info(side: int = 32) -> DataInfo:
