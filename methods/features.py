@@ -57,18 +57,25 @@ class TapShapes:
     """Per-sample shapes of a model's taps, from one probe forward pass.
 
     dense: True when the logits are per-pixel maps (segmentation), False for class vectors.
+    stem: (C, H, W) of the stem's map; None when the model exposes none.
+    stem_is_first_stage: the model has no stem apart from its first stage (VGG:
+    ``TappedModel.stem_is_first_stage``).
     """
 
     num_classes: int
     stages: Tuple[Tuple[int, int, int], ...]
     embedding_dim: int
     dense: bool = False
+    stem: Tuple[int, int, int] | None = None
+    stem_is_first_stage: bool = False
 
     @staticmethod
-    def of(features: Features) -> "TapShapes":
+    def of(features: Features, stem_is_first_stage: bool = False) -> "TapShapes":
         return TapShapes(
             num_classes=int(features.logits.shape[1]),
             stages=tuple(tuple(int(d) for d in s.shape[1:]) for s in features.stages),
             embedding_dim=int(features.embedding.shape[1]),
             dense=features.logits.dim() == 4,
+            stem=None if features.stem is None else tuple(int(d) for d in features.stem.shape[1:]),
+            stem_is_first_stage=stem_is_first_stage,
         )

@@ -13,9 +13,22 @@ projector ``P`` (a training-only module), never the teacher. ``Z`` is either a d
 (the projector is a 1x1 conv, and maps are bilinearly resized so both sides share one H x W)
 or the pooled embedding (the projector is ``nn.Linear``). Both projectors carry a bias.
 
-The distance ``d`` treats every spatial position of every sample as one feature vector and
-averages, over those ``n`` vectors, the squared L2 norm (``mse``) or the L1 norm (``l1``) of
-the difference, summed over channels: ``(1/n) ||A - B||_F^2`` as in the derivation of 4.2.
+The distance ``d`` (:func:`feature_distance`) compares the two sides' ``n x C`` features (n = B*H*W
+positions of dense maps, or B vectors; C the compared width, C_t for standard and C_s for inverted):
+
+* ``mse``: the mean over all ``n * C`` elements of the squared difference,
+  ``(1/(n C)) ||A - B||_F^2`` (``F.mse_loss``, FitNet's hint loss). The derivation of 4.2 writes
+  ``(1/n) ||A - B||_F^2``, summed over channels: that is C times this value, the same loss with a
+  C-times smaller lambda. kdflow averages [KDFLOW choice] so lambda neither grows with the width
+  (64-2048) nor differs between the two directions, which compare widths C_t and C_s;
+* ``l1``: the mean absolute difference over the same ``n * C`` elements;
+* ``log_bn_l4``: Simple-Recipe's "BN + log-distance" (methods.md 4.4,
+  roymiles/Simple-Recipe-Distillation ``imagenet/torchdistill/losses/single.py``
+  ``OurDistillationLoss.forward_loss``): each side is standardised per channel with its batch
+  statistics (BatchNorm without affine parameters, biased variance, eps 1e-4; over B, or over
+  B*H*W for maps), then ``log(sum |A' - B'|^4)`` over all ``n * C`` elements. Simple-Recipe's
+  ``L_rep`` is twice this (``weight: 2.0``). Inside the log, sum and mean differ by the constant
+  ``log(n C)``, so the reduction does not change the gradient.
 
 :func:`linear_projection_decomposition` is the closed form of 4.2 for a linear inverted
 projector with a ridge penalty: its optimal weight and the split of the loss into a
@@ -40,7 +53,9 @@ from methods.tasks import CLASSIFICATION, SEGMENTATION
 
 DIRECTIONS = ("standard", "inverted")
 FEATURES = ("stage", "embedding")
-DISTANCES = ("mse", "l1")
+DISTANCES = ("mse", "l1", "log_bn_l4")
+# eps of Simple-Recipe's BatchNorm1d(affine=False) standardisation (methods.md 4.4).
+BN_EPS = 1e-4
 TEACHER_INITS = ("trained", "random")
 
 
@@ -51,16 +66,29 @@ def resize_map(z: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(z, size=size, mode="bilinear", align_corners=False)
 
 
-def feature_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
-    """Mean squared (``mse``) or absolute (``l1``) error per element.
+def batch_standardise(z: torch.Tensor, eps: float = BN_EPS) -> torch.Tensor:
+    """BatchNorm without affine parameters, always with the batch's own statistics.
 
-    a, b: (B, C, H, W) maps or (B, C) vectors of equal shape. Computed in at least float32.
-    Returns ``(1/(n*C)) sum e(a - b)`` with n = B*H*W (maps) or B (vectors): the per-element
-    mean, as FitNet's hint loss, so the scale neither grows with the feature width nor differs
-    between the two directions (which compare C_s- and C_t-wide vectors).
+    z: (B, C) vectors or (B, C, H, W) maps; each channel is centred and divided by
+    ``sqrt(var + eps)``, with the biased variance over B (vectors) or B*H*W (maps) values.
+    Returns a tensor of z's shape.
+    """
+    return F.batch_norm(z, None, None, training=True, eps=eps)
+
+
+def feature_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """The scalar distance ``d`` of the module docstring between two feature tensors.
+
+    a, b: (B, C, H, W) maps or (B, C) vectors of equal shape; computed in at least float32.
+    ``mse``: ``(1/(n*C)) sum (a - b)^2``, ``l1``: ``(1/(n*C)) sum |a - b|``, with n = B*H*W
+    (maps) or B (vectors), i.e. the mean over every element. ``log_bn_l4``:
+    ``log(sum |BN(a) - BN(b)|^4)`` with :func:`batch_standardise` (Simple-Recipe's form).
     """
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    diff = a.to(dtype) - b.to(dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    if distance == "log_bn_l4":
+        return (batch_standardise(a) - batch_standardise(b)).abs().pow(4).sum().log()
+    diff = a - b
     return (diff.square() if distance == "mse" else diff.abs()).mean()
 
 
@@ -103,7 +131,9 @@ class ProjectionDecomposition(NamedTuple):
     transfer: ``(1/n) sum_i (ridge / (sigma_i^2 + ridge))^2 ||u_i^T Z_s||^2`` over the teacher's
               singular directions ``u_i`` (zero when ridge = 0).
     spectral: ``(1/n) ||(I - U U^T) Z_s||_F^2``, the student energy outside the teacher's span.
-    The data term at the optimum, ``(1/n) ||Z_s - Z_t W*||_F^2``, equals ``transfer + spectral``.
+    The data term at the optimum, ``(1/n) ||Z_s - Z_t W*||_F^2``, equals ``transfer + spectral``;
+    :func:`projection_loss` (inverted, ``mse``) with the linear projector ``W*`` is that term
+    divided by d_s, since ``mse`` averages over the d_s channels too.
     """
 
     weight: torch.Tensor
@@ -133,7 +163,8 @@ def linear_projection_decomposition(z_s: torch.Tensor, z_t: torch.Tensor,
     return ProjectionDecomposition(weight, transfer, spectral)
 
 
-def _choose(name: str, value: Any, allowed: Tuple[str, ...]) -> None:
+def require_choice(name: str, value: Any, allowed: Tuple[str, ...]) -> None:
+    """Raise ConfigError(name, ...) listing ``allowed`` unless ``value`` is one of them."""
     if value not in allowed:
         raise ConfigError(name, f"unknown value {value!r}", allowed=allowed,
                           fix=f"set {name} to one of {', '.join(allowed)}")
@@ -143,13 +174,15 @@ def _choose(name: str, value: Any, allowed: Tuple[str, ...]) -> None:
 class ProjectionConfig:
     """direction: standard | inverted; feature: stage (dense map ``Features.stages[stage]``) |
     embedding (pooled ``Features.embedding``); stage: index into ``Features.stages`` (negative
-    counts from the last stage of each model); distance: mse | l1; weight: lambda > 0 of the
-    projection loss; ce_weight: weight of CE (>= 0); teacher_init: trained | random (a randomly
-    initialised teacher job that trains zero epochs); aux_weight: the student's auxiliary CE
-    relative to its main CE, for segmentation models with an auxiliary head (0.4, CIRKD's);
-    teacher_model, teacher_dataset: a cross-task teacher, this architecture trained on this
-    dataset (e.g. a classifier for a segmentation student); "" = the study pair's teacher on the
-    student's dataset. Defaults are [KDFLOW]."""
+    counts from the last stage of each model); distance: mse | l1 (means over every element) |
+    log_bn_l4 (Simple-Recipe's log of the L4 distance of batch-standardised features), see
+    :func:`feature_distance`; weight: lambda > 0 of the projection loss; ce_weight: weight of
+    CE (>= 0); teacher_init: trained | random (a randomly initialised teacher job that trains
+    zero epochs); aux_weight: the student's auxiliary CE relative to its main CE, for
+    segmentation models with an auxiliary head (0.4, CIRKD's); teacher_model, teacher_dataset: a
+    cross-task teacher, this architecture trained on this dataset (e.g. a classifier for a
+    segmentation student); "" = the study pair's teacher on the student's dataset. Defaults
+    are [KDFLOW]."""
 
     direction: str = "inverted"
     feature: str = "stage"
@@ -165,15 +198,15 @@ class ProjectionConfig:
                                                      "teacher_dataset")
 
     def validate(self) -> None:
-        _choose("direction", self.direction, DIRECTIONS)
-        _choose("feature", self.feature, FEATURES)
+        require_choice("direction", self.direction, DIRECTIONS)
+        require_choice("feature", self.feature, FEATURES)
         if not isinstance(self.stage, int) or isinstance(self.stage, bool):
             raise ConfigError("stage", f"must be an integer, got {self.stage!r}",
                               fix="set stage to a stage index (-1 = the last stage)")
-        _choose("distance", self.distance, DISTANCES)
+        require_choice("distance", self.distance, DISTANCES)
         require_positive("weight", self.weight)
         require_non_negative("ce_weight", self.ce_weight)
-        _choose("teacher_init", self.teacher_init, TEACHER_INITS)
+        require_choice("teacher_init", self.teacher_init, TEACHER_INITS)
         require_non_negative("aux_weight", self.aux_weight)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -17,7 +17,11 @@ class TappedModel(nn.Module):
     """A classifier (or segmenter) whose ``forward_features`` returns a :class:`Features` record.
 
     ``forward(x)`` returns only the logits, so a trained student is a plain classifier.
+    ``stem_is_first_stage``: the model has no stem apart from its first stage (VGG), so the
+    feature lists of RepDistiller-style code start at ``stages[0]`` instead of at the stem.
     """
+
+    stem_is_first_stage: ClassVar[bool] = False
 
     def forward_features(self, x: torch.Tensor) -> Features:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -79,7 +83,8 @@ def probe_taps(model: TappedModel, input_shape: tuple[int, int, int]) -> TapShap
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        shapes = TapShapes.of(model.forward_features(torch.zeros(2, *input_shape)))
+        shapes = TapShapes.of(model.forward_features(torch.zeros(2, *input_shape)),
+                              stem_is_first_stage=model.stem_is_first_stage)
     model.train(was_training)
     return shapes
 

@@ -70,6 +70,8 @@ class VGG(TappedModel):
     (B, 512). VGG has no separate stem: ``stem`` is the first stage's output.
     """
 
+    stem_is_first_stage = True
+
     def __init__(self, cfg: Sequence[Sequence[int]], num_classes: int) -> None:
         super().__init__()
         in_channels = [3] + [block[-1] for block in cfg[:-1]]

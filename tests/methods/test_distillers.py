@@ -110,9 +110,9 @@ def test_momentum_update_matches_formula():
 
 # ---- FitNet regressor and taps ---------------------------------------------------------------
 
-@pytest.mark.parametrize("student_hw", [(2, 2), (4, 4), (8, 8)])
-def test_hint_regressor_resizes_to_teacher(student_hw):
-    reg = HintRegressor(3, 5, (4, 4))
+@pytest.mark.parametrize("student_hw", [(2, 2), (4, 4), (5, 5), (8, 8)])
+def test_hint_regressor_maps_to_teacher_shape(student_hw):
+    reg = HintRegressor((3, *student_hw), (5, 4, 4))
     assert reg(torch.randn(2, 3, *student_hw)).shape == (2, 5, 4, 4)
 
 

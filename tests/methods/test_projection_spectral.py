@@ -6,7 +6,7 @@ requests, the methods.md 1.6 zoo pairs and config errors.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -96,19 +96,41 @@ def err(a: Sequence[float], b: Sequence[float], distance: str) -> float:
     return sum((x - y) ** 2 if distance == "mse" else abs(x - y) for x, y in zip(a, b)) / len(a)
 
 
+def standardise_loop(rows: Sequence[Sequence[float]], eps: float = 1e-4) -> List[List[float]]:
+    """Each channel of n feature vectors centred and divided by sqrt(biased variance + eps)."""
+    n, c_n = len(rows), len(rows[0])
+    out = [list(r) for r in rows]
+    for c in range(c_n):
+        mean = sum(r[c] for r in rows) / n
+        var = sum((r[c] - mean) ** 2 for r in rows) / n
+        for i in range(n):
+            out[i][c] = (rows[i][c] - mean) / math.sqrt(var + eps)
+    return out
+
+
+def oracle(pairs: Sequence[Tuple[Sequence[float], Sequence[float]]], distance: str) -> float:
+    """d over n (a, b) feature-vector pairs: mse / l1 averaged over the n vectors and their
+    channels; log_bn_l4 = log sum |BN(a) - BN(b)|^4 (Simple-Recipe, methods.md 4.4)."""
+    if distance == "log_bn_l4":
+        a = standardise_loop([p[0] for p in pairs])
+        b = standardise_loop([p[1] for p in pairs])
+        return math.log(sum((x - y) ** 4 for ra, rb in zip(a, b) for x, y in zip(ra, rb)))
+    return sum(err(a, b, distance) for a, b in pairs) / len(pairs)
+
+
 def dense_oracle(z_s, z_t, conv: nn.Conv2d, direction: str, distance: str) -> float:
     w, bias = conv.weight[:, :, 0, 0], conv.bias
     b_n = z_s.shape[0]
+    pairs = []
     if direction == "inverted":
         _, c_s, h_s, w_s = z_s.shape
         t = bilinear_loop(z_t, h_s, w_s)
-        total = 0.0
         for b in range(b_n):
             for h in range(h_s):
                 for x in range(w_s):
                     target = project_vec(w, bias, [t[b][c][h][x] for c in range(z_t.shape[1])])
-                    total += err([z_s[b, c, h, x].item() for c in range(c_s)], target, distance)
-        return total / (b_n * h_s * w_s)
+                    pairs.append(([z_s[b, c, h, x].item() for c in range(c_s)], target))
+        return oracle(pairs, distance)
     _, c_t, h_t, w_t = z_t.shape
     _, c_s, h_s, w_s = z_s.shape
     proj = torch.zeros(b_n, c_t, h_s, w_s, dtype=torch.float64)
@@ -119,17 +141,16 @@ def dense_oracle(z_s, z_t, conv: nn.Conv2d, direction: str, distance: str) -> fl
                     project_vec(w, bias, [z_s[b, c, h, x].item() for c in range(c_s)]),
                     dtype=torch.float64)
     p = bilinear_loop(proj, h_t, w_t)
-    total = 0.0
     for b in range(b_n):
         for h in range(h_t):
             for x in range(w_t):
-                total += err([p[b][c][h][x] for c in range(c_t)],
-                             [z_t[b, c, h, x].item() for c in range(c_t)], distance)
-    return total / (b_n * h_t * w_t)
+                pairs.append(([p[b][c][h][x] for c in range(c_t)],
+                              [z_t[b, c, h, x].item() for c in range(c_t)]))
+    return oracle(pairs, distance)
 
 
 @pytest.mark.parametrize("direction", ["inverted", "standard"])
-@pytest.mark.parametrize("distance", ["mse", "l1"])
+@pytest.mark.parametrize("distance", ["mse", "l1", "log_bn_l4"])
 @pytest.mark.parametrize("hw_s,hw_t", [((4, 4), (2, 2)), ((2, 3), (4, 4)), ((3, 3), (3, 3))])
 def test_dense_projection_loss_matches_loop(direction, distance, hw_s, hw_t):
     c_s, c_t = 3, 5
@@ -142,21 +163,37 @@ def test_dense_projection_loss_matches_loop(direction, distance, hw_s, hw_t):
 
 
 @pytest.mark.parametrize("direction", ["inverted", "standard"])
-@pytest.mark.parametrize("distance", ["mse", "l1"])
+@pytest.mark.parametrize("distance", ["mse", "l1", "log_bn_l4"])
 def test_vector_projection_loss_matches_loop(direction, distance):
     d_s, d_t, n = 4, 7, 6
     z_s = torch.randn(n, d_s, dtype=torch.float64)
     z_t = torch.randn(n, d_t, dtype=torch.float64)
     lin = (nn.Linear(d_t, d_s) if direction == "inverted" else nn.Linear(d_s, d_t)).double()
     loss = projection_loss(z_s, z_t, lin, direction, distance)
-    total = 0.0
+    pairs = []
     for i in range(n):
         s, t = z_s[i].tolist(), z_t[i].tolist()
         if direction == "inverted":
-            total += err(s, project_vec(lin.weight, lin.bias, t), distance)
+            pairs.append((s, project_vec(lin.weight, lin.bias, t)))
         else:
-            total += err(project_vec(lin.weight, lin.bias, s), t, distance)
-    assert loss.item() == pytest.approx(total / n, rel=1e-10)
+            pairs.append((project_vec(lin.weight, lin.bias, s), t))
+    assert loss.item() == pytest.approx(oracle(pairs, distance), rel=1e-10)
+
+
+def test_mse_is_the_channel_summed_distance_of_4_2_divided_by_the_width():
+    z_s = torch.randn(3, 5, 2, 2, dtype=torch.float64)
+    z_t = torch.randn(3, 8, 2, 2, dtype=torch.float64)
+    conv = nn.Conv2d(8, 5, 1).double()
+    summed = 0.0                                   # (1/n) sum_vectors ||z_s - P(z_t)||^2
+    for b in range(3):
+        for h in range(2):
+            for x in range(2):
+                target = project_vec(conv.weight[:, :, 0, 0], conv.bias,
+                                     [z_t[b, c, h, x].item() for c in range(8)])
+                summed += sum((z_s[b, c, h, x].item() - target[c]) ** 2 for c in range(5))
+    summed /= 3 * 2 * 2
+    assert projection_loss(z_s, z_t, conv, "inverted", "mse").item() == \
+        pytest.approx(summed / 5, rel=1e-10)
 
 
 def numpy_penalty(rows: np.ndarray, keep: int, mode: str) -> float:
@@ -246,7 +283,7 @@ def test_projector_maps_the_configured_direction(feature, inverted_shape, standa
 
 @pytest.mark.parametrize("direction", ["inverted", "standard"])
 @pytest.mark.parametrize("feature,stage", [("stage", -1), ("stage", 0), ("embedding", -1)])
-@pytest.mark.parametrize("distance", ["mse", "l1"])
+@pytest.mark.parametrize("distance", ["mse", "l1", "log_bn_l4"])
 def test_projection_gradients_reach_student_and_projector_not_teacher(direction, feature, stage,
                                                                       distance):
     dist = build("inverted_projection", direction=direction, feature=feature, stage=stage,
