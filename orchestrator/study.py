@@ -5,7 +5,7 @@ import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping
 
 from methods.config import config_record, parse_config, require_one_line
 from methods.distillers import DISTILLERS, TeacherRequest
@@ -42,6 +42,33 @@ def _resolve_recipe(values: Mapping[str, Any], model: str, field: str) -> Dict[s
     if recipe.lr is None:
         recipe.lr = MODELS.get(model).default_lr
     return config_record(recipe)
+
+
+def _check_method_recipes(study: Mapping[str, Any]) -> None:
+    """ConfigError unless ``study.method_recipes`` maps registered methods to recipe settings."""
+    overrides = study.get("method_recipes") or {}
+    if not isinstance(overrides, Mapping):
+        raise ConfigError("study.method_recipes", f"must map methods to recipe settings, got "
+                          f"{overrides!r}", fix="e.g. method_recipes: {hsakd: {nesterov: true}}")
+    for trainer, values in overrides.items():
+        DISTILLERS.get(trainer, f"study.method_recipes.{trainer}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"study.method_recipes.{trainer}", f"must map recipe settings to "
+                              f"values, got {values!r}", fix="e.g. {nesterov: true}")
+
+
+def _method_recipe(study: Mapping[str, Any], key: str, model: str, resolved: Dict[str, Any],
+                   trainer: str) -> Dict[str, Any]:
+    """The recipe of a job that method ``trainer`` trains on ``model``: ``resolved`` (the study's
+    ``key``, ``teacher_recipe`` or ``student_recipe``, resolved for ``model``), or, when
+    ``study.method_recipes`` names ``trainer`` (a method's official recipe differences, such as
+    HSAKD's Nesterov SGD), the study's ``key`` with those settings over it. Jobs of the other
+    methods keep ``resolved``, and so their ids."""
+    values = (study.get("method_recipes") or {}).get(trainer)
+    if values is None:
+        return resolved
+    return _resolve_recipe({**(study.get(key) or {}), **values}, model,
+                           f"study.method_recipes.{trainer}")
 
 
 def _require_list(study: Mapping[str, Any], key: str) -> List[Any]:
@@ -182,12 +209,14 @@ def _fraction_variants(dataset: str, values: Mapping[str, Any] | None, field: st
 
 
 def _add_teacher(jobs: Dict[str, JobSpec], request: TeacherRequest, model: str, seed: int,
-                 recipe: Dict[str, Any], common: Dict[str, Any]) -> str:
+                 recipe_for: Callable[[str], Dict[str, Any]], common: Dict[str, Any]) -> str:
     """Add the teacher job ``request`` describes (and the teachers it needs); its id.
 
     A trainer may itself need a teacher (HSAKD's frozen-backbone heads start from the plain
     teacher), so teacher jobs chain; identical requests map to one shared job.
+    ``recipe_for`` gives the resolved recipe of a teacher job by the method that trains it.
     """
+    recipe = recipe_for(request.trainer)
     trainer = DISTILLERS.get(request.trainer)
     settings = parse_config(trainer.Config, request.settings, f"teacher.{request.trainer}")
     upstream = trainer.teacher_request(settings)
@@ -196,7 +225,8 @@ def _add_teacher(jobs: Dict[str, JobSpec], request: TeacherRequest, model: str, 
         method_cfg=config_record(settings),
         recipe=recipe if request.trained else {**recipe, "epochs": 0},
         teacher=model if upstream else None,
-        teacher_job=_add_teacher(jobs, upstream, model, seed, recipe, common) if upstream else None,
+        teacher_job=(_add_teacher(jobs, upstream, model, seed, recipe_for, common)
+                     if upstream else None),
         **common)
     jobs.setdefault(spec.job_id, spec)
     return spec.job_id
@@ -260,6 +290,7 @@ def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGrap
         raise ConfigError("study.methods", "no method", allowed=DISTILLERS.names())
 
     variants = _method_variants(methods, study.get("ablations") or {})
+    _check_method_recipes(study)
 
     for i, pair in enumerate(pairs):
         for role in ("teacher", "student"):
@@ -316,8 +347,10 @@ def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGrap
                 if request:
                     teacher_recipe = _resolve_recipe(study.get("teacher_recipe") or {}, teacher,
                                                      "study.teacher_recipe")
-                    teacher_job = _add_teacher(jobs, request, teacher, teacher_seed,
-                                               teacher_recipe, teacher_data.common)
+                    teacher_job = _add_teacher(
+                        jobs, request, teacher, teacher_seed,
+                        functools.partial(_method_recipe, study, "teacher_recipe", teacher,
+                                          teacher_recipe), teacher_data.common)
                 cross = ({"pair_teacher": pair["teacher"]}
                          if teacher not in (None, pair["teacher"]) or teacher_data is not own_data
                          else {})
@@ -327,7 +360,9 @@ def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGrap
                     for seed in seeds:
                         spec = JobSpec(
                             stage=variant.stage, method=method, model=student, seed=seed,
-                            method_cfg=config_record(method_cfg), recipe=student_recipe,
+                            method_cfg=config_record(method_cfg),
+                            recipe=_method_recipe(study, "student_recipe", student,
+                                                  student_recipe, method),
                             teacher=teacher, teacher_job=teacher_job,
                             **{**data, "labels": labels})
                         jobs.setdefault(spec.job_id, spec)

@@ -2,14 +2,15 @@
 
 Follows methods.md 1.3 and RepDistiller ``crd/``: both pooled embeddings go through a trainable
 ``Linear + L2-norm`` head, each side is contrasted against the other side's memory bank at its
-own index (positive, column 0) and at ``K`` indices of samples from other classes (negatives),
-and the NCE loss of Eq. 18 is applied with a normaliser ``Z`` fixed at the first training step.
+own index (positive, column 0) and at ``K`` indices of samples from other classes (negatives,
+distinct per anchor as RepDistiller's CIFAR-100 loader draws them), and the NCE loss of Eq. 18
+is applied with a normaliser ``Z`` fixed at the first training step.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, ClassVar, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,10 @@ from methods.features import TapShapes
 
 NCE_EPS = 1e-7
 """Added to the NCE denominators, as RepDistiller's ``ContrastLoss`` does."""
+
+NEGATIVE_SAMPLING = ("without_replacement", "with_replacement")
+"""How the K negatives of an anchor are drawn from its pool: distinct when the pool allows
+(RepDistiller's CIFAR loader), or with replacement (RepDistiller's ImageNet loader)."""
 
 
 def contrast_scores(memory: torch.Tensor, idx: torch.Tensor, v: torch.Tensor,
@@ -52,26 +57,78 @@ def crd_nce_loss(scores: torch.Tensor, num_samples: int) -> torch.Tensor:
     return -(log_pos.sum() + log_neg.sum()) / scores.shape[0]
 
 
-def sample_other_class(anchor_labels: torch.Tensor, num_negatives: int, order: torch.Tensor,
-                       class_start: torch.Tensor, class_count: torch.Tensor) -> torch.Tensor:
-    """Draw sample indices uniformly, with replacement, from classes other than the anchor's.
+def other_class_pool(class_count: torch.Tensor) -> torch.Tensor:
+    """(num_classes,) class sizes -> (num_classes,) size of each class's negative pool.
+
+    The pool of class c holds the samples of every other class (``N - count[c]``); a class
+    that holds all N samples has no other class, and its pool is all N samples.
+    """
+    n = class_count.sum()
+    return torch.where(class_count < n, n - class_count, n)
+
+
+def _pool_bounds(anchor_labels: torch.Tensor, class_start: torch.Tensor,
+                 class_count: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]:
+    """Per anchor (each (B,) int64): its pool's size, where its own class's block starts in
+    the class-sorted order (N when the pool is all N samples) and that block's length."""
+    pool = other_class_pool(class_count)[anchor_labels]
+    skip_from = torch.where(pool < n, class_start[anchor_labels], n)
+    return pool, skip_from, class_count[anchor_labels]
+
+
+def sample_with_replacement(anchor_labels: torch.Tensor, num_negatives: int,
+                            order: torch.Tensor, class_start: torch.Tensor,
+                            class_count: torch.Tensor) -> torch.Tensor:
+    """Draw ``num_negatives`` (K) sample indices per anchor uniformly, with replacement, from
+    its negative pool (see :func:`other_class_pool`), as RepDistiller's ImageNet loader does.
 
     anchor_labels: (B,) class of each anchor; order: (N,) sample indices sorted by class;
     class_start / class_count: (num_classes,) where each class's block starts in ``order``
-    and how long it is. Uses the global RNG of ``order``'s device. A class that holds every
-    sample has no other class; its anchors draw from all N samples.
-    Returns (B, num_negatives) int64 sample indices.
+    and how long it is. Uses the global RNG of ``order``'s device.
+    Returns (B, K) int64 sample indices.
     """
-    n = order.shape[0]
-    count = class_count[anchor_labels]
-    has_others = count < n
-    span = torch.where(has_others, n - count, torch.full_like(count, n))
-    skip_from = torch.where(has_others, class_start[anchor_labels], torch.full_like(count, n))
+    pool, skip_from, count = _pool_bounds(anchor_labels, class_start, class_count,
+                                          order.shape[0])
     u = torch.rand(anchor_labels.shape[0], num_negatives, device=order.device,
                    dtype=torch.float64)
-    r = (u * span.unsqueeze(1)).long()
-    r = r + (r >= skip_from.unsqueeze(1)).long() * count.unsqueeze(1)
-    return order[r]
+    drawn = (u * pool.unsqueeze(1)).long()
+    drawn = drawn + (drawn >= skip_from.unsqueeze(1)).long() * count.unsqueeze(1)
+    return order[drawn]
+
+
+def sample_other_class(anchor_labels: torch.Tensor, num_negatives: int, order: torch.Tensor,
+                       class_start: torch.Tensor, class_count: torch.Tensor,
+                       fallback: bool = True) -> torch.Tensor:
+    """Draw ``num_negatives`` (K) sample indices per anchor from its negative pool, as
+    RepDistiller's CIFAR loader (``CIFAR100InstanceSample``) does per sample: a uniformly
+    random K-subset of the pool (K distinct indices) when K <= the pool's size, else K
+    indices drawn with replacement (:func:`sample_with_replacement`).
+
+    The subset is the K smallest of N uniform float64 keys with the anchor's own class keyed
+    out of reach: the draw stays on the device, reads nothing back to the host, and is fixed by
+    the device's global RNG; it costs O(B * N) per step.
+    anchor_labels: (B,) class of each anchor; order: (N,) sample indices sorted by class;
+    class_start / class_count: (num_classes,) where each class's block starts in ``order``
+    and how long it is. ``fallback=False`` skips the with-replacement draw; pass it only when
+    every pool holds at least K samples (CRD decides that once from the training labels).
+    Returns (B, K) int64 sample indices.
+    """
+    n = order.shape[0]
+    if num_negatives > n:
+        return sample_with_replacement(anchor_labels, num_negatives, order, class_start,
+                                       class_count)
+    pool, skip_from, count = _pool_bounds(anchor_labels, class_start, class_count, n)
+    keys = torch.rand(anchor_labels.shape[0], n, device=order.device, dtype=torch.float64)
+    position = torch.arange(n, device=order.device)
+    keys.masked_fill_((position >= skip_from.unsqueeze(1))
+                      & (position < (skip_from + count).unsqueeze(1)), 2.0)
+    picked = order[keys.topk(num_negatives, dim=1, largest=False, sorted=False).indices]
+    if not fallback:
+        return picked
+    drawn = sample_with_replacement(anchor_labels, num_negatives, order, class_start,
+                                    class_count)
+    return torch.where((pool < num_negatives).unsqueeze(1), drawn, picked)
 
 
 @torch.no_grad()
@@ -100,7 +157,10 @@ class Embed(nn.Module):
 class CRDConfig:
     """feat_dim: embedding size; num_negatives: K per sample; nce_temperature: score
     temperature; momentum: memory momentum in [0, 1); ce_weight / kd_weight / crd_weight:
-    term weights (gamma, alpha, beta of methods.md 1.3); kd_temperature: T of the KD term."""
+    term weights (gamma, alpha, beta of methods.md 1.3); kd_temperature: T of the KD term;
+    negative_sampling: ``without_replacement`` (K distinct negatives per anchor when its pool
+    holds K, as RepDistiller's CIFAR-100 loader; O(B * N) per step) or ``with_replacement``
+    (as RepDistiller's ImageNet loader; O(B * K) per step)."""
 
     feat_dim: int = 128
     num_negatives: int = 16384
@@ -110,6 +170,8 @@ class CRDConfig:
     kd_weight: float = 0.0
     crd_weight: float = 0.8
     kd_temperature: float = 4.0
+    negative_sampling: str = "without_replacement"
+    omitted_at_default: ClassVar[Tuple[str, ...]] = ("negative_sampling",)
 
     def validate(self) -> None:
         for name in ("feat_dim", "num_negatives"):
@@ -125,6 +187,9 @@ class CRDConfig:
         require_non_negative("kd_weight", self.kd_weight)
         require_positive("crd_weight", self.crd_weight)
         require_positive("kd_temperature", self.kd_temperature)
+        if self.negative_sampling not in NEGATIVE_SAMPLING:
+            raise ConfigError("negative_sampling", f"unknown value {self.negative_sampling!r}",
+                              allowed=NEGATIVE_SAMPLING)
 
 
 @register_distiller("crd")
@@ -134,7 +199,9 @@ class CRD(Distiller):
     Buffers: ``memory_s`` / ``memory_t`` (N, feat_dim) banks of student / teacher embeddings;
     ``z_s`` / ``z_t`` the fixed normalisers of the student- / teacher-anchored scores (-1 until
     the first training step); ``order``, ``class_start``, ``class_count`` index the training
-    labels by class for negative sampling (rebuilt from ``DataInfo``, not checkpointed).
+    labels by class for negative sampling (rebuilt from ``DataInfo``, not checkpointed);
+    ``short_pools`` says whether some class's negative pool holds fewer than K samples (its
+    anchors then draw with replacement, as in RepDistiller).
     """
 
     display_name = "CRD"
@@ -163,6 +230,7 @@ class CRD(Distiller):
         self.register_buffer("class_start", torch.cumsum(count, 0) - count, persistent=False)
         self.register_buffer("class_count", count, persistent=False)
         self.register_buffer("labels", labels, persistent=False)
+        self.short_pools = bool((other_class_pool(count) < cfg.num_negatives).any())
 
     @classmethod
     def check_taps(cls, cfg: Any, teacher: TapShapes | None, student: TapShapes) -> None:
@@ -170,9 +238,15 @@ class CRD(Distiller):
             check_same_classes(teacher, student)
 
     def contrast_indices(self, index: torch.Tensor) -> torch.Tensor:
-        """(B,) sample ids -> (B, K+1): the sample itself, then K samples of other classes."""
-        negatives = sample_other_class(self.labels[index], self.cfg.num_negatives, self.order,
-                                       self.class_start, self.class_count)
+        """(B,) sample ids -> (B, K+1): the sample itself, then K samples of other classes
+        drawn as ``negative_sampling`` says."""
+        anchors, k = self.labels[index], self.cfg.num_negatives
+        if self.cfg.negative_sampling == "with_replacement":
+            negatives = sample_with_replacement(anchors, k, self.order, self.class_start,
+                                                self.class_count)
+        else:
+            negatives = sample_other_class(anchors, k, self.order, self.class_start,
+                                           self.class_count, self.short_pools)
         return torch.cat([index.unsqueeze(1), negatives], dim=1)
 
     def _normalise(self, scores: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,21 @@
-"""MSDCRD ([KDFLOW] reference design): loss oracles, decoupling, gradient routing, zoo pairs,
-tap checks and config errors."""
+"""MSDCRD ([KDFLOW] reference design): loss oracles, decoupling (grid and sliding windows),
+parameter-free width matching, gradient routing, zoo pairs, tap checks and config errors."""
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import Any, List, Sequence
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import methods.distillers.msdcrd  # noqa: F401  (registers "msdcrd")
-from methods.config import parse_config
+from methods.config import config_record, parse_config
 from methods.distillers.base import DISTILLERS, DataInfo, TeacherRequest
 from methods.distillers.kd import kd_loss
-from methods.distillers.msdcrd import (MSDCRD, MSDCRDConfig, decouple, feature_contrast,
-                                       msdcrd_terms, sample_contrast)
+from methods.distillers.msdcrd import (MSDCRD, MSDCRDConfig, common_size, decouple,
+                                       feature_contrast, local_pairs, match_widths,
+                                       msdcrd_terms, sample_contrast, slide)
 from methods.errors import ConfigError
 from methods.features import TapShapes
 from methods.models.base import build_model, probe_taps
@@ -204,7 +205,7 @@ def data_info(input_shape=INPUT_SHAPE, num_classes: int = NUM_CLASSES) -> DataIn
     return DataInfo(20, torch.arange(20) % num_classes, num_classes, input_shape)
 
 
-def build_tiny(**settings) -> MSDCRD:
+def build_tiny(**settings: Any) -> MSDCRD:
     cfg = parse_config(MSDCRDConfig, settings, "study.methods.msdcrd")
     teacher = TinyNet((8, 12), (1, 2))           # last stage 12@4x4
     student = TinyNet((4, 6), (1, 1))            # last stage 6@8x8: width and size differ
@@ -217,6 +218,7 @@ def test_registered_with_plain_teacher():
     assert cls.teacher_request(MSDCRDConfig()) == TeacherRequest()
 
 
+@pytest.mark.parametrize("width_match", ["pool", "project"])
 @pytest.mark.parametrize("settings,terms", [
     ({}, {"loss_ce", "loss_sample", "loss_feature"}),
     ({"kd_weight": 1.0}, {"loss_ce", "loss_kd", "loss_sample", "loss_feature"}),
@@ -224,9 +226,13 @@ def test_registered_with_plain_teacher():
     ({"negatives": "all_locations", "class_mask": "same_class_positive"},
      {"loss_ce", "loss_sample", "loss_feature"}),
     ({"class_mask": "none", "scales": [2, 4]}, {"loss_ce", "loss_sample", "loss_feature"}),
+    ({"pooling": "sliding", "windows": [[1, 1], [2, 1], [3, 2]]},
+     {"loss_ce", "loss_sample", "loss_feature"}),
+    ({"pooling": "sliding", "windows": [[2, 2]], "negatives": "all_locations",
+      "feature_weight": 0.0}, {"loss_ce", "loss_sample"}),
 ])
-def test_gradients_reach_student_and_align_not_teacher(settings, terms):
-    dist = build_tiny(**settings)
+def test_gradients_reach_student_and_align_not_teacher(settings, terms, width_match):
+    dist = build_tiny(width_match=width_match, **settings)
     dist.train()
     assert dist.student.training and not dist.teacher.training
     x, y = torch.randn(6, *INPUT_SHAPE), torch.tensor([0, 1, 2, 3, 0, 1])
@@ -239,14 +245,18 @@ def test_gradients_reach_student_and_align_not_teacher(settings, terms):
     assert not teacher_ids & {id(p) for p in dist.learnable_parameters()}
     for p in dist.student.convs.parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
-    assert dist.align is not None
-    for p in dist.align.parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0
+    if width_match == "pool":
+        assert dist.align is None
+        assert {id(p) for p in dist.learnable_parameters()} == \
+            {id(p) for p in dist.student.parameters()}
+    else:
+        for p in dist.align.parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0
     assert dist.exported_model() is dist.student
 
 
 def test_contrast_terms_alone_train_the_align_conv():
-    dist = build_tiny(ce_weight=0.0)
+    dist = build_tiny(ce_weight=0.0, width_match="project")
     x, y = torch.randn(4, *INPUT_SHAPE), torch.tensor([0, 1, 2, 3])
     _, out = dist(x, y, torch.arange(4))
     out["loss_sample"].backward(retain_graph=True)
@@ -298,11 +308,9 @@ def test_zoo_pair_trains_one_step(teacher_name, student_name):
     assert all(p.grad is None for p in dist.teacher.parameters())
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, dist.teacher.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(student_before, dist.student.parameters()))
-    same_width = probe_taps(teacher, info.input_shape).stages[-1][0] == \
-        probe_taps(student, info.input_shape).stages[-1][0]
-    assert (dist.align is None) == same_width
-    if dist.align is not None:
-        assert all(p.grad is not None for p in dist.align.parameters())
+    assert dist.align is None  # parameter-free by default, whatever the widths
+    assert {id(p) for p in dist.learnable_parameters()} == \
+        {id(p) for p in dist.student.parameters()}
 
 
 def test_mobilenetv2_refuses_scale_4():
@@ -338,7 +346,12 @@ def test_defaults_match_the_reference_design():
     assert cfg == MSDCRDConfig(scales=[1, 2, 4], scale_weights=None, temperature=0.1,
                                negatives="same_location", class_mask="exclude_same_class",
                                ce_weight=1.0, kd_weight=0.0, kd_temperature=4.0,
-                               contrast_weight=1.0, feature_weight=1.0)
+                               contrast_weight=1.0, feature_weight=1.0, pooling="grid",
+                               windows=None, width_match="pool")
+    # grid pooling leaves job records as they were; the width matching is recorded
+    record = config_record(cfg)
+    assert "pooling" not in record and "windows" not in record
+    assert record["width_match"] == "pool"
 
 
 @pytest.mark.parametrize("values,field", [
@@ -359,6 +372,15 @@ def test_defaults_match_the_reference_design():
     ({"contrast_weight": 0}, "contrast_weight"),
     ({"feature_weight": -0.5}, "feature_weight"),
     ({"scalez": [1]}, "scalez"),
+    ({"pooling": "windows"}, "pooling"),
+    ({"pooling": "sliding"}, "windows"),
+    ({"pooling": "sliding", "windows": []}, "windows"),
+    ({"pooling": "sliding", "windows": [[2]]}, "windows"),
+    ({"pooling": "sliding", "windows": [[2, 0]]}, "windows"),
+    ({"pooling": "sliding", "windows": [[2, 1.5]]}, "windows"),
+    ({"pooling": "sliding", "windows": [[2, 1], [2, 1]]}, "windows"),
+    ({"pooling": "sliding", "windows": [[2, 1]], "scale_weights": [1.0, 1.0]}, "scale_weights"),
+    ({"width_match": "gram"}, "width_match"),
 ])
 def test_config_errors_name_the_field(values, field):
     with pytest.raises(ConfigError) as err:
@@ -374,3 +396,124 @@ def test_unknown_choices_list_the_allowed_values():
     with pytest.raises(ConfigError) as err:
         parse_config(MSDCRDConfig, {"negatives": "x"}, "study.methods.msdcrd")
     assert err.value.allowed == ["same_location", "all_locations"]
+    with pytest.raises(ConfigError) as err:
+        parse_config(MSDCRDConfig, {"pooling": "x"}, "study.methods.msdcrd")
+    assert err.value.allowed == ["grid", "sliding"]
+    with pytest.raises(ConfigError) as err:
+        parse_config(MSDCRDConfig, {"width_match": "x"}, "study.methods.msdcrd")
+    assert err.value.allowed == ["pool", "project"]
+
+
+# ---- sliding windows and parameter-free width matching (issue 17, section 3) -------------------
+
+def unfold_pool(f: torch.Tensor, k: int, r: int) -> torch.Tensor:
+    """Sliding-window means computed apart from avg_pool2d: (B, C, H, W) -> (B, L, C) in float64,
+    L the k x k windows at stride r in row-major order, each the mean of its k*k cells."""
+    b, c = f.shape[:2]
+    cols = F.unfold(f.double(), kernel_size=k, stride=r)           # (B, C*k*k, L)
+    return cols.view(b, c, k * k, -1).mean(dim=2).transpose(1, 2)
+
+
+def channel_groups(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(B, P, C_in) -> (B, P, c): output i is the mean of the input channels from
+    floor(i * C_in / c) to ceil((i + 1) * C_in / c) - 1 (adaptive average pooling's groups)."""
+    c_in = x.shape[2]
+    return torch.stack([x[:, :, (i * c_in) // c:-((-(i + 1) * c_in) // c)].mean(dim=2)
+                        for i in range(c)], dim=2)
+
+
+@pytest.mark.parametrize("shape,windows", [
+    ((2, 3, 7, 6), [[1, 1], [3, 1], [2, 2], [3, 2]]),
+    ((3, 4, 8, 8), [[4, 4], [8, 1], [5, 3]]),
+])
+def test_slide_matches_unfold(shape, windows):
+    f = torch.randn(*shape, dtype=torch.float64)
+    out = slide(f, windows)
+    b, c, h, w = shape
+    for t, (k, r) in zip(out, windows):
+        assert t.shape == (b, ((h - k) // r + 1) * ((w - k) // r + 1), c)
+        assert torch.allclose(t, unfold_pool(f, k, r), rtol=1e-12, atol=1e-12)
+
+
+def test_match_widths_averages_the_wider_side_in_adaptive_groups():
+    u = torch.randn(2, 3, 10, dtype=torch.float64)
+    v = torch.randn(2, 3, 4, dtype=torch.float64)
+    pu, pv = match_widths(u, v)
+    assert pv is v and torch.allclose(pu, channel_groups(u, 4), rtol=1e-12, atol=1e-12)
+    # groups of 10 -> 4: [0, 3), [2, 5), [5, 8), [7, 10)
+    assert torch.allclose(pu[..., 1], u[..., 2:5].mean(dim=2), rtol=1e-12, atol=1e-12)
+    qv, qu = match_widths(v, u)
+    assert qv is v and torch.allclose(qu, pu)
+    same = match_widths(v, v.clone())
+    assert same[0] is v
+
+
+def test_sliding_windows_run_on_the_common_size_of_unequal_maps():
+    """A 8x8 student map against a 4x4 teacher map: the student's 2x2 blocks are averaged first,
+    so a (k, r) window over the common 4x4 grid is a (2k, 2r) window over the student's map."""
+    f_s = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    f_t = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    small_s, same_t = common_size(f_s, f_t)
+    assert small_s.shape == (2, 3, 4, 4) and same_t is f_t
+    cfg = MSDCRDConfig(pooling="sliding", windows=[[2, 1], [3, 1], [4, 4]])
+    for (u, v), (k, r) in zip(local_pairs(cfg, f_s, f_t), cfg.windows):
+        assert u.shape == v.shape == (2, ((4 - k) // r + 1) ** 2, 3)
+        assert torch.allclose(u, unfold_pool(f_s, 2 * k, 2 * r), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(v, channel_groups(unfold_pool(f_t, k, r), 3),
+                              rtol=1e-12, atol=1e-12)
+
+
+def test_sliding_terms_match_oracle_total():
+    cfg = parse_config(MSDCRDConfig, {"pooling": "sliding", "windows": [[2, 1], [4, 2]],
+                                      "scale_weights": [1.0, 0.5], "feature_weight": 0.5,
+                                      "temperature": 0.2, "contrast_weight": 2.0}, "m")
+    b = 5
+    f_s = torch.randn(b, 6, 8, 8, dtype=torch.float64)       # wider and larger than the teacher
+    f_t = torch.randn(b, 4, 4, 4, dtype=torch.float64)
+    zs = torch.randn(b, NUM_CLASSES, dtype=torch.float64)
+    zt = torch.randn(b, NUM_CLASSES, dtype=torch.float64)
+    y = torch.tensor(LABELS)
+    terms = msdcrd_terms(cfg, zs, zt, f_s, f_t, y)
+    assert set(terms) == {"loss_ce", "loss_sample", "loss_feature"}
+    sample = feature = 0.0
+    for (k, r), w in zip([(2, 1), (4, 2)], [1.0, 0.5]):
+        u = channel_groups(unfold_pool(f_s, 2 * k, 2 * r), 4)
+        v = unfold_pool(f_t, k, r)
+        sample += w * oracle_sample(u, v, 0.2, LABELS, "exclude_same_class", "same_location")
+        feature += w * oracle_feature(u, v, 0.2)
+    assert terms["loss_sample"].item() == pytest.approx(2.0 * sample / 2, rel=1e-10)
+    assert terms["loss_feature"].item() == pytest.approx(2.0 * 0.5 * feature / 2, rel=1e-10)
+
+
+@pytest.mark.parametrize("teacher_name,student_name", [
+    ("wrn_40_2", "wrn_40_1"), ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"),
+])
+def test_parameter_free_width_matching_adds_no_parameters(teacher_name, student_name):
+    info = data_info((3, 32, 32), 100)
+    c_t = probe_taps(build_model(teacher_name, 100), info.input_shape).stages[-1][0]
+    c_s = probe_taps(build_model(student_name, 100), info.input_shape).stages[-1][0]
+    assert c_t != c_s
+    extra = {}
+    for mode in ("pool", "project"):
+        student = build_model(student_name, 100)
+        dist = MSDCRD(student, build_model(teacher_name, 100), MSDCRDConfig(width_match=mode),
+                      info)
+        extra[mode] = sum(p.numel() for p in dist.learnable_parameters()) \
+            - sum(p.numel() for p in student.parameters())
+    # project: a bias-free 1x1 conv C_s -> C_t and a BatchNorm's weight and bias
+    assert extra == {"pool": 0, "project": c_s * c_t + 2 * c_t}
+
+
+def test_check_taps_windows_against_the_common_map():
+    student = TapShapes(10, ((8, 8, 8),), 8)
+    teacher = TapShapes(10, ((8, 4, 2),), 8)
+    MSDCRD.check_taps(MSDCRDConfig(pooling="sliding", windows=[[2, 1]]), teacher, student)
+    with pytest.raises(ConfigError) as err:
+        MSDCRD.check_taps(MSDCRDConfig(pooling="sliding", windows=[[2, 1], [3, 1]]), teacher,
+                          student)
+    assert err.value.field == "windows" and "window kernel 3 exceeds 4x2" in str(err.value)
+    # sliding pooling reads windows, not scales: MobileNetV2's 2x2 map takes the default scales
+    t_shapes = probe_taps(build_model("vgg13", 100), (3, 32, 32))
+    s_shapes = probe_taps(build_model("MobileNetV2", 100), (3, 32, 32))
+    MSDCRD.check_taps(MSDCRDConfig(pooling="sliding", windows=[[1, 1], [2, 1]]), t_shapes,
+                      s_shapes)

@@ -1,9 +1,16 @@
 """Study expansion: content-addressed ids, shared teachers, validation before any job."""
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
+import pytest
+from omegaconf import OmegaConf
+
+from launch.compose import compose_config
+from methods.config import config_record, parse_config
 from methods.errors import ConfigError
+from methods.models import MODELS
+from orchestrator.recipe import Recipe
 from orchestrator.study import expand_study
 
 
@@ -118,3 +125,79 @@ def test_ablation_grids_are_expanded_separately(study):
     kd = [j for j in expand_study(study).jobs if j.method == "kd"]
     pairs = sorted((j.method_cfg["temperature"], j.method_cfg["kd_weight"]) for j in kd)
     assert pairs == [(2.0, 0.9), (4.0, 0.5), (4.0, 0.9)]  # not crossed; the base once
+
+
+# ---- per-method recipe settings (issue 17, row 3) ----------------------------------------------
+
+HSAKD_TRAINERS = ("hsakd", "hsakd_teacher")
+
+
+def test_method_recipes_apply_to_the_jobs_those_methods_train(study):
+    study["methods"] = {"kd": {}, "hsakd": {"teacher_mode": "frozen"}}
+    plain = {j.job_id: j for j in expand_study(study).jobs}
+    plain_job = {(j.stage, j.method): j for j in plain.values()}
+    study["method_recipes"] = {"hsakd": {"nesterov": True},
+                               "hsakd_teacher": {"epochs": 5, "lr_milestones": [3]}}
+    graph = expand_study(study)
+    job = {(j.stage, j.method): j for j in graph.jobs}
+    heads, student = job[("teacher", "hsakd_teacher")], job[("distill", "hsakd")]
+    # laid over the study's own teacher_recipe / student_recipe (batch 32, 2 epochs)
+    assert heads.recipe == {**plain_job[("teacher", "hsakd_teacher")].recipe,
+                            "epochs": 5, "lr_milestones": [3]}
+    assert student.recipe == {**plain_job[("distill", "hsakd")].recipe, "nesterov": True}
+    assert heads.recipe["batch_size"] == 32 and student.recipe["epochs"] == 2
+    assert student.teacher_job == heads.job_id
+    # the plain teacher the frozen heads start from, and kd, are the jobs they were
+    others = [j for j in graph.jobs if j.method not in HSAKD_TRAINERS]
+    assert len(others) == 2 and all(j.job_id in plain for j in others)
+    assert heads.teacher_job == job[("teacher", "vanilla")].job_id
+
+
+@pytest.mark.parametrize("method_recipes, field", [
+    ({"nomethod": {"nesterov": True}}, "study.method_recipes.nomethod"),
+    ({"hsakd": {"nesterv": True}}, "study.method_recipes.hsakd.nesterv"),
+    ({"hsakd": {"lr": -0.1}}, "study.method_recipes.hsakd.lr"),
+    ({"hsakd": True}, "study.method_recipes.hsakd"),
+    ([{"hsakd": {}}], "study.method_recipes"),
+])
+def test_bad_method_recipes_name_the_field(study, method_recipes, field):
+    study["methods"] = {"kd": {}, "hsakd": {}}
+    study["method_recipes"] = method_recipes
+    with pytest.raises(ConfigError) as err:
+        expand_study(study)
+    assert err.value.field == field
+
+
+def test_cifar100_benchmark_trains_hsakd_with_nesterov_and_keeps_other_ids():
+    """HSAKD's train_teacher_cifar.py and train_student_cifar.py build SGD with nesterov=True
+    (winycg/HSAKD 28c8dc2). Every other job's spec holds the study's shared recipe exactly as
+    Recipe resolves it (no new field), so its id is the one it had before method_recipes."""
+    study = OmegaConf.to_container(compose_config(["study=cifar100_benchmark"]).study,
+                                   resolve=True)
+    graph = expand_study(study, require_data=False)
+    hsakd = [j for j in graph.jobs if j.method in HSAKD_TRAINERS]
+    pairs, seeds = len(study["pairs"]), len(study["seeds"])
+    teachers = {p["teacher"] for p in study["pairs"]}
+    assert sum(j.method == "hsakd" for j in hsakd) == pairs * seeds
+    assert sum(j.method == "hsakd_teacher" for j in hsakd) == len(teachers)
+    assert all(j.recipe["nesterov"] is True for j in hsakd)
+    for j in graph.jobs:
+        if j.method in HSAKD_TRAINERS:
+            continue
+        shared = study["teacher_recipe" if j.stage == "teacher" else "student_recipe"]
+        expected = config_record(parse_config(Recipe, shared, "recipe"))
+        assert j.recipe == {**expected, "lr": MODELS.get(j.model).default_lr}, j.title
+        assert j.recipe["nesterov"] is False
+    del study["method_recipes"]
+    before = {j.job_id: j for j in expand_study(study, require_data=False).jobs}
+    assert {j.job_id for j in graph.jobs if j.method not in HSAKD_TRAINERS} == \
+        {i for i, j in before.items() if j.method not in HSAKD_TRAINERS}
+    # the HSAKD jobs differ from their former selves in nesterov alone
+    renamed: dict = {}
+    for j in graph.jobs:
+        if j.method in HSAKD_TRAINERS:
+            old = dataclasses.replace(j, recipe={**j.recipe, "nesterov": False},
+                                      teacher_job=renamed.get(j.teacher_job, j.teacher_job))
+            assert old.job_id in before, j.title
+            renamed[j.job_id] = old.job_id
+    assert len(renamed) == len(hsakd)
