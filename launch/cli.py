@@ -23,6 +23,8 @@ USAGE_EXAMPLES = """examples:
   kdflow report                                the results table, CSV and plots
   kdflow run --cfg                             print the composed config and exit
   kdflow run study=cifar100_benchmark --dry-run  validate and show the plan without data
+  kdflow run rerun=stale                       re-run the finished jobs whose code changed
+  kdflow run 'rerun=[method:fitnet,stage:teacher]'  re-run those jobs and the jobs that need them
   kdflow run study=cifar100_benchmark launcher=slurm launcher.resources.partition=gpu
                                                submit the whole study to SLURM and return
   kdflow status launcher=slurm                 job states joined with squeue/sacct
@@ -88,10 +90,12 @@ class Session:
     ``point``: for one point of a ``-m`` sweep, its name; its report goes to
     ``reports/<study>/<point>`` so that the points do not overwrite each other's tables.
     ``overrides``: the command's overrides that composed ``cfg`` (empty when not known).
+    ``rerun``: the validated ``rerun`` setting (:mod:`orchestrator.rerun`).
     """
 
     def __init__(self, cfg: "DictConfig", require_data: bool = True, point: str = "") -> None:
         from launch.launchers import build_launcher
+        from orchestrator.rerun import RerunRequest
         from orchestrator.store import JobStore
         from orchestrator.study import expand_study
         from orchestrator.tracking import resolve_tracking_uri
@@ -102,6 +106,7 @@ class Session:
         self.plain = OmegaConf.to_container(self.cfg, resolve=True)
         self.output_dir = str(Path(self.plain["output_dir"]).resolve())
         self.graph = expand_study(self.plain["study"], require_data)
+        self.rerun = RerunRequest.parse(self.plain.get("rerun"), self.graph)
         self.store = JobStore(Path(self.output_dir) / "jobs")
         self.tracking_uri = resolve_tracking_uri(self.plain.get("tracking_uri"), self.output_dir)
         self.launcher = build_launcher(self.plain["launcher"])
@@ -129,15 +134,24 @@ class Session:
 
 
 def _run(session: Session) -> int:
+    from orchestrator.rerun import prepare_rerun
+
     jobs = session.graph.jobs
     print(f"study {session.graph.study}: {len(jobs)} jobs "
           f"({sum(j.stage == 'teacher' for j in jobs)} of them teacher jobs), outputs in {session.output_dir}")
+    _print_lines(prepare_rerun(session.rerun, session.graph, session.store))
     return session.launcher.run(session.study_run())
+
+
+def _print_lines(text: str) -> None:
+    if text:
+        print(text, flush=True)
 
 
 def _plan(session: Session) -> int:
     from collections import Counter
 
+    from orchestrator.rerun import prepare_rerun
     from orchestrator.status import status_table
 
     stages = Counter(job.stage for job in session.graph.jobs)
@@ -145,6 +159,7 @@ def _plan(session: Session) -> int:
     print(f"plan for study {session.graph.study}: {len(session.graph.jobs)} jobs ("
           + ", ".join(f"{n} {stage}" for stage, n in stages.items())
           + f"); {todo} to run, {len(session.graph.jobs) - todo} already done")
+    _print_lines(prepare_rerun(session.rerun, session.graph, session.store, dry_run=True))
     print(status_table(session.graph, session.store))
     print("dry run: nothing was started.")
     return 0

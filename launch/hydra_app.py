@@ -27,10 +27,14 @@ def main(cfg: DictConfig) -> Dict[str, float]:
     from launch.cli import Session
     from launch.local import run_local
     from orchestrator.metrics import headline
+    from orchestrator.rerun import prepare_rerun
 
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     workers = int(cpus) if cpus else cfg.launcher.get("workers")
     session = Session(cfg, point=_sweep_point())
+    notice = prepare_rerun(session.rerun, session.graph, session.store)
+    if notice:
+        print(notice, flush=True)
     run = session.study_run()
     run.prepare_tracking()
     summary = run_local(session.graph, session.output_dir, run.options, workers)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import csv
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -18,9 +18,11 @@ from methods.distillers import DISTILLERS
 from methods.tasks import CLASSIFICATION, SEGMENTATION
 from orchestrator.data import DATASETS
 from orchestrator.metrics import primary_metric
+from orchestrator.report_footer import STALE_MARK, provenance_footer
 from orchestrator.runner import VAL_SAMPLES
 from orchestrator.seg_figure import draw_samples
 from orchestrator.spec import JobSpec
+from orchestrator.staleness import Staleness, assess
 from orchestrator.store import JobStore
 from orchestrator.study import JobGraph
 
@@ -51,11 +53,17 @@ class Column(NamedTuple):
 @dataclass
 class Cell:
     """One method on one column: a result per finished seed (accuracy in percent, and the
-    validation curve per epoch)."""
+    validation curve per epoch).
+
+    sources: job id -> the ``provenance`` its result recorded (None: none), per finished seed;
+    stale:   how many of those results are stale (the cell is marked with ``†``).
+    """
 
     values: List[float]
     curves: List[List[float]]
     expected: int
+    sources: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
+    stale: int = 0
 
     @property
     def mean(self) -> Optional[float]:
@@ -71,7 +79,7 @@ class Cell:
         text = f"{self.mean:.2f}" if len(self.values) == 1 else f"{self.mean:.2f} ± {self.std:.2f}"
         if len(self.values) < self.expected:
             text += f" ({len(self.values)}/{self.expected})"
-        return text
+        return text + (f" {STALE_MARK}" if self.stale else "")
 
     def mean_curve(self) -> List[float]:
         """Validation top-1 per epoch, averaged over the finished seeds."""
@@ -125,10 +133,11 @@ def pair_teacher(job: JobSpec) -> str | None:
     return job.labels.get("pair_teacher") or job.teacher
 
 
-def collect(graph: JobGraph, store: JobStore,
-            metric: str | None = None) -> Tuple[List[Column], List[str],
-                                                Dict[Tuple[str, Column], Cell]]:
+def collect(graph: JobGraph, store: JobStore, metric: str | None = None,
+            staleness: Staleness | None = None) -> Tuple[List[Column], List[str],
+                                                         Dict[Tuple[str, Column], Cell]]:
     """Group results into cells keyed by (row, column); ``metric`` defaults to the study's.
+    With ``staleness``, each cell counts its stale results.
 
     Columns are the study's pairs per dataset and training fraction; rows are the teacher
     variants and then the methods (and their ablation variants) in study order. A teacher-free
@@ -167,6 +176,8 @@ def collect(graph: JobGraph, store: JobStore,
             if result:
                 cell.values.append(result["metrics"][metric])
                 cell.curves.append([h[f"val/{metric}"] for h in result["history"]])
+                cell.sources[job.job_id] = result.get("provenance")
+                cell.stale += staleness is not None and job.job_id in staleness.stale
     return columns, rows, cells
 
 
@@ -181,8 +192,9 @@ def _table(columns: List[Column], rows: List[str], cells: Dict[Tuple[str, Column
 
 
 def markdown_table(graph: JobGraph, store: JobStore, metric: str | None = None) -> str:
-    """The metric per method (rows) and pair (columns), mean ± sample std over seeds."""
-    return _table(*collect(graph, store, metric), Cell.render)
+    """The metric per method (rows) and pair (columns), mean ± sample std over seeds; cells
+    holding stale results are marked ``†``."""
+    return _table(*collect(graph, store, metric, assess(graph, store)), Cell.render)
 
 
 def convergence_table(graph: JobGraph, store: JobStore, metric: str | None = None) -> str:
@@ -205,10 +217,14 @@ METRIC_NAMES = {"top1": "Top-1 accuracy", "miou": "mIoU (ignore index 255, whole
 def write_report(graph: JobGraph, store: JobStore, folder: Path,
                  metric: str | None = None) -> str:
     """Write ``report.md``, ``report.csv``, ``accuracy.png`` and ``curves.png`` (and, for
-    segmentation studies, ``segmentation.png``); return the markdown."""
+    segmentation studies, ``segmentation.png``); return the markdown.
+
+    The markdown ends with where its results came from (:func:`provenance_footer`); cells
+    holding stale results are marked ``†``, and the CSV counts them (``stale``)."""
     folder.mkdir(parents=True, exist_ok=True)
     metric = metric or study_metric(graph)
-    columns, rows, cells = collect(graph, store, metric)
+    staleness = assess(graph, store)
+    columns, rows, cells = collect(graph, store, metric, staleness)
     seeds = sorted({j.seed for j in graph.jobs if j.stage != "teacher"})
     levels = "/".join(f"{level:.0%}" for level in CONVERGENCE_LEVELS)
     text = (f"{METRIC_NAMES.get(metric, metric)} (%) on the held-out split of study "
@@ -216,20 +232,22 @@ def write_report(graph: JobGraph, store: JobStore, folder: Path,
             f"{_table(columns, rows, cells, Cell.render)}\n\n"
             f"Convergence: epochs until the seed-mean validation {metric} first reaches "
             f"{levels} of its final value (curves in curves.png).\n\n"
-            f"{convergence_table(graph, store, metric)}\n")
+            f"{convergence_table(graph, store, metric)}\n\n"
+            f"{provenance_footer(cells, row_label, staleness)}\n")
     (folder / "report.md").write_text(text)
     with open(folder / "report.csv", "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["dataset", "train_fraction", "teacher", "student", "method", "seeds_done",
                       "seeds_expected", f"{metric}_mean", f"{metric}_std", "values"]
-                     + [f"epochs_to_{level:.0%}" for level in CONVERGENCE_LEVELS])
+                     + [f"epochs_to_{level:.0%}" for level in CONVERGENCE_LEVELS] + ["stale"])
         for (row, column), cell in cells.items():
             curve = cell.mean_curve()
             out.writerow([column.dataset, column.fraction or "1.0", column.teacher, column.student,
                           row, len(cell.values), cell.expected,
                           "" if cell.mean is None else f"{cell.mean:.4f}", f"{cell.std:.4f}",
                           " ".join(f"{v:.2f}" for v in cell.values)]
-                         + [epochs_to(curve, level) or "" for level in CONVERGENCE_LEVELS])
+                         + [epochs_to(curve, level) or "" for level in CONVERGENCE_LEVELS]
+                         + [cell.stale])
     _plot_accuracy(columns, rows, cells, folder / "accuracy.png", metric)
     _plot_curves(columns, rows, cells, folder / "curves.png", metric)
     if plot_segmentation_samples(graph, store, folder / "segmentation.png"):

@@ -2,7 +2,9 @@
 
 Every launcher (local worker processes, SLURM, Ray) calls :func:`run_job`, so a job behaves the
 same wherever it runs. A job resumes from its newest checkpoint and, on CPU, ends with exactly
-the weights and metrics of a run that was never interrupted.
+the weights and metrics of a run that was never interrupted. Its ``result.json`` (and its MLflow
+run's tags) record its provenance: the code, versions and device that produced it
+(:mod:`orchestrator.provenance`).
 
 With ``RunOptions.distributed`` (``world_size >= 2``) the process runs as one rank of a
 multi-process job (:mod:`orchestrator.distributed`): each rank trains on its contiguous slice
@@ -37,6 +39,7 @@ from orchestrator.fast_path import (FastPath, autocast, build_optimizer, resolve
                                     step_forward)
 from orchestrator.loss_guard import TOTAL, LossGuard
 from orchestrator.metrics import TASK_METRICS, primary_metric
+from orchestrator.provenance import job_provenance, provenance_tags, weights_fingerprint
 from orchestrator.recipe import Recipe
 from orchestrator.spec import JobSpec
 from orchestrator.store import JobStore
@@ -314,6 +317,7 @@ def _run(spec: JobSpec, store: JobStore, options: RunOptions, ranks: Ranks) -> D
     done = state = None
     if ranks.is_main:
         store.add(spec)
+        store.complete_supersede(job_id)  # a re-run request cut short: finish setting aside
         done = store.result(job_id)
         if done is None:
             state = store.update_state(job_id, status="running", error=None,
@@ -358,14 +362,18 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
     data = build_data(spec.dataset, spec.dataset_cfg, f"{spec.job_id}.dataset_cfg",
                       recipe.batch_size, spec.seed, device, fast.channels_last)
     ranks.check_batches(data.info.num_samples, recipe.batch_size)
+    teacher_weights = (weights_fingerprint(store.weights_path(spec.teacher_job))
+                       if spec.teacher_job else None)
     distiller = _build_distiller(spec, store, data, device)
+    provenance = job_provenance(spec, device, teacher_weights) if ranks.is_main else {}
     if fast.channels_last:
         distiller.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(distiller.learnable_parameters(), recipe, fast)
     forward = step_forward(distiller, device, fast)
     if tracker:
         tracker.set_tags({"kdflow.device": device.type,
-                          **{f"kdflow.fast_path.{k}": v for k, v in fast.record().items()}})
+                          **{f"kdflow.fast_path.{k}": v for k, v in fast.record().items()},
+                          **provenance_tags(provenance)})
     steps = data.train.steps_per_epoch
     schedule = _schedule(optimizer, recipe, steps)
     progress = _Progress()
@@ -474,6 +482,7 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
         "wall_time_s": time.time() - started,
         "world_size": ranks.part[1],
         "fast_path": fast.record(),
+        "provenance": provenance,
     }
     if ranks.is_main:
         weights = store.weights_path(spec.job_id)

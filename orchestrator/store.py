@@ -11,10 +11,18 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from orchestrator.atomic import read_json, write_json
 from orchestrator.spec import JobSpec
+from orchestrator.tracking_outbox import LOCK_FILE as OUTBOX_LOCK
 
 # pending: recorded, never submitted; queued: submitted to a scheduler, not started yet;
 # cancelled: taken out of a scheduler's queue before it finished (a re-run submits it again).
 log = logging.getLogger("kdflow.store")
+
+#: Where a re-run sets a job's earlier files aside: ``<job>/superseded/<UTC time>/``.
+SUPERSEDED = "superseded"
+#: The marker of a supersede in progress (it names the folder); see :meth:`JobStore.supersede`.
+SUPERSEDING = "superseding.json"
+#: What stays in a job's folder when it is superseded (the state is replaced by a fresh one).
+KEPT = ("spec.json", ".lock", OUTBOX_LOCK, SUPERSEDED, SUPERSEDING)
 
 STATUSES = ("pending", "queued", "running", "done", "failed", "blocked", "interrupted", "cancelled")
 
@@ -44,7 +52,8 @@ class JobState:
 
 class JobStore:
     """Folders under ``root/<job_id>/``: ``spec.json``, ``state.json``, ``checkpoints/``,
-    ``model.pt`` (final weights) and ``result.json``. Every write is atomic."""
+    ``model.pt`` (final weights), ``result.json`` and ``superseded/<UTC time>/`` (the files of
+    earlier runs that ``rerun`` set aside, :meth:`supersede`). Every write is atomic."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -62,20 +71,24 @@ class JobStore:
         return folder
 
     @contextlib.contextmanager
-    def lock(self, spec: JobSpec) -> Iterator[None]:
+    def lock(self, spec: JobSpec, wait: bool = True) -> Iterator[bool]:
         """Hold the job's exclusive lock (``<job>/.lock``, flock; released if the process dies).
 
-        Waits while another process holds it, with a log line saying so.
+        Waits while another process holds it, with a log line saying so; with ``wait=False``
+        it does not, and yields False (the lock is not held) instead of True.
         """
         folder = self.add(spec)
         with open(folder / ".lock", "w") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    yield False
+                    return
                 log.info("job %s is running in another process; waiting for it", spec.job_id)
                 fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
+                yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -129,3 +142,58 @@ class JobStore:
 
     def checkpoint_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "checkpoints"
+
+    def has_record(self, job_id: str) -> bool:
+        """Whether job ``job_id`` has anything a re-run would set aside: a result, weights,
+        checkpoints, a tracking outbox, or attempts in its state."""
+        folder = self.job_dir(job_id)
+        if not folder.is_dir():
+            return False
+        return (any(entry.name not in (*KEPT, "state.json") for entry in folder.iterdir())
+                or self.state(job_id).attempts > 0)
+
+    def supersede(self, job_id: str, stamp: str) -> Optional[Path]:
+        """Set aside everything job ``job_id`` recorded into ``<job>/superseded/<stamp>/`` (a
+        ``-2``... suffix if that exists) and give it a fresh state, so that every launcher runs
+        it again from scratch (and its tracking starts a new MLflow run). Returns the folder;
+        None when the job recorded nothing. Call it under the job's lock.
+
+        Nothing is copied and nothing deleted: ``result.json``, ``model.pt``, ``checkpoints/``,
+        ``state.json``, the tracking outbox and the rest are renamed into the folder. A marker,
+        ``superseding.json`` naming the folder, is written first and removed last, and
+        ``result.json`` is the first file moved; so if the process dies mid-way every file is
+        either still in the job folder or in the superseded one, the job is never finished
+        without its weights, and :meth:`complete_supersede` (run before the job runs again)
+        moves the rest.
+        """
+        if not self.has_record(job_id):
+            return None
+        parent = self.job_dir(job_id) / SUPERSEDED
+        folder, n = parent / stamp, 1
+        while folder.exists():
+            n += 1
+            folder = parent / f"{stamp}-{n}"
+        folder.mkdir(parents=True)
+        write_json(self.job_dir(job_id) / SUPERSEDING, {"folder": folder.name})
+        return self.complete_supersede(job_id)
+
+    def complete_supersede(self, job_id: str) -> Optional[Path]:
+        """Finish the supersede of job ``job_id`` that a marker says is in progress (see
+        :meth:`supersede`) and return its folder; None (and nothing done) when there is none.
+        Each step is a rename that is skipped once done, so it may be repeated after a crash."""
+        job_dir = self.job_dir(job_id)
+        marker = job_dir / SUPERSEDING
+        if not marker.exists():
+            return None
+        folder = job_dir / SUPERSEDED / read_json(marker)["folder"]
+        folder.mkdir(parents=True, exist_ok=True)
+        entries = sorted(job_dir.iterdir(), key=lambda entry: entry.name != "result.json")
+        for entry in entries:  # result.json first: from then on the job is not finished
+            fresh_state = entry.name == "state.json" and (folder / entry.name).exists()
+            if entry.name in KEPT or fresh_state:  # (a state beside a moved one is the fresh one)
+                continue
+            entry.rename(folder / entry.name)
+        if not (job_dir / "state.json").exists():
+            self.save_state(job_id, JobState())
+        marker.unlink()
+        return folder

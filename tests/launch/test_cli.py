@@ -1,13 +1,16 @@
 """The `kdflow` command end to end: a whole study, re-runs, status, report, and bad input."""
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from launch.cli import main
+from orchestrator.provenance import SOURCE_ROOT, weights_fingerprint
 
 SMOKE = ["study=smoke", "progress=false", "launcher.workers=2"]
 
@@ -40,6 +43,32 @@ def test_smoke_study_runs_reports_and_reruns_as_skips(tmp_path):
             "kdflow.dataset", "kdflow.seed"} <= tags
     metric_rows = db.execute("select count(*) from metrics where key='val/top1'").fetchone()[0]
     assert metric_rows == 3 + 4 * 2  # per epoch: teacher 3 epochs, students 2 each
+
+    # provenance: in every result.json and, as tags, on every run
+    results = {p.parent.name: json.loads(p.read_text())
+               for p in tmp_path.glob("jobs/*/result.json")}
+    in_git = (SOURCE_ROOT / ".git").exists()
+    for result in results.values():
+        provenance = result["provenance"]
+        assert {"kdflow_version", "git_commit", "git_dirty", "code_digest", "code_files", "torch",
+                "cuda", "cudnn", "device", "teacher_weights"} <= set(provenance)
+        assert provenance["kdflow_version"] == "0.1.0" and provenance["torch"] == torch.__version__
+        assert (len(provenance["git_commit"]) == 40) if in_git else provenance["git_commit"] is None
+    teacher = next(job for job, r in results.items() if r["stage"] == "teacher")
+    fingerprint = weights_fingerprint(tmp_path / "jobs" / teacher / "model.pt")
+    read = {r["provenance"]["teacher_weights"] for r in results.values() if r["teacher"]}
+    assert read == {fingerprint}
+    run_tags: dict = {}
+    for run, key, value in db.execute("select run_uuid, key, value from tags"):
+        run_tags.setdefault(run, {})[key] = value
+    for tags_of_run in run_tags.values():
+        provenance = results[tags_of_run["kdflow.job_id"]]["provenance"]
+        assert tags_of_run["kdflow.code_digest"] == provenance["code_digest"]
+        assert tags_of_run["kdflow.version"] == "0.1.0"
+        assert tags_of_run["kdflow.torch"] == torch.__version__
+        if in_git:
+            assert tags_of_run["mlflow.source.git.commit"] == provenance["git_commit"]
+            assert tags_of_run["kdflow.git_dirty"] == str(provenance["git_dirty"])
 
 
 def test_help_lists_the_verbs(capsys):

@@ -4,15 +4,22 @@ from __future__ import annotations
 import csv
 
 from orchestrator.atomic import write_json
+from orchestrator.provenance import code_digest, code_files
 from orchestrator.report import collect, epochs_to, write_report
 from orchestrator.store import JobStore
 from orchestrator.study import expand_study
 
 
-def _finish(store: JobStore, job, curve):
+def _finish(store: JobStore, job, curve, digest=None, recorded=True):
+    """Record ``job`` as finished with ``curve``, recording the current code's provenance (or
+    ``digest`` as its code digest; none at all unless ``recorded``)."""
     store.add(job)
+    provenance = {"code_digest": digest or code_digest(job), "code_files": code_files(job),
+                  "teacher_weights": None, "kdflow_version": "0.1.0", "git_commit": "c" * 40,
+                  "git_dirty": False, "torch": "2.14.1", "cuda": None, "device": "cpu"}
     write_json(store.job_dir(job.job_id) / "result.json", {
-        "metrics": {"top1": curve[-1]}, "history": [{"val/top1": v} for v in curve]})
+        "metrics": {"top1": curve[-1]}, "history": [{"val/top1": v} for v in curve],
+        **({"provenance": provenance} if recorded else {})})
 
 
 def test_epochs_to_level():
@@ -57,3 +64,25 @@ def test_report_rows_columns_and_convergence(study, tmp_path):
     assert kd_row["top1_mean"] == "91.0000" and kd_row["values"] == "90.00 92.00"
     for name in ("accuracy.png", "curves.png"):
         assert (tmp_path / "report" / name).stat().st_size > 1000
+
+
+def test_report_marks_stale_cells_and_says_where_results_came_from(study, tmp_path):
+    study["seeds"] = [0, 1]
+    graph = expand_study(study)
+    store = JobStore(tmp_path / "jobs")
+    for job in graph.jobs:
+        if job.method == "kd" and job.seed == 1:
+            _finish(store, job, [80.0], digest="0" * 64)  # ran with other code: stale, mixed
+        else:
+            _finish(store, job, [80.0], recorded=not (job.method == "vanilla" and job.seed == 1))
+    text = write_report(graph, store, tmp_path / "report")
+    assert "| KD | 80.00 ± 0.00 † |" in text and "| Teacher | 80.00 |" in text
+    assert ("- 4 results from kdflow 0.1.0; commit cccccccccccc; torch 2.14.1 (no CUDA) on cpu."
+            in text)
+    assert "Mixed: KD / resnet14→resnet8 averages results of 2 code digests" in text
+    assert "- 1 result recorded no provenance" in text
+    assert ("† 2 of 5 finished jobs are stale: 1: their code changed since they ran; 1: no "
+            "provenance recorded") in text
+    with open(tmp_path / "report" / "report.csv") as f:
+        stale = {r["method"]: r["stale"] for r in csv.DictReader(f)}
+    assert stale == {"teacher": "0", "vanilla": "1", "kd": "1"}

@@ -58,6 +58,8 @@ ROWS: List[BadInput] = [
     row("unknown", "data.loader", "run", "data.loader=dali"),
     row("unknown", "search", "tune", "search=nosearch", "study=quick"),
     row("unknown", "dataset", "data", "prepare", "mnist"),
+    row("unknown", "rerun", "run", "rerun=sometimes"),
+    row("unknown", "rerun[1]", "run", "rerun=[stale,method:nomethod]"),
     # wrong types
     row("type", "study.seeds", "run", "study.seeds=abc"),
     row("type", "study.teacher_seed", "run", "study.teacher_seed=abc"),
@@ -66,6 +68,7 @@ ROWS: List[BadInput] = [
     row("type", "launcher.workers", "run", "launcher.workers=two"),
     row("type", "progress", "run", "progress=maybe"),
     row("type", "launcher.retries", "run", "launcher=ray", "launcher.retries=1.5"),
+    row("type", "rerun", "run", "rerun=3"),
     # out-of-range values
     row("range", "study.student_recipe.lr", "run", "study.student_recipe.lr=-0.1"),
     row("range", "study.student_recipe.epochs", "run", "study.student_recipe.epochs=0"),
@@ -76,6 +79,7 @@ ROWS: List[BadInput] = [
     row("range", "study.datasets.synthetic.num_classes", "run", "study=smoke",
         "study.datasets.synthetic.num_classes=1"),
     row("range", "launcher.workers", "run", "launcher.workers=0"),
+    row("range", "rerun", "run", "rerun=stage:student"),
     row("range", "study.name", "run", "study.name=../elsewhere"),
     row("range", "tracking_uri", "run", "tracking_uri=ftp://mlflow.example"),
     row("range", "study.student_recipe.channels_last", "run",
