@@ -6,6 +6,12 @@ every global batch (:func:`orchestrator.data.loaders.local_rows`), and the ranks
 buffer per step (gradients, loss sums and preemption flags). The launcher tells a process its
 place through environment variables: torchrun's (``RANK``, ``WORLD_SIZE``...) or SLURM's
 (``SLURM_PROCID``, ``SLURM_NTASKS``...).
+
+What the ranks compute is deterministic: the all-reduce hands every rank the same bits, so
+the ranks keep bit-identical weights with no broadcast, and a run repeats bit for bit (under
+SLURM as locally) given the same intra-op thread counts. It does not reproduce a one-process
+run (BatchNorm normalises each rank's slice) nor a run with other thread counts (CPU kernels
+sum in another order); a short training can turn either difference into points of top-1.
 """
 from __future__ import annotations
 

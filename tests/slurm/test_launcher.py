@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
+import torch
+from multiprocess import WORKER, launch_ranks, wait_ranks
 from slurm_wait import wait_until
 
 from launch.compose import compose_config
@@ -147,12 +149,21 @@ def test_a_job_that_always_fails_blocks_only_its_dependents(tmp_path):
     assert f"needs job {teacher} (teacher resnet14 digits s0), which is failed" in diverging.stdout
 
 
-def test_a_two_task_job_trains_under_gloo_and_matches_the_single_process_run(tmp_path):
+def test_a_two_task_job_trains_under_gloo_exactly_as_two_local_processes(tmp_path):
+    # Its top-1 is not compared with one process's: 69 steps of this job amplify rounding
+    # differences (BatchNorm over half batches, or just another intra-op thread count) into
+    # final top-1s 84-97% apart (seed 0 on one machine: 95.6% alone with one thread, 93.1%
+    # with two, 83.9% with three; 92.2% on two ranks). What is deterministic is asserted: the
+    # SLURM job equals, bit for bit, the same job run by two local ranks (tests/orchestrator/
+    # test_distributed.py shows that those ranks agree before any broadcast, repeat bit for
+    # bit, and that one step averages to the single-process gradient).
     study = _long_students([0])
     study["student_recipe"].update(epochs=3, lr_milestones=[2], batch_size=64)
     graph = expand_study(study)
     (job,) = graph.jobs
-    settings = dev_settings(resources={**dev_settings().resources, "tasks_per_node": 2})
+    # one intra-op thread per task (launch.slurm_task), as the local ranks (WORKER) use
+    settings = dev_settings(resources={**dev_settings().resources, "tasks_per_node": 2,
+                                       "cpus_per_task": 1})
     output = tmp_path / "slurm"
     submission = submit_study(graph, str(output), RunOptions(progress=False), settings)
     assert len(submission.arrays) == 1
@@ -160,13 +171,20 @@ def test_a_two_task_job_trains_under_gloo_and_matches_the_single_process_run(tmp
     wait_until("the two-task job to finish", lambda: store.is_done(job.job_id) or
                store.state(job.job_id).status == "failed", timeout=300)
     assert store.is_done(job.job_id), store.state(job.job_id)
-
-    expected = run_job(copy.deepcopy(job), JobStore(tmp_path / "single" / "jobs"), RunOptions(progress=False))
     got = store.result(job.job_id)
-    assert got["world_size"] == 2 and expected["world_size"] == 1
-    # each rank sees half of every batch, so BatchNorm statistics differ: close, not equal
-    assert abs(got["metrics"]["top1"] - expected["metrics"]["top1"]) <= 3.0, (got["metrics"], expected["metrics"])
-    assert got["history"][0]["train/loss"] == pytest.approx(expected["history"][0]["train/loss"], rel=0.05)
+    assert got["world_size"] == 2 and store.state(job.job_id).attempts == 1
+    assert got["metrics"]["top1"] > 70.0  # chance is 10%
+
+    local = JobStore(tmp_path / "local" / "jobs")
+    local.add(job)
+    wait_ranks(launch_ranks(WORKER, str(tmp_path / "local"), job.job_id, str(tmp_path)), timeout=300)
+    expected = local.result(job.job_id)
+    assert expected["world_size"] == 2
+    assert got["history"] == expected["history"]
+    slurm_weights = torch.load(store.weights_path(job.job_id))
+    local_weights = torch.load(local.weights_path(job.job_id))
+    assert slurm_weights.keys() == local_weights.keys()
+    assert all(torch.equal(slurm_weights[k], local_weights[k]) for k in local_weights)
 
 
 def test_hydra_sweep_through_hydra_submitit_launcher(tmp_path):
