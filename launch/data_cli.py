@@ -1,11 +1,14 @@
-"""``kdflow data prepare DATASET [overrides] [--force]``: write a dataset's FFCV .beton files.
+"""``kdflow data ACTION DATASET [overrides]``: work on a dataset's files.
 
 The dataset's settings come from ``configs/dataset/<DATASET>.yaml`` (with ``data.root`` and any
-``prepare.dataset.<setting>=...`` override); how images are stored comes from ``prepare.*``.
+``prepare.dataset.<setting>=...`` override); ``prepare.workers`` processes do the work.
+``prepare`` writes the dataset's FFCV .beton files (how images are stored comes from
+``prepare.*``); ``check`` decodes every file of the dataset and lists those that cannot be read.
 """
 from __future__ import annotations
 
-from typing import List
+import os
+from typing import Any, List, Tuple
 
 from methods.errors import ConfigError
 
@@ -15,7 +18,7 @@ def prepare_command(dataset: str, overrides: List[str], force: bool) -> int:
     from omegaconf import OmegaConf
 
     from launch.compose import compose_config
-    from orchestrator.data import validate_dataset
+    from orchestrator.data import DataError, validate_dataset
     from orchestrator.data.loader_choice import FFCV_INSTALL, ffcv_import_error
     from orchestrator.data.prepare import SOURCES, PrepareError, image_settings, prepare
 
@@ -32,8 +35,53 @@ def prepare_command(dataset: str, overrides: List[str], force: bool) -> int:
                           f"cannot be imported ({problem})", fix=FFCV_INSTALL)
     try:
         prepare(dataset, dataset_cfg, image, workers, force)
-    except PrepareError as err:
+    except (PrepareError, DataError) as err:
         print(f"kdflow: error: {err}")
         return 1
     print(f"done: use it with data.loader=ffcv (files in {dataset_cfg.betons()})")
     return 0
+
+
+def check_command(dataset: str, overrides: List[str], progress: bool = True) -> int:
+    """Decode every file of ``dataset``'s splits and list the unreadable ones with their
+    reasons: 0 when all are readable (or the dataset has no files), 1 otherwise. A tree that
+    is missing or malformed raises ConfigError (fields under ``prepare.dataset.``)."""
+    from orchestrator.data.scan import scan_files
+
+    dataset_cfg, workers = _check_settings(dataset, overrides)
+    list_files = getattr(dataset_cfg, "data_files", None)
+    if list_files is None:
+        print(f"{dataset} is generated or bundled, not read from files: nothing to check")
+        return 0
+    try:
+        files = list_files()
+    except ConfigError as err:
+        raise err.under("prepare.dataset") from None
+    print(f"checking {len(files):,} files of {dataset} under {os.path.abspath(dataset_cfg.root)}"
+          f" with {workers} processes (prepare.workers=N to change)", flush=True)
+    problems = scan_files(files, workers, progress)
+    for path, reason in problems:
+        print(f"{path}: {reason}")
+    if problems:
+        print(f"{len(problems):,} of {len(files):,} files of {dataset} cannot be read. Fix: "
+              "replace or delete them, then run the check again.")
+        return 1
+    print(f"all {len(files):,} files of {dataset} are readable")
+    return 0
+
+
+def _check_settings(dataset: str, overrides: List[str]) -> Tuple[Any, int]:
+    """The validated settings of ``dataset`` (``prepare.dataset``, no files read) and the
+    number of decoding processes (``prepare.workers``; 0 decodes in this process)."""
+    from omegaconf import OmegaConf
+
+    from launch.compose import compose_config
+    from orchestrator.data import DATASETS, validate_dataset
+    from orchestrator.data.checks import require_int
+
+    DATASETS.get(dataset, "dataset")
+    cfg = compose_config([f"+dataset@prepare.dataset={dataset}", *overrides])
+    settings = OmegaConf.to_container(cfg.prepare, resolve=True)
+    require_int("prepare.workers", settings["workers"], 0)
+    return (validate_dataset(dataset, settings["dataset"], "prepare.dataset",
+                             require_data=False), settings["workers"])

@@ -1,7 +1,9 @@
 """kdflow's data layer: registered datasets built into deterministic, resumable loaders.
 
 ``validate_dataset`` checks a dataset's settings without loading anything (it runs before
-any job is submitted); ``build_data`` loads the dataset and returns its loaders.
+any job is submitted); ``build_data`` loads the dataset and returns its loaders. A file that
+cannot be decoded, while building or loading, raises :class:`DataError`: one line naming the
+file, the cause and the ``kdflow data check`` command that lists every unreadable file.
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ from methods.config import config_record, parse_config
 from methods.errors import ConfigError
 from orchestrator.data import (cifar, cityscapes, digits, imagefolder, imagewoof,  # noqa: F401
                               seg_synthetic, synthetic, voc)  # (registers)
+from orchestrator.data.errors import DataError, build_named
 from orchestrator.data.loaders import Batch, Data, EvalLoader, TrainLoader
 from orchestrator.data.registry import (DATASETS, DEFAULT_LOADER, DatasetEntry, register_dataset,
                                         register_loader)
 
-__all__ = ["Batch", "Data", "DATASETS", "DatasetEntry", "EvalLoader", "TrainLoader",
-           "build_data", "dataset_record", "register_dataset", "register_loader", "validate_dataset"]
+__all__ = ["Batch", "Data", "DataError", "DATASETS", "DatasetEntry", "EvalLoader",
+           "TrainLoader", "build_data", "dataset_record", "register_dataset", "register_loader",
+           "validate_dataset"]
 
 
 def validate_dataset(dataset_name: str, settings: Mapping[str, Any] | None, field: str,
@@ -59,9 +63,11 @@ def build_data(dataset_name: str, settings: Mapping[str, Any] | None, field: str
     ``seed`` fixes the training order and augmentation (per epoch and step); the train/val
     split itself is fixed by the dataset's own settings. Batches are laid out channels_last
     when ``channels_last`` (else contiguous NCHW). The loader is the one ``settings`` name.
+    An unreadable file raises :class:`DataError` (here or from the loaders' ``batches``).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     cfg = validate_dataset(dataset_name, settings, field)
     build = DATASETS.get(dataset_name, field).builder(cfg)
-    return build(cfg, batch_size, seed, device, channels_last)
+    return build_named(lambda: build(cfg, batch_size, seed, device, channels_last),
+                       dataset_name, cfg)

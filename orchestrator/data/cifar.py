@@ -3,14 +3,16 @@
 kdflow never downloads: ``root`` must already hold ``cifar-10-batches-py/`` or
 ``cifar-100-python/`` as torchvision (or the dataset's authors) ship them. The images are
 kept as uint8 (50,000 x 3 x 32 x 32 is 150 MB) and, with ``device_resident``, held on the
-training device where each batch is augmented.
+training device where each batch is augmented. A batch file that cannot be unpickled or
+does not hold 32x32 RGB images raises :class:`~orchestrator.data.errors.DataError` naming it.
 """
 from __future__ import annotations
 
 import os
 import pickle
 from dataclasses import dataclass, replace
-from typing import ClassVar, Dict, Sequence
+from functools import partial
+from typing import ClassVar, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -18,11 +20,13 @@ import torch
 from methods.errors import ConfigError
 from orchestrator.data.beton import ImageSettings, beton_path
 from orchestrator.data.checks import require_bool, require_folder
+from orchestrator.data.errors import read_file
 from orchestrator.data.fraction import TrainFraction
 from orchestrator.data.loader_choice import LoaderChoice
 from orchestrator.data.loaders import Data
 from orchestrator.data.prepare import SplitSource, indexed, register_source
 from orchestrator.data.registry import register_dataset, register_loader
+from orchestrator.data.scan import DataFile
 from orchestrator.data.tensor_loaders import tensor_data
 
 
@@ -88,6 +92,13 @@ class CifarConfig(TrainFraction, LoaderChoice):
             if not os.path.isfile(path):
                 raise ConfigError("root", f"file {os.path.abspath(path)} does not exist", fix=fix)
 
+    def data_files(self) -> List[DataFile]:
+        """The pickled batches of both splits, each read as training reads it."""
+        replace(self, loader="torchvision").check_data()
+        read = partial(read_cifar_batch, label_key=self.layout.label_key)
+        return [DataFile(os.path.join(self.root, self.layout.folder, name), read)
+                for name in [*self.layout.train_files, *self.layout.test_files]]
+
 
 @dataclass
 class Cifar10Config(CifarConfig):
@@ -105,15 +116,32 @@ class Cifar100Config(CifarConfig):
     dataset: ClassVar[str] = "cifar100"
 
 
+#: Values of one CIFAR image: 3 x 32 x 32.
+IMAGE_VALUES = 3 * 32 * 32
+
+
+def read_cifar_batch(path: str, label_key: str) -> tuple[np.ndarray, List[int]]:
+    """Images (N, 3, 32, 32) uint8 and their N labels (under ``label_key``) of one pickled
+    batch file; raises when it cannot be unpickled or its sizes do not match."""
+    with open(path, "rb") as fh:
+        entry = pickle.load(fh, encoding="latin1")
+    data, labels = np.asarray(entry["data"], dtype=np.uint8), list(entry[label_key])
+    if data.size != len(labels) * IMAGE_VALUES:
+        raise ValueError(f"{data.size} pixel values for {len(labels)} labels, not "
+                         f"{IMAGE_VALUES} per label")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
 def read_cifar_split(root: str, layout: CifarLayout, files: Sequence[str]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from the pickled batch ``files``."""
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from the pickled batch ``files``;
+    a file that cannot be read raises DataError naming it."""
     images, labels = [], []
+    read = partial(read_cifar_batch, label_key=layout.label_key)
     for name in files:
-        with open(os.path.join(root, layout.folder, name), "rb") as fh:
-            entry = pickle.load(fh, encoding="latin1")
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(entry[layout.label_key])
+        batch_images, batch_labels = read_file(read, os.path.join(root, layout.folder, name))
+        images.append(batch_images)
+        labels.extend(batch_labels)
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
 
 

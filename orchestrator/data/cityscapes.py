@@ -27,7 +27,9 @@ from orchestrator.data.fraction import TrainFraction
 from orchestrator.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from orchestrator.data.loaders import Data
 from orchestrator.data.registry import register_dataset
-from orchestrator.data.seg_loaders import FileSource, Subset, read_index_png, seg_data
+from orchestrator.data.scan import DataFile
+from orchestrator.data.seg_loaders import (FileSource, Subset, pair_files, read_index_png,
+                                           seg_data)
 from orchestrator.data.seg_transforms import Normalise, validate_scale
 
 CITYSCAPES_CLASSES = 19
@@ -152,6 +154,12 @@ class CityscapesConfig(TrainFraction):
         """Both splits have images, each with its label map (listings only)."""
         self.pairs(self.train_split)
         self.pairs(self.val_split)
+
+    def data_files(self) -> List[DataFile]:
+        """Every image and label map of both splits (once each), decoded as training
+        decodes them."""
+        return pair_files([*self.pairs(self.train_split), *self.pairs(self.val_split)],
+                          read_cityscapes_mask)
 
 
 @register_dataset("cityscapes", CityscapesConfig)

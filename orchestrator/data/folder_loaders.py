@@ -4,16 +4,19 @@ Every training sample is transformed under ``torch.manual_seed(derive_seed(seed,
 index))`` (inside a forked RNG, so the caller's global RNG is untouched), which makes
 torchvision's random transforms the same in any worker and after a resume. The epoch's order
 is a permutation seeded from ``(seed, epoch)``; resuming at ``start_step`` skips the first
-``start_step * batch_size`` entries of it without decoding them.
+``start_step * batch_size`` entries of it without decoding them. A file that cannot be
+decoded stops the loader with a :class:`~orchestrator.data.errors.DataError` naming it.
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
+from orchestrator.data.errors import DataError, collate_or_error, raise_errors, read_file
 from orchestrator.data.loaders import (Batch, Shard, check_start_step, derive_seed, generator,
                                        local_rows)
 
@@ -23,7 +26,9 @@ Sample = tuple[torch.Tensor, int, int]
 class SeededSamples(Dataset[Sample]):
     """``(path, label)`` samples read with ``load`` and transformed under a per-sample seed.
 
-    Keys are ``(epoch, index)``; an item is ``(image (C, H, W) float, label, index)``.
+    Keys are ``(epoch, index)``; an item is ``(image (C, H, W) float, label, index)``, or
+    the :class:`DataError` of a file that cannot be read (a value, so that it leaves a
+    DataLoader worker intact).
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], load: Callable[[str], object],
@@ -36,12 +41,16 @@ class SeededSamples(Dataset[Sample]):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> Sample:
+    def __getitem__(self, key: tuple[int, int]) -> Sample | DataError:
         epoch, index = key
         path, label = self.samples[index]
+        try:
+            loaded = read_file(self.load, path)
+        except DataError as err:
+            return err
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, epoch, index))
-            image = self.transform(self.load(path))
+            image = self.transform(loaded)
         return image, label, index
 
 
@@ -58,8 +67,9 @@ class _Loading:
 
     def run(self, batches: list[list[tuple[int, int]]]) -> Iterator[Batch]:
         loader = DataLoader(self.samples, batch_sampler=batches, num_workers=self.workers,
+                            collate_fn=partial(collate_or_error, default_collate),
                             pin_memory=self.device.type == "cuda")
-        for x, y, index in loader:
+        for x, y, index in raise_errors(iter(loader)):
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             yield Batch(x, y.to(self.device, non_blocking=True),
                         index.to(self.device, non_blocking=True))

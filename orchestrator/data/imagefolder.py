@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import ClassVar, Dict, Tuple
+from typing import ClassVar, Dict, List, Tuple
 
 import numpy as np
 from PIL import Image
@@ -11,7 +11,7 @@ from PIL import Image
 import torch
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
 from methods.distillers.base import DataInfo
 from methods.errors import ConfigError
@@ -23,6 +23,7 @@ from orchestrator.data.loader_choice import LoaderChoice
 from orchestrator.data.loaders import Data
 from orchestrator.data.prepare import SplitSource, indexed, register_source
 from orchestrator.data.registry import register_dataset, register_loader
+from orchestrator.data.scan import DataFile
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -111,6 +112,13 @@ class ImageFolderConfig(TrainFraction, LoaderChoice):
             raise ConfigError("val_dir", f"the class folders of {self.val_dir!r} differ from "
                               f"those of {self.train_dir!r}",
                               fix="give both splits the same class sub-folders")
+
+    def data_files(self) -> List[DataFile]:
+        """Every image of both splits (the files the torchvision loader reads), each decoded
+        as training decodes it; the tree is checked first."""
+        replace(self, loader="torchvision").check_data()
+        return [DataFile(path, default_loader) for split in (self.train_dir, self.val_dir)
+                for path, _ in ImageFolder(os.path.join(self.root, split)).samples]
 
 
 def _has_image(folder: str) -> bool:

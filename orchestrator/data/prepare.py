@@ -21,6 +21,7 @@ from methods.registry import Registry
 from orchestrator.data.beton import (SPLITS, ImageSettings, Manifest, beton_path, read_manifest,
                                      write_manifest)
 from orchestrator.data.checks import require_int
+from orchestrator.data.errors import DataError, check_command
 
 #: Bad files listed in an error before "... and N more".
 SHOWN_ERRORS = 10
@@ -146,11 +147,16 @@ def prepare(dataset: str, cfg: Any, image: ImageSettings, workers: int, force: b
 
     Splits already written with the same source, count, classes and ``image`` settings are kept
     unless ``force``. Progress: one line per split and FFCV's progress bar while writing.
+    A source file that cannot be read while listing the splits (a CIFAR pickle) raises
+    :class:`DataError`.
     """
     entry = SOURCES.get(dataset, "dataset")
     check_settings(image, workers)
     folder = cfg.betons()
-    splits = entry.splits(cfg)
+    try:
+        splits = entry.splits(cfg)
+    except DataError as err:
+        raise err.with_check(check_command(dataset, cfg)) from None
     os.makedirs(folder, exist_ok=True)
     manifests = []
     for split_name in SPLITS:

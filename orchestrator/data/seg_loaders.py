@@ -7,7 +7,8 @@ index)``, so batch ``s`` of epoch ``e`` depends only on ``(seed, e, s)``; the ep
 a permutation seeded from ``(seed, epoch)`` and resuming at ``start_step`` skips the first
 ``start_step * batch_size`` entries of it without loading them. A rank loads only its own
 rows of each global batch. With ``workers > 0`` a torch DataLoader decodes and transforms in
-that many processes (the same batches as with 0).
+that many processes (the same batches as with 0). A file that cannot be decoded stops the
+loader with a :class:`~orchestrator.data.errors.DataError` naming it.
 
 Batches: ``x`` (B, 3, H, W) float32 normalised (channels_last when asked), ``y`` (B, H, W)
 int64 label maps with 255 = ignore, ``index`` (B,) int64 position in the split.
@@ -25,8 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from methods.distillers.base import DataInfo
 from methods.tasks import SEGMENTATION
+from orchestrator.data.errors import DataError, collate_or_error, raise_errors, read_file
 from orchestrator.data.loaders import (Batch, Data, Shard, check_start_step, generator,
                                        local_rows)
+from orchestrator.data.scan import DataFile
 from orchestrator.data.seg_transforms import Normalise, pad_collate, train_transform
 
 Sample = Tuple[torch.Tensor, torch.Tensor, int]
@@ -76,7 +79,8 @@ def read_index_png(path: str) -> np.ndarray:
 class FileSource:
     """A split decoded from files: ``pairs`` of (image path, mask path); ``read_mask(path)``
     returns the (H, W) uint8 label map (255 = ignore). Module-level functions only, so the
-    source pickles into DataLoader workers."""
+    source pickles into DataLoader workers. A file that cannot be read, or a mask whose size
+    is not its image's, raises :class:`DataError` naming it."""
 
     def __init__(self, pairs: Sequence[Tuple[str, str]],
                  read_mask: Callable[[str], np.ndarray] = read_index_png) -> None:
@@ -88,12 +92,23 @@ class FileSource:
 
     def load(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
-        image = read_rgb(image_path)
-        mask = torch.from_numpy(self.read_mask(mask_path))
+        image = read_file(read_rgb, image_path)
+        mask = torch.from_numpy(read_file(self.read_mask, mask_path))
         if tuple(mask.shape) != tuple(image.shape[1:]):
-            raise ValueError(f"{mask_path} is {tuple(mask.shape)} (H, W) but its image "
-                             f"{image_path} is {tuple(image.shape[1:])}")
+            raise DataError(mask_path, f"the label map is {tuple(mask.shape)} (H, W) but its "
+                            f"image {image_path} is {tuple(image.shape[1:])}")
         return image, mask
+
+
+def pair_files(pairs: Sequence[Tuple[str, str]], read_mask: Callable[[str], np.ndarray]
+               ) -> List[DataFile]:
+    """The images and masks of (image path, mask path) ``pairs``, once each, read as
+    :class:`FileSource` reads them (masks with ``read_mask``)."""
+    files = {}
+    for image, mask in pairs:
+        files[image] = DataFile(image, read_rgb)
+        files[mask] = DataFile(mask, read_mask)
+    return list(files.values())
 
 
 class Subset:
@@ -114,7 +129,8 @@ class SegSamples(Dataset[Sample]):
     """A split's samples, transformed for training (``crop`` given) or left whole (eval).
 
     Keys are ``(epoch, index)``; an item is ``(image (3, h, w) float32 normalised, mask
-    (h, w) uint8, index)``.
+    (h, w) uint8, index)``, or the :class:`DataError` of a sample that cannot be read (a
+    value, so that it leaves a DataLoader worker intact).
     """
 
     def __init__(self, source: SegSource, normalise: Normalise, seed: int,
@@ -129,9 +145,12 @@ class SegSamples(Dataset[Sample]):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: Tuple[int, int]) -> Sample:
+    def __getitem__(self, key: Tuple[int, int]) -> Sample | DataError:
         epoch, index = key
-        image, mask = self.source.load(index)
+        try:
+            image, mask = self.source.load(index)
+        except DataError as err:
+            return err
         if self.crop is None:
             return self.normalise(image), mask, index
         image, mask = train_transform(image, mask, self.crop, self.scale,
@@ -153,7 +172,8 @@ class _Loading:
 
     def _collated(self, batches: List[List[Tuple[int, int]]]
                   ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        collate = partial(pad_collate, empty=self.samples.crop or (0, 0))
+        padded = partial(pad_collate, empty=self.samples.crop or (0, 0))
+        collate = partial(collate_or_error, padded)
         if self.workers == 0:
             for keys in batches:
                 yield collate([self.samples[key] for key in keys])
@@ -164,7 +184,7 @@ class _Loading:
     def run(self, batches: List[List[Tuple[int, int]]]) -> Iterator[Batch]:
         """One Batch per entry of ``batches`` (an empty entry gives a batch of 0 rows, so
         every rank sees the same number of steps)."""
-        for x, y, index in self._collated(batches):
+        for x, y, index in raise_errors(self._collated(batches)):
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             yield Batch(x, y.to(self.device, non_blocking=True).long(),
                         index.to(self.device, non_blocking=True))

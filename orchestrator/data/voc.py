@@ -27,7 +27,9 @@ from orchestrator.data.fraction import TrainFraction
 from orchestrator.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from orchestrator.data.loaders import Data
 from orchestrator.data.registry import register_dataset
-from orchestrator.data.seg_loaders import FileSource, Subset, seg_data
+from orchestrator.data.scan import DataFile
+from orchestrator.data.seg_loaders import (FileSource, Subset, pair_files, read_index_png,
+                                           seg_data)
 from orchestrator.data.seg_transforms import Normalise, validate_scale
 
 VOC_CLASSES = 21
@@ -132,6 +134,12 @@ class VOCConfig(TrainFraction):
         """Both split lists exist and every listed image and mask exists (listings only)."""
         self.pairs(self.train_split)
         self.pairs(self.val_split)
+
+    def data_files(self) -> List[DataFile]:
+        """Every image and mask the two split lists name (once each), decoded as training
+        decodes them."""
+        return pair_files([*self.pairs(self.train_split), *self.pairs(self.val_split)],
+                          read_index_png)
 
 
 @register_dataset("voc", VOCConfig)
