@@ -1,9 +1,11 @@
 """Compose kdflow's Hydra config from ``configs/`` and command-line overrides."""
 from __future__ import annotations
 
+import difflib
+import functools
 import re
 from pathlib import Path
-from typing import Any, List, Mapping
+from typing import Any, List, Mapping, Sequence, Tuple
 from urllib.parse import urlparse
 
 import yaml
@@ -17,6 +19,8 @@ CONFIG_DIR = Path(configs.__file__).parent
 #: URI schemes MLflow can store runs under ("" is a local folder).
 TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql",
                     "databricks")
+#: Top-level config groups that config.yaml's defaults do not list: ``search`` (kdflow tune).
+EXTRA_GROUPS = ("search",)
 OVERRIDE_SYNTAX = ("write key=value (a list as key=[0,1], a text with spaces or brackets in "
                    "quotes: key='a b'; a setting the config lacks as +key=value)")
 
@@ -49,8 +53,60 @@ def compose_config(overrides: List[str]) -> DictConfig:
         raise _as_config_error(err, overrides) from None
     except yaml.YAMLError as err:
         raise _yaml_error(err) from None
-    check_settings(_resolved(cfg))
+    settings = _resolved(cfg)
+    check_top_level(settings)
+    check_settings(settings)
+    check_local_device(settings)
     return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def top_level_keys() -> Tuple[str, ...]:
+    """The settings the top-level config may hold: config.yaml's own keys, the config groups
+    its defaults list chooses (study, launcher) and :data:`EXTRA_GROUPS`."""
+    top = yaml.safe_load((CONFIG_DIR / "config.yaml").read_text())
+    groups = [next(iter(d)) if isinstance(d, Mapping) else d for d in top.pop("defaults", [])]
+    return tuple(sorted({*top, *groups, *EXTRA_GROUPS} - {"_self_"}))
+
+
+def did_you_mean(key: str, options: Sequence[str]) -> str:
+    """``"did you mean X? If not, "`` for the option closest to the last part of dotted
+    ``key`` (difflib), else ``""``: the start of a fix."""
+    close = difflib.get_close_matches(key.rpartition(".")[2], options, n=1)
+    return f"did you mean {close[0]}? If not, " if close else ""
+
+
+def check_top_level(cfg: Mapping[str, Any]) -> None:
+    """ConfigError naming the first top-level key kdflow does not read (a misspelt setting
+    added with ``+``, such as ``+outptu_dir=...``, would be silently ignored)."""
+    for key in cfg:
+        if key not in top_level_keys():
+            raise ConfigError(key, "kdflow has no such top-level setting, so it would be ignored",
+                              allowed=top_level_keys(),
+                              fix=f"{did_you_mean(key, top_level_keys())}set an existing "
+                                  f"setting without '+' (e.g. output_dir=/path/to/outputs)")
+
+
+def check_local_device(cfg: Mapping[str, Any]) -> None:
+    """With the local launcher every job runs on this machine: ConfigError naming the first
+    recipe (``study.teacher_recipe``, ``study.student_recipe``, ``study.method_recipes.<m>``)
+    that asks for ``device: cuda`` when this machine has no CUDA GPU. Other launchers run
+    jobs elsewhere and are not checked here."""
+    import torch
+
+    if (cfg.get("launcher") or {}).get("name") != "local" or torch.cuda.is_available():
+        return
+    study = cfg.get("study") or {}
+    recipes = {f"study.{key}": study.get(key) for key in ("teacher_recipe", "student_recipe")}
+    method_recipes = study.get("method_recipes")
+    if isinstance(method_recipes, Mapping):
+        recipes.update({f"study.method_recipes.{m}": r for m, r in method_recipes.items()})
+    for field, recipe in recipes.items():
+        if isinstance(recipe, Mapping) and recipe.get("device") == "cuda":
+            raise ConfigError(f"{field}.device", "is cuda, and this machine has no CUDA GPU "
+                              "(launcher=local runs every job here)",
+                              fix=f"set {field}.device=auto (a GPU when there is one, else the "
+                                  "CPU) or cpu, or run on a GPU machine or with launcher=slurm")
 
 
 def check_overrides(overrides: List[str]) -> None:
@@ -142,15 +198,19 @@ def _as_config_error(err: Exception, overrides: List[str]) -> ConfigError:
                            fix=f"pass {group}=<one of the allowed values>")
     key = re.search(r"override '([^']+)'", message) or re.search(r"Key '([^']+)'", message)
     field = key.group(1) if key else "overrides"
-    problem = ("there is no such setting" if "not in struct" in f"{message} {err.__cause__}"
-               else message.splitlines()[0].rstrip("."))
-    allowed = _sibling_keys(field, overrides)
+    no_such_key = "not in struct" in f"{message} {err.__cause__}"
+    problem = "there is no such setting" if no_such_key else message.splitlines()[0].rstrip(".")
+    allowed = (top_level_keys() if no_such_key and "." not in field
+               else _sibling_keys(field, overrides))
     fix = "check the spelling against `kdflow run --cfg` or the files in configs/"
-    if not allowed:
+    if "An item is already at" in message:
+        allowed, fix = None, f"the setting exists: set it without '+' ({field}=...)"
+    elif not allowed:
         allowed = None
         fix = (f"to add a setting the config does not have yet, prefix it with '+' "
                f"(+{field}=...); else {fix}")
-    return ConfigError(field, problem, allowed=allowed, fix=fix)
+    return ConfigError(field, problem, allowed=allowed,
+                       fix=did_you_mean(field, allowed or []) + fix)
 
 
 def _sibling_keys(field: str, overrides: List[str]) -> List[str] | None:

@@ -1,10 +1,11 @@
 """The optimisation recipe of one job (optimizer, schedule, precision, checkpointing)."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional, Tuple, Union
 
-from methods.config import require_positive
+from methods.config import require_non_negative, require_number, require_positive
 from methods.errors import ConfigError
 
 AUTO = "auto"
@@ -54,19 +55,14 @@ class Recipe:
                                                      "compile", "cuda_graphs")
 
     def validate(self) -> None:
+        """ConfigError naming the first setting of a wrong kind or out of its range."""
         for name, least in (("epochs", 0), ("batch_size", 1), ("checkpoint_every_steps", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ConfigError(name, f"must be an integer >= {least}, got {value!r}",
                                   fix=f"set {name} to a whole number >= {least}")
-        if self.lr is not None:
-            require_positive("lr", self.lr)
-        require_positive("lr_decay", self.lr_decay)
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ConfigError("weight_decay" if self.weight_decay < 0 else "momentum",
-                              "out of range", fix="use weight_decay >= 0 and 0 <= momentum < 1")
-        if list(self.lr_milestones) != sorted(self.lr_milestones):
-            raise ConfigError("lr_milestones", f"must increase, got {list(self.lr_milestones)}")
+        self._validate_optimizer()
+        self._validate_schedule()
         if self.amp not in AMP_MODES:
             raise ConfigError("amp", f"unknown mode {self.amp!r}", allowed=AMP_MODES)
         for name in ("channels_last", "fused_optimizer"):
@@ -81,9 +77,36 @@ class Recipe:
         if self.cuda_graphs and self.compile == "none":
             raise ConfigError("cuda_graphs", "replays a compiled step, but compile is none",
                               fix="also set compile: default (or max-autotune), or drop cuda_graphs")
+        if self.device not in DEVICES:
+            raise ConfigError("device", f"unknown device {self.device!r}", allowed=DEVICES)
+
+    def _validate_optimizer(self) -> None:
+        """lr, weight_decay, momentum: finite numbers in range (NaN and inf are refused)."""
+        if self.lr is not None:
+            require_positive("lr", self.lr)
+        require_non_negative("weight_decay", self.weight_decay)
+        require_number("momentum", self.momentum)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum!r}",
+                              fix="set momentum to a value in [0, 1), e.g. 0.9")
+
+    def _validate_schedule(self) -> None:
+        """lr_decay, lr_power > 0; lr_milestones a list of increasing whole epochs >= 1
+        (milestones at or after ``epochs`` are never reached, which shortened runs of a
+        recipe rely on)."""
+        require_positive("lr_decay", self.lr_decay)
+        require_positive("lr_power", self.lr_power)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError("lr_schedule", f"unknown schedule {self.lr_schedule!r}",
                               allowed=LR_SCHEDULES)
-        require_positive("lr_power", self.lr_power)
-        if self.device not in DEVICES:
-            raise ConfigError("device", f"unknown device {self.device!r}", allowed=DEVICES)
+        fix = ("list the epochs at which lr is multiplied by lr_decay, e.g. "
+               "lr_milestones=[150,180,210]")
+        milestones = self.lr_milestones
+        if not isinstance(milestones, (list, tuple)) or any(
+                isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1
+                for m in milestones):
+            raise ConfigError("lr_milestones", f"must be a list of whole epochs >= 1, got "
+                              f"{milestones!r}", fix=fix)
+        if any(a >= b for a, b in zip(self.lr_milestones, self.lr_milestones[1:])):
+            raise ConfigError("lr_milestones", f"must increase, got {list(self.lr_milestones)}",
+                              fix=fix)

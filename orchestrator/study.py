@@ -31,6 +31,10 @@ class JobGraph:
 
 #: Seeds are 32-bit unsigned integers, as every RNG kdflow seeds accepts them.
 SEED_RANGE = range(0, 2**32)
+#: A model is refused on images more than this many times smaller per side than its native
+#: input size: an ImageNet network (224 px) then gets under 28 px, which its strided stem and
+#: stages shrink to a single pixel long before the last stage, and trains at chance.
+MAX_INPUT_SHRINK = 8
 
 
 def _resolve_recipe(values: Mapping[str, Any], model: str, field: str) -> Dict[str, Any]:
@@ -128,6 +132,36 @@ def _check_pair(method: str, method_cfg: Any, teacher: str | None, student: str,
     except ConfigError as err:
         raise ConfigError(f"study.methods.{method}.{err.field}",
                           f"{err.problem} (pair {teacher}->{student})", err.allowed, err.fix) from None
+
+
+def _require_input_size(model: str, input_shape: tuple[int, int, int], field: str,
+                        dataset: str) -> None:
+    """ConfigError at ``field`` when zoo model ``model`` is built for inputs more than
+    :data:`MAX_INPUT_SHRINK` times larger per side than ``dataset``'s (C, H, W) images."""
+    native, side = MODELS.get(model, field).input_size, min(input_shape[1:])
+    if side * MAX_INPUT_SHRINK < native:
+        least = -(-native // MAX_INPUT_SHRINK)
+        raise ConfigError(field, f"{model!r} is built for {native}-pixel inputs, and dataset "
+                          f"{dataset!r} has {side}-pixel images: its strided layers shrink them "
+                          "to nothing and it trains at chance",
+                          fix="use a model built for small images (the CIFAR zoo: resnet8, "
+                              f"wrn_16_1, vgg8, MobileNetV2, ...) or images of at least "
+                              f"{least} pixels (the dataset's image_size)")
+
+
+def _check_train_size(method: str, method_cfg: Any, dataset_cfg: Any, field: str) -> None:
+    """Let ``method`` refuse the training split's size where the dataset's settings fix it
+    without loading anything (``num_train`` of the generated datasets); the other datasets'
+    sizes are known only when a job loads them. A method opts in with a classmethod
+    ``check_train_size(cfg, num_samples)`` (CRD: K negatives need K samples)."""
+    size = getattr(dataset_cfg, "num_train", None)
+    check = getattr(DISTILLERS.get(method), "check_train_size", None)
+    if size is None or check is None:
+        return
+    try:
+        check(method_cfg, size)
+    except ConfigError as err:
+        raise err.under(field) from None
 
 
 @dataclass(frozen=True)
@@ -326,6 +360,7 @@ def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGrap
         for i, pair in enumerate(pairs):
             student = pair["student"]
             _require_task(student, task, f"study.pairs[{i}].student", dataset)
+            _require_input_size(student, input_shape, f"study.pairs[{i}].student", dataset)
             student_recipe = _resolve_recipe(study.get("student_recipe") or {}, student,
                                              "study.student_recipe")
             for variant in variants:
@@ -341,8 +376,10 @@ def expand_study(study: Mapping[str, Any], require_data: bool = True) -> JobGrap
                 if teacher:
                     _require_task(teacher, teacher_data.task, teacher_field,
                                   teacher_data.common["dataset"], teacher=True)
+                    _require_input_size(teacher, input_shape, teacher_field, dataset)
                 _check_pair(method, method_cfg, teacher, student, input_shape, num_classes,
                             teacher_data.num_classes, f"study.pairs[{i}]")
+                _check_train_size(method, method_cfg, dataset_cfg, f"study.methods.{method}")
                 teacher_job = None
                 if request:
                     teacher_recipe = _resolve_recipe(study.get("teacher_recipe") or {}, teacher,

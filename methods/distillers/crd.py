@@ -233,6 +233,17 @@ class CRD(Distiller):
         self.short_pools = bool((other_class_pool(count) < cfg.num_negatives).any())
 
     @classmethod
+    def check_train_size(cls, cfg: CRDConfig, num_samples: int) -> None:
+        """ConfigError when K exceeds the training split's ``num_samples`` (N), where a study
+        knows N before loading data: every anchor would draw its K negatives with replacement,
+        each sample ~K/N times, at O(B * K) per step (K=100,000 on 256 images: 30x slower)."""
+        if cfg.num_negatives > num_samples:
+            raise ConfigError("num_negatives", f"asks for {cfg.num_negatives} negatives per "
+                              f"sample, and the training split has {num_samples} samples",
+                              fix=f"set num_negatives to at most {num_samples} (CRD's CIFAR "
+                                  "setting is 16384 of 50,000)")
+
+    @classmethod
     def check_taps(cls, cfg: Any, teacher: TapShapes | None, student: TapShapes) -> None:
         if cfg.kd_weight > 0:
             check_same_classes(teacher, student)

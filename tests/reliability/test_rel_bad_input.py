@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
+import torch
 from datafiles import write_fake_cifar100, write_jpeg_tree
 
 from launch.cli import main
@@ -60,6 +61,7 @@ ROWS: List[BadInput] = [
     row("unknown", "dataset", "data", "prepare", "mnist"),
     row("unknown", "rerun", "run", "rerun=sometimes"),
     row("unknown", "rerun[1]", "run", "rerun=[stale,method:nomethod]"),
+    row("unknown", "outptu_dir", "run", "+outptu_dir={out}"),
     # wrong types
     row("type", "study.seeds", "run", "study.seeds=abc"),
     row("type", "study.teacher_seed", "run", "study.teacher_seed=abc"),
@@ -69,6 +71,11 @@ ROWS: List[BadInput] = [
     row("type", "progress", "run", "progress=maybe"),
     row("type", "launcher.retries", "run", "launcher=ray", "launcher.retries=1.5"),
     row("type", "rerun", "run", "rerun=3"),
+    row("type", "study.student_recipe.lr_milestones", "run",
+        "study.student_recipe.lr_milestones=abc"),
+    row("type", "study.student_recipe.weight_decay", "run",
+        "study.student_recipe.weight_decay=abc"),
+    row("type", "study.student_recipe.momentum", "run", "study.student_recipe.momentum=abc"),
     # out-of-range values
     row("range", "study.student_recipe.lr", "run", "study.student_recipe.lr=-0.1"),
     row("range", "study.student_recipe.epochs", "run", "study.student_recipe.epochs=0"),
@@ -86,6 +93,20 @@ ROWS: List[BadInput] = [
         "study.student_recipe.channels_last=maybe"),
     row("range", "study.student_recipe.compile", "run", "study.student_recipe.compile=fast"),
     row("range", "study.student_recipe.cuda_graphs", "run", "study.student_recipe.cuda_graphs=true"),
+    # NaN and infinity in numeric settings
+    row("range", "study.student_recipe.lr", "run", "study.student_recipe.lr=nan"),
+    row("range", "study.teacher_recipe.lr", "run", "study.teacher_recipe.lr=inf"),
+    row("range", "study.student_recipe.weight_decay", "run",
+        "study.student_recipe.weight_decay=nan"),
+    row("range", "study.methods.kd.temperature", "run", "study.methods.kd.temperature=nan"),
+    row("range", "study.methods.kd.kd_weight", "run", "study.methods.kd.kd_weight=inf"),
+    # settings that do not fit the data or the machine
+    row("range", "study.methods.crd.num_negatives", "run", "study=smoke",
+        "study.methods.crd.num_negatives=100000"),
+    row("range", "study.pairs[0].student", "run", "study=smoke",
+        "study.pairs=[{teacher: resnet34, student: resnet18}]"),
+    *([row("range", "study.student_recipe.device", "run", "study.student_recipe.device=cuda")]
+      if not torch.cuda.is_available() else []),
     # missing or empty
     row("missing", "study.datasets.cifar100.root", "run", "study=cifar100_baselines",
         "data.root={missing}"),
