@@ -1,4 +1,14 @@
-"""The local launcher: runs a job graph on this machine, in dependency order, N jobs at a time."""
+"""The local launcher: runs a job graph on this machine, in dependency order, N jobs at a time.
+
+With more than one worker, each job runs in a worker process of a small pool supervised here
+(:class:`_Pool`): the pool knows which job each worker runs, so a worker that dies (the kernel's
+OOM killer sends SIGKILL) fails its job alone, with the reason in the job's state; the pool
+starts a new worker for the next job and every other job goes on.
+
+Every job runs with ``cores // workers`` torch threads (:func:`job_threads`), in a worker or,
+with one worker (or one job left), in this process: a job resumed here computes exactly what
+its first run in a worker would have.
+"""
 from __future__ import annotations
 
 import ctypes
@@ -7,9 +17,9 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection, wait
+from typing import Callable, Dict, List, Optional
 
 from orchestrator.runner import JobInterrupted, RunOptions, run_job_in_store
 from orchestrator.store import JobStore
@@ -40,21 +50,57 @@ class Summary:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class JobEnd:
+    """How one run of a job ended: status ``done``, ``failed`` or ``interrupted``, and why."""
+
+    status: str
+    error: Optional[str] = None
+
+
 #: prctl(2) option: the signal a process gets when the thread that started it exits.
 PR_SET_PDEATHSIG = 1
+#: What a worker's death by a signal may mean, by signal.
+DEATH_HINTS = {signal.SIGKILL: "possibly out of memory"}
 
 
-def _init_worker(threads: int, parent: int) -> None:
-    import torch
+def death_reason(exitcode: int) -> str:
+    """Why a worker process ended without reporting its job, from its exit code, e.g.
+    ``worker process killed by signal 9 (SIGKILL; possibly out of memory)``."""
+    if exitcode >= 0:
+        return f"worker process exited with code {exitcode} before reporting its job"
+    sig = signal.Signals(-exitcode)
+    hint = "".join(f"; {h}" for h in [DEATH_HINTS.get(sig)] if h)
+    return f"worker process killed by signal {sig.value} ({sig.name}{hint})"
 
-    torch.set_num_threads(threads)
-    _stop_with_parent(parent)
+
+def default_workers() -> int:
+    """One worker per core this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def job_threads(workers: int) -> int:
+    """The torch threads of every job run by a launch with ``workers`` workers: an equal share
+    of the cores, whether the job runs in a worker or in this process."""
+    return max(1, default_workers() // workers)
+
+
+def run_and_report(output_dir: str, job_id: str, options: RunOptions) -> JobEnd:
+    """Run job ``job_id`` of the store at ``output_dir`` and say how it ended (the runner
+    records the same in the job's state)."""
+    try:
+        run_job_in_store(output_dir, job_id, options)
+    except JobInterrupted as err:
+        return JobEnd("interrupted", str(err))
+    except Exception as err:
+        return JobEnd("failed", f"{type(err).__name__}: {err}")
+    return JobEnd("done")
 
 
 def _stop_with_parent(parent: int) -> None:
     """On Linux, have the kernel send this worker SIGTERM when ``parent`` (the ``kdflow run``
     process) dies, even by SIGKILL: the worker's job then checkpoints and stops as on any
-    preemption (:func:`_run_in_worker` then ends the worker), instead of training on with
+    preemption (:func:`_worker_main` then ends the worker), instead of training on with
     nobody to collect its result."""
     if not sys.platform.startswith("linux"):
         return
@@ -64,28 +110,137 @@ def _stop_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _run_in_worker(output_dir: str, job_id: str, options: RunOptions, parent: int) -> None:
-    """A pool worker's job; if ``parent`` died meanwhile, the worker exits once the job has
-    stopped: the pool's queues never report a dead parent to a worker waiting for more work,
-    as every worker holds their write ends too."""
-    try:
-        run_job_in_store(output_dir, job_id, options)
-    finally:
+def _worker_main(conn: Connection, parent: int) -> None:
+    """A worker process: runs the jobs ``(output_dir, job_id, options)`` that ``parent`` sends
+    over ``conn``, one at a time, answering each with its :class:`JobEnd`; ends when ``parent``
+    closes ``conn`` or dies. Ctrl-C is the launcher's to handle (a job's run catches it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _stop_with_parent(parent)
+    while True:
+        try:
+            output_dir, job_id, options = conn.recv()
+        except EOFError:
+            return
+        ended = run_and_report(output_dir, job_id, options)
+        try:
+            conn.send(ended)
+        except OSError:  # nobody left to tell
+            pass
         if os.getppid() != parent:
             os._exit(1)
 
 
-def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
+@dataclass
+class _Worker:
+    """A worker process, the launcher's end of its pipe, its progress bar row and its job."""
+
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    slot: int
+    job_id: Optional[str] = None
+
+
+class _Pool:
+    """Up to ``size`` worker processes (spawned, each told to stop with this process); a dead
+    worker's slot gets a new worker when the next job starts."""
+
+    def __init__(self, size: int, output_dir: str, options: RunOptions, store: JobStore) -> None:
+        self.context = multiprocessing.get_context("spawn")
+        self.output_dir, self.options, self.store = output_dir, options, store
+        self.free_slots = list(range(size))
+        self.idle: List[_Worker] = []
+        self.busy: List[_Worker] = []
+
+    def has_room(self) -> bool:
+        return bool(self.idle or self.free_slots)
+
+    def start(self, job_id: str) -> None:
+        """Run ``job_id`` on an idle worker, or on a new one in a free slot."""
+        worker = self._take_worker()
+        worker.job_id = job_id
+        self.busy.append(worker)
+        try:
+            worker.conn.send((self.output_dir, job_id,
+                              replace(self.options, progress_position=worker.slot)))
+        except OSError:  # it died since: collect() reports the death
+            pass
+
+    def _take_worker(self) -> _Worker:
+        """A live idle worker (dead ones free their slots), or a new one in a free slot."""
+        while self.idle:
+            worker = self.idle.pop(0)
+            if worker.process.is_alive():
+                return worker
+            self._retire(worker)
+        return self._spawn(self.free_slots.pop(0))
+
+    def _spawn(self, slot: int) -> _Worker:
+        conn, child = self.context.Pipe()
+        process = self.context.Process(target=_worker_main, args=(child, os.getpid()),
+                                       name=f"kdflow-worker-{slot}")
+        process.start()
+        child.close()  # the worker's end lives in the worker alone: its death reads as EOF
+        return _Worker(process, conn, slot)
+
+    def collect(self) -> List[tuple[str, JobEnd]]:
+        """Wait until a running job ends; each ended job with how it ended."""
+        ready = set(wait([w.conn for w in self.busy] + [w.process.sentinel for w in self.busy]))
+        ended = [w for w in self.busy if w.conn in ready or w.process.sentinel in ready]
+        return [(w.job_id, self._end_of(w)) for w in ended]
+
+    def _end_of(self, worker: _Worker) -> JobEnd:
+        """The end ``worker`` reported for its job or, if it died first, its job failed."""
+        self.busy.remove(worker)
+        try:
+            ended = worker.conn.recv()
+        except (EOFError, OSError):
+            ended = self._died(worker)
+        if worker.process.is_alive():
+            self.idle.append(worker)
+        else:
+            self._retire(worker)
+        return ended
+
+    def _died(self, worker: _Worker) -> JobEnd:
+        """Record in the store how ``worker``'s death ended its job (done if it got as far as
+        its result), and return that."""
+        worker.process.join()
+        if self.store.is_done(worker.job_id):
+            self.store.update_state(worker.job_id, status="done")
+            return JobEnd("done")
+        why = death_reason(worker.process.exitcode)
+        self.store.update_state(worker.job_id, status="failed", error=why)
+        return JobEnd("failed", why)
+
+    def _retire(self, worker: _Worker) -> None:
+        worker.conn.close()
+        worker.process.join()
+        self.free_slots.append(worker.slot)
+        self.free_slots.sort()
+
+    def stop_jobs(self) -> None:
+        """SIGTERM every running job: each checkpoints and stops (and is then collected)."""
+        for worker in self.busy:
+            if worker.process.is_alive():
+                os.kill(worker.process.pid, signal.SIGTERM)
+
+    def close(self) -> None:
+        """End every worker: idle ones at once, running ones once their jobs have stopped."""
+        self.stop_jobs()
+        for worker in self.idle + self.busy:
+            self._retire(worker)
+        self.idle, self.busy = [], []
 
 
 def run_local(graph: JobGraph, output_dir: str, options: RunOptions,
               workers: Optional[int] = None) -> Summary:
     """Run every unfinished job of ``graph``; a job starts once the jobs it needs are done.
 
-    ``workers`` processes run jobs side by side (default: one per core, each with an equal
-    share of the cores as torch threads); with one worker, jobs run in this process. A failed
-    job marks the jobs that need it ``blocked`` and the rest of the study goes on.
+    ``workers`` processes run jobs side by side (default: one per core), every job with an
+    equal share of the cores as torch threads (:func:`job_threads`, unless ``options.threads``
+    says otherwise); with one worker, or one job to run, jobs run in this process. A failed
+    job (a dead worker's too) marks the jobs that need it ``blocked`` and the rest of the
+    study goes on.
     """
     started = time.time()
     store = JobStore(os.path.join(output_dir, "jobs"))
@@ -98,6 +253,7 @@ def run_local(graph: JobGraph, output_dir: str, options: RunOptions,
         else:
             pending[job.job_id] = job.needs
     workers = workers or default_workers()
+    options = replace(options, threads=options.threads or job_threads(workers))
     workers = max(1, min(workers, len(pending) or 1))
     finished = set(summary.skipped)
     titles = {job.job_id: job.title for job in graph.jobs}
@@ -113,56 +269,48 @@ def run_local(graph: JobGraph, output_dir: str, options: RunOptions,
                 store.update_state(other, status="blocked", error=why)
                 block_dependents(other, why)
 
-    def settle(job_id: str, error: Optional[BaseException]) -> None:
-        if error is None:
+    def settle(job_id: str, ended: JobEnd) -> None:
+        if ended.status == "done":
             finished.add(job_id)
             summary.done.append(job_id)
-        elif isinstance(error, JobInterrupted):
+        elif ended.status == "interrupted":
             summary.interrupted.append(job_id)
         else:
-            summary.failed[job_id] = f"{type(error).__name__}: {error}"
+            summary.failed[job_id] = ended.error
             block_dependents(job_id, f"needs job {job_id} ({titles[job_id]}), which failed: "
-                                     f"{summary.failed[job_id]}")
+                                     f"{ended.error}")
 
     if workers == 1:
         while (todo := ready()) and not summary.interrupted:
             job_id = todo[0]
             del pending[job_id]
-            try:
-                run_job_in_store(output_dir, job_id, options)
-                settle(job_id, None)
-            except (JobInterrupted, Exception) as err:
-                settle(job_id, err)
+            settle(job_id, run_and_report(output_dir, job_id, options))
     else:
-        _run_pool(pending, ready, settle, output_dir, options, workers, summary)
+        _run_pool(_Pool(workers, output_dir, options, store), pending, ready, settle, summary)
     summary.wall_time_s = time.time() - started
     return summary
 
 
-def _run_pool(pending, ready, settle, output_dir: str, options: RunOptions, workers: int,
-              summary: Summary) -> None:
-    threads = max(1, default_workers() // workers)
-    context = multiprocessing.get_context("spawn")
-    free_slots = list(range(workers))
-    running: Dict[Future, tuple[str, int]] = {}
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(threads, os.getpid())) as pool:
+def _run_pool(pool: _Pool, pending: Dict[str, tuple[str, ...]], ready: Callable[[], List[str]],
+              settle: Callable[[str, JobEnd], None], summary: Summary) -> None:
+    """Start ready jobs on ``pool`` while it has room and settle each as it ends, until none
+    runs. After Ctrl-C (or a job's interruption) no job starts, and running ones checkpoint
+    and stop."""
+    stopping = False
+    try:
         while True:
-            if not summary.interrupted:
-                for job_id in ready():
-                    if not free_slots:
-                        break
-                    slot = free_slots.pop(0)
-                    del pending[job_id]
-                    slot_options = RunOptions(**{**options.__dict__, "progress_position": slot})
-                    future = pool.submit(_run_in_worker, output_dir, job_id, slot_options,
-                                         os.getpid())
-                    running[future] = (job_id, slot)
-            if not running:
+            for job_id in ready():
+                if stopping or summary.interrupted or not pool.has_room():
+                    break
+                del pending[job_id]
+                pool.start(job_id)
+            if not pool.busy:
                 break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                job_id, slot = running.pop(future)
-                free_slots.append(slot)
-                free_slots.sort()
-                settle(job_id, future.exception())
+            try:
+                for job_id, ended in pool.collect():
+                    settle(job_id, ended)
+            except KeyboardInterrupt:
+                stopping = True
+                pool.stop_jobs()
+    finally:
+        pool.close()

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterator, List, Optional
 
 from launch.local import Summary
@@ -41,13 +41,11 @@ def _blocked_by(needs: tuple) -> Optional[Outcome]:
     return next((need for need in needs if need.status != "done"), None)
 
 
-def run_stored_job(output_dir: str, job_id: str, options: RunOptions, threads: int,
-                   attempts: int, *needs: Outcome) -> Outcome:
+def run_stored_job(output_dir: str, job_id: str, options: RunOptions, attempts: int,
+                   *needs: Outcome) -> Outcome:
     """Body of a job's Ray task: run ``job_id`` (up to ``attempts`` times, each resuming from the
-    last checkpoint) with ``threads`` torch threads, unless one of ``needs`` did not succeed."""
-    import torch
-
-    torch.set_num_threads(threads)
+    last checkpoint) with ``options.threads`` torch threads, unless one of ``needs`` did not
+    succeed."""
     need = _blocked_by(needs)
     if need is not None and need.status == "interrupted":
         return Outcome(job_id, "interrupted", f"needs job {need.job_id}, which was interrupted")
@@ -104,7 +102,8 @@ def check_fits(ray: Any, settings: RaySettings, jobs: List[JobSpec]) -> None:
 def submit(ray: Any, jobs: List[JobSpec], output_dir: str, options: RunOptions,
            settings: RaySettings) -> Dict[str, Any]:
     """One task per job of ``jobs`` (in dependency order), by job id; each is passed the
-    ObjectRefs of the submitted jobs it needs."""
+    ObjectRefs of the submitted jobs it needs. A job runs with as many torch threads as it
+    holds CPUs (:attr:`RayResources.threads`), wherever Ray places it."""
     task = ray.remote(run_stored_job)
     quiet = RunOptions(**{**options.__dict__, "progress": False})
     refs: Dict[str, Any] = {}
@@ -114,7 +113,8 @@ def submit(ray: Any, jobs: List[JobSpec], output_dir: str, options: RunOptions,
         refs[job.job_id] = task.options(
             num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_retries=settings.retries,
             name=f"kdflow {job.title}",
-        ).remote(output_dir, job.job_id, quiet, resources.threads, settings.retries + 1, *needs)
+        ).remote(output_dir, job.job_id, replace(quiet, threads=resources.threads),
+                 settings.retries + 1, *needs)
     return refs
 
 

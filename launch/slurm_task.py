@@ -36,6 +36,13 @@ def current_scheduler_id(environ: Dict[str, str] = os.environ) -> Optional[str]:
     return environ.get("SLURM_JOB_ID")
 
 
+def task_threads(environ: Dict[str, str] = os.environ) -> Optional[int]:
+    """The torch threads of a job run by this task: its CPUs (``SLURM_CPUS_PER_TASK``, the
+    launcher's ``cpus_per_task``); None outside a SLURM allocation (torch's own count)."""
+    cpus = environ.get("SLURM_CPUS_PER_TASK")
+    return int(cpus) if cpus else None
+
+
 class StoreTask(Checkpointable):
     """Runs the job ``job_id`` of the store at ``output_dir`` (called as ``task(job_id)``)."""
 
@@ -45,11 +52,6 @@ class StoreTask(Checkpointable):
         self.retries = retries
 
     def __call__(self, job_id: str) -> Dict[str, Any]:
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-        if cpus:
-            import torch
-
-            torch.set_num_threads(int(cpus))
         store = JobStore(os.path.join(self.output_dir, "jobs"))
         dist = detect_env()
         main = dist is None or dist.is_main
@@ -79,7 +81,8 @@ class StoreTask(Checkpointable):
 
     def _run_with_retries(self, store: JobStore, job_id: str,
                           dist: Optional[DistEnv]) -> Dict[str, Any]:
-        options = RunOptions(**{**self.options.__dict__, "distributed": dist})
+        options = RunOptions(**{**self.options.__dict__, "distributed": dist,
+                                "threads": task_threads()})
         spec = store.spec(job_id)
         for attempt in range(self.retries + 1):
             try:

@@ -1,4 +1,5 @@
-"""Watching a job's training loss for NaN and infinity without a host synchronisation per step.
+"""Watching a job's training loss and weights for NaN and infinity without a host
+synchronisation per step.
 
 :class:`LossGuard` keeps, on the training device, the global index of the first step whose
 loss (any named term, or their sum) was not finite and every value at that step. Recording is
@@ -6,12 +7,17 @@ a few device kernels per step; reading the record (:meth:`LossGuard.first_fault`
 host synchronisation, done by the runner before every checkpoint it writes and at each epoch
 end, so a checkpoint never holds weights a non-finite loss has already poisoned. On the CPU,
 where reading costs nothing, the runner reads it after every step (``LossGuard.eager``).
+
+A step can poison the weights while its loss, computed before the update, is still finite (the
+last step of a job, above all). :func:`nonfinite_tensors` is therefore counted, with one fused
+reduction and one read, before every checkpoint and before a job's weights are exported;
+:func:`weights_fault` then says what is wrong, on that rare path only.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -88,3 +94,52 @@ class LossGuard:
         values = dict(zip(self._names, self._values.tolist()))
         return LossFault(step, {name: value for name, value in values.items()
                                 if not math.isfinite(value)})
+
+
+@dataclass(frozen=True)
+class WeightsFault:
+    """Weights (parameters and buffers) holding NaN or +-inf.
+
+    bad:   how many values are not finite; total: how many floating-point values there are;
+    first: the name of the first tensor (in ``state_dict`` order) with a non-finite value.
+    """
+
+    bad: int
+    total: int
+    first: str
+
+    def describe(self, where: str) -> str:
+        """One line for the job's failed state, e.g. ``non-finite weights after step 36
+        (epoch 2): 77652 of 78324 values are NaN or inf, the first in conv1.weight``."""
+        return (f"non-finite weights {where}: {self.bad} of {self.total} values are NaN or inf, "
+                f"the first in {self.first}")
+
+
+def _floating(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The tensors of ``state`` that can hold NaN or inf (integer buffers cannot)."""
+    return {name: t.detach() for name, t in state.items() if t.is_floating_point()}
+
+
+def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """How many tensors of ``state`` hold a NaN or inf, as a 0-dim float tensor on their device.
+
+    Queues device work only: one multi-tensor L1 norm (accumulated in float64, so no finite
+    float32/bf16 tensor can overflow it) per device and dtype, and one sum. Reading the count
+    is the caller's one host synchronisation.
+    """
+    tensors: List[torch.Tensor] = list(_floating(state).values())
+    if not tensors:
+        return torch.zeros(())
+    norms = torch._foreach_norm(tensors, 1, dtype=torch.float64)  # the optimizers' fused kernel
+    return (~torch.stack(norms).isfinite()).sum().float()
+
+
+def weights_fault(state: Mapping[str, torch.Tensor]) -> Optional[WeightsFault]:
+    """What is not finite in ``state`` (None: nothing); reads every tensor's count back, so
+    call it only once :func:`nonfinite_tensors` found something."""
+    tensors = _floating(state)
+    counts = {name: int((~torch.isfinite(t)).sum()) for name, t in tensors.items()}
+    bad = [name for name, count in counts.items() if count]
+    if not bad:
+        return None
+    return WeightsFault(sum(counts.values()), sum(t.numel() for t in tensors.values()), bad[0])

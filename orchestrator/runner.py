@@ -2,9 +2,16 @@
 
 Every launcher (local worker processes, SLURM, Ray) calls :func:`run_job`, so a job behaves the
 same wherever it runs. A job resumes from its newest checkpoint and, on CPU, ends with exactly
-the weights and metrics of a run that was never interrupted. Its ``result.json`` (and its MLflow
-run's tags) record its provenance: the code, versions and device that produced it
+the weights and metrics of a run that was never interrupted, at the same torch thread count:
+each launcher states that count in :attr:`RunOptions.threads`, the run uses it wherever it runs,
+and ``result.json`` records it (``threads``). Its ``result.json`` (and its MLflow run's tags)
+record its provenance: the code, versions and device that produced it
 (:mod:`orchestrator.provenance`).
+
+No job ends ``done`` with non-finite weights or metrics: before every checkpoint and before the
+final weights are written, every parameter and buffer is checked (:mod:`orchestrator.loss_guard`,
+one device reduction and one read), so a step that poisons the weights fails the job and the
+checkpoints from before it stay usable.
 
 With ``RunOptions.distributed`` (``world_size >= 2``) the process runs as one rank of a
 multi-process job (:mod:`orchestrator.distributed`): each rank trains on its contiguous slice
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -37,7 +45,7 @@ from orchestrator.data import Data, build_data, validate_dataset
 from orchestrator.distributed import ALONE, DistEnv, Ranks, process_group
 from orchestrator.fast_path import (FastPath, autocast, build_optimizer, resolve_fast_path,
                                     step_forward)
-from orchestrator.loss_guard import TOTAL, LossGuard
+from orchestrator.loss_guard import TOTAL, LossGuard, nonfinite_tensors, weights_fault
 from orchestrator.metrics import TASK_METRICS, primary_metric
 from orchestrator.provenance import job_provenance, provenance_tags, weights_fingerprint
 from orchestrator.recipe import Recipe
@@ -79,6 +87,10 @@ class RunOptions:
     on_epoch:    called on rank 0 after each epoch with the epoch's 0-based index and its
                  metrics (``val/top1`` or ``val/miou`` in percent, ``train/loss``...), once they are logged
                  and checkpointed (a hyperparameter search reports them from here).
+    threads:     torch intra-op threads of the run, set for its duration (None: the process's
+                 current count). Launchers state it (local: cores // workers; SLURM: the task's
+                 CPUs; Ray: the job's ``num_cpus``) so that a job resumed elsewhere on the same
+                 machine computes exactly what it would have.
     """
 
     tracking_uri: Optional[str] = None
@@ -87,6 +99,7 @@ class RunOptions:
     progress_position: int = 0
     distributed: Optional[DistEnv] = None
     on_epoch: Optional[Callable[[int, Dict[str, float]], None]] = None
+    threads: Optional[int] = None
 
 
 @dataclass
@@ -105,6 +118,18 @@ def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: Optional[int]) -> Iterator[None]:
+    """Within the block, torch runs ``threads`` intra-op threads (None: as it is)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -294,7 +319,9 @@ def run_job(spec: JobSpec, store: JobStore, options: RunOptions | None = None) -
     """Run (or resume, or skip if finished) the job ``spec`` and return its ``result.json``.
 
     Raises :class:`JobInterrupted` after SIGTERM/SIGUSR2 (checkpoint written, state
-    ``interrupted``) and :class:`JobFailed` or the original error otherwise (state ``failed``).
+    ``interrupted``) and :class:`JobFailed` or the original error otherwise (state ``failed``),
+    among them non-finite weights or metrics (no ``model.pt``, no ``result.json``).
+    ``options.threads`` torch threads run it (the count is restored afterwards).
     The job's lock is held throughout: a second process asked to run the same job (two sweep
     points sharing a teacher) waits, then finds it done.
     With ``options.distributed`` every rank of the job calls this: they join one process group,
@@ -302,13 +329,14 @@ def run_job(spec: JobSpec, store: JobStore, options: RunOptions | None = None) -
     """
     options = options or RunOptions()
     ranks = Ranks(options.distributed)
-    if ranks.env is None:
-        with store.lock(spec):
-            return _run(spec, store, options, ranks)
-    recipe = parse_config(Recipe, spec.recipe, f"{spec.job_id}.recipe")
-    with process_group(ranks.env, ranks.device(select_device(recipe.device))):
-        with store.lock(spec) if ranks.is_main else contextlib.nullcontext():
-            return _run(spec, store, options, ranks)
+    with _torch_threads(options.threads):
+        if ranks.env is None:
+            with store.lock(spec):
+                return _run(spec, store, options, ranks)
+        recipe = parse_config(Recipe, spec.recipe, f"{spec.job_id}.recipe")
+        with process_group(ranks.env, ranks.device(select_device(recipe.device))):
+            with store.lock(spec) if ranks.is_main else contextlib.nullcontext():
+                return _run(spec, store, options, ranks)
 
 
 def _run(spec: JobSpec, store: JobStore, options: RunOptions, ranks: Ranks) -> Dict[str, Any]:
@@ -443,6 +471,9 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
                     bar.update(1)
                 if guard.eager or signals or checkpoint_due:
                     _require_finite_loss(guard, progress.epoch)
+                if signals or checkpoint_due:
+                    _require_finite_weights(_trainable_state(distiller), ranks,
+                                            _after(progress.global_step, progress.epoch))
                 if signals:
                     if ranks.is_main:
                         save()
@@ -451,6 +482,8 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
                 if checkpoint_due and ranks.is_main:
                     save()
             _require_finite_loss(guard, progress.epoch)
+            _require_finite_weights(_trainable_state(distiller), ranks,
+                                    _after(progress.global_step, progress.epoch))
             metrics = _end_epoch(progress, distiller, data, device, fast, recipe, schedule, ranks)
             if ranks.is_main:
                 store.update_state(spec.job_id, epoch=progress.epoch,
@@ -481,12 +514,16 @@ def _train(spec: JobSpec, store: JobStore, options: RunOptions, tracker: Optiona
         "history": progress.history,
         "wall_time_s": time.time() - started,
         "world_size": ranks.part[1],
+        "threads": torch.get_num_threads(),
         "fast_path": fast.record(),
         "provenance": provenance,
     }
+    exported = distiller.exported_model().state_dict()
+    _require_finite_result(result["metrics"], exported, ranks,
+                           _after(progress.global_step, max(progress.epoch - 1, 0)))
     if ranks.is_main:
         weights = store.weights_path(spec.job_id)
-        write_sealed(weights, distiller.exported_model().state_dict())
+        write_sealed(weights, exported)
         if data.info.task == SEGMENTATION:
             save_val_samples(distiller, data, device, fast,
                              store.job_dir(spec.job_id) / VAL_SAMPLES)
@@ -510,6 +547,32 @@ def _require_finite_loss(guard: LossGuard, epoch: int) -> None:
     fault = guard.first_fault()
     if fault is not None:
         raise JobFailed(fault.describe(epoch))
+
+
+def _after(step: int, epoch: int) -> str:
+    """Where a weights check stands: after global ``step`` (of 0-based ``epoch``)."""
+    return f"after step {step} (epoch {epoch})"
+
+
+def _require_finite_weights(state: Dict[str, torch.Tensor], ranks: Ranks, where: str) -> None:
+    """JobFailed naming how many values of ``state`` (the weights about to be checkpointed or
+    exported) are NaN or inf and the first tensor holding one, if any. Every rank calls it and
+    they agree (the count is summed over them), so they fail together."""
+    if not ranks.sum(nonfinite_tensors(state)).item():
+        return
+    fault = weights_fault(state)
+    raise JobFailed(fault.describe(where) if fault else f"non-finite weights on another rank {where}")
+
+
+def _require_finite_result(metrics: Dict[str, float], weights: Dict[str, torch.Tensor],
+                           ranks: Ranks, where: str) -> None:
+    """JobFailed if a final metric or a value of the exported ``weights`` is not finite: called
+    before ``model.pt`` and ``result.json`` are written, so such a job is never done."""
+    bad = {name: value for name, value in metrics.items() if not math.isfinite(value)}
+    if bad:
+        listed = ", ".join(f"{name} = {value}" for name, value in bad.items())
+        raise JobFailed(f"non-finite metrics {where}: {listed}")
+    _require_finite_weights(weights, ranks, where)
 
 
 def _end_epoch(progress: _Progress, distiller: Distiller, data: Data, device: torch.device,

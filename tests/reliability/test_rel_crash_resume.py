@@ -42,7 +42,6 @@ SAVES = saved_steps(EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY)  # no step is lis
 WORKER = textwrap.dedent("""
     import json, os, signal, sys
     import torch
-    torch.set_num_threads(1)
     from orchestrator.runner import RunOptions, run_job_in_store
     from orchestrator.store import JobStore
 
@@ -85,7 +84,7 @@ WORKER = textwrap.dedent("""
             return Torn(f) if name.startswith(f".tmp-{kill['file']}-") else f
 
         os.fdopen = fdopen
-    run_job_in_store(root, job_id, RunOptions(progress=False))
+    run_job_in_store(root, job_id, RunOptions(progress=False, threads=1))  # as the reference
 """)
 
 
