@@ -117,7 +117,9 @@ def test_a_job_requeued_three_times_in_a_row_finishes_with_the_uninterrupted_res
 
     study = OmegaConf.to_container(compose_config(STUDY).study, resolve=True)
     reference = tmp_path / "local"
-    summary = run_local(expand_study(study), str(reference), RunOptions(progress=False), workers=1)
+    # the SLURM tasks train on slurm_dev's cpus_per_task = 1 thread: the reference does too
+    summary = run_local(expand_study(study), str(reference), RunOptions(progress=False, threads=1),
+                        workers=1)
     assert summary.ok and len(summary.done) == 2, summary.render()
     local = JobStore(reference / "jobs")
     for job_id in (teacher, student):
