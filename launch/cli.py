@@ -5,8 +5,9 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple, Type
 
 from methods.errors import ConfigError
 
@@ -37,6 +38,10 @@ USAGE_EXAMPLES = """examples:
   kdflow data prepare imagefolder data.root=/data/imagenet
                                                write FFCV .beton files (then data.loader=ffcv)
   kdflow data prepare cifar100 data.root=/data/cifar prepare.write_mode=jpg
+
+exit status: 0 done; 1 a job failed, or the machine did (a full disk, a SLURM cluster that
+does not answer `scontrol ping`); 2 bad input (a setting, an output_dir that is a file or
+cannot be written), and nothing was started
 """
 
 
@@ -70,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--port", type=int, default=5000, help="TCP port (default 5000)")
             sub.add_argument("--workers", type=int, default=1,
                              help="server processes (default 1)")
-    data = verbs.add_parser("data", help="dataset files: `kdflow data prepare DATASET`",
+    data = verbs.add_parser("data", help="dataset files: `kdflow data prepare|check DATASET`",
                             description="dataset files")
     actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
     text = ("write DATASET's train and val splits as FFCV .beton files into "
@@ -81,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="Hydra overrides: data.root=..., prepare.max_side=256, "
                            "prepare.dataset.train_dir=...")
     prep.add_argument("--force", action="store_true", help="rewrite splits already written")
+    text = "decode every file of DATASET's splits; list those that cannot be read (exit 1 if any)"
+    check = actions.add_parser("check", help=text, description=text)
+    check.add_argument("dataset", help="imagefolder, imagewoof, cifar10, cifar100, voc or cityscapes")
+    check.add_argument("overrides", nargs="*",
+                       help="Hydra overrides: data.root=..., prepare.workers=4, "
+                            "prepare.dataset.train_dir=...")
     return parser
 
 
@@ -196,11 +207,34 @@ def _sync(session: Session) -> int:
     return sync_command(session)
 
 
-def _data(args: argparse.Namespace) -> int:
-    from launch.data_cli import prepare_command
-
+def check_output_dir(output_dir: str, writes: bool) -> None:
+    """ConfigError naming ``output_dir`` when it, or the nearest folder above it that exists,
+    is a file; with ``writes``, also when that folder cannot be written (read-only file system,
+    no permission), found by creating and removing a file there."""
+    path = Path(output_dir)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "it" if existing == path else f"{existing}, a folder on its path,"
+        raise ConfigError("output_dir", f"{path} cannot hold kdflow's outputs: {where} is a file",
+                          fix="set output_dir to a folder path, or move the file away")
+    if not writes:
+        return
     try:
-        return prepare_command(args.dataset, args.overrides, args.force)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError("output_dir", f"{path} cannot be written: {existing}: {err.strerror}",
+                          fix="make it writable (mount, chmod, chown), or set output_dir to a "
+                              "folder you can write") from None
+
+
+def _data(args: argparse.Namespace) -> int:
+    from launch.data_cli import check_command, prepare_command
+
+    actions = {"prepare": lambda: prepare_command(args.dataset, args.overrides, args.force),
+               "check": lambda: check_command(args.dataset, args.overrides)}
+    try:
+        return actions[args.action]()
     except ConfigError as err:
         print(f"kdflow: error: {err}", file=sys.stderr)
         print("Nothing was written.", file=sys.stderr)
@@ -243,6 +277,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             print("\n---\n".join(OmegaConf.to_yaml(s.cfg) for s in sessions))
             return 0
+        for session in sessions:
+            check_output_dir(session.output_dir, writes=args.verb != "status" and not dry_run)
         if args.verb == "server":
             from launch.tracking_cli import server_command
 
@@ -257,6 +293,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"kdflow: error: {err}", file=sys.stderr)
         print("No job was started.", file=sys.stderr)
         return 2
+    except _runtime_faults() as err:
+        print(f"kdflow: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _runtime_faults() -> Tuple[Type[BaseException], ...]:
+    """The faults of the machine rather than of the input, reported as one line and exit 1:
+    a full disk (:class:`orchestrator.atomic.DiskFull`), a SLURM cluster that does not answer."""
+    from launch.slurm_queue import SlurmUnreachable
+    from orchestrator.atomic import DiskFull
+
+    return DiskFull, SlurmUnreachable
 
 
 if __name__ == "__main__":

@@ -19,6 +19,15 @@ LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "R
 # a pending job whose dependency can never be met: it will never run by itself
 STUCK_REASONS = ("DependencyNeverSatisfied",)
 ID_BATCH = 200  # ids per sacct / scancel call
+#: Seconds ``scontrol ping`` may take: a live controller answers in milliseconds, while SLURM's
+#: commands retry a missing slurm.conf for 60 s and an unresolvable controller for about 10 s.
+PING_TIMEOUT_S = 8.0
+SLURM_COMMANDS = ("sbatch", "srun", "squeue", "sacct", "scancel", "scontrol")
+
+
+class SlurmUnreachable(RuntimeError):
+    """SLURM's commands are installed but its controller does not answer (no slurm.conf, the
+    controller down or unknown): a fault of the cluster, not of the study; nothing was done."""
 
 
 @dataclass(frozen=True)
@@ -36,13 +45,44 @@ class QueueEntry:
 
 
 def require_slurm() -> None:
-    """Raise ConfigError (before anything is submitted) when SLURM's commands are missing."""
-    missing = [c for c in ("sbatch", "srun", "squeue", "sacct", "scancel") if shutil.which(c) is None]
+    """Before anything is submitted or asked: ConfigError when SLURM's commands are missing,
+    :class:`SlurmUnreachable` when its controller does not answer ``scontrol ping`` within
+    :data:`PING_TIMEOUT_S` (instead of every later command retrying for a minute)."""
+    missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
     if missing:
         raise ConfigError("launcher", f"launcher=slurm needs SLURM's commands; not found: "
                           f"{', '.join(missing)}",
                           fix="run kdflow on a SLURM login node, or use launcher=local "
                               "(scripts/slurm-dev-cluster.sh start brings up a one-node test cluster)")
+    problem = _ping_problem()
+    if problem is not None:
+        raise SlurmUnreachable(
+            f"the SLURM cluster does not answer ({problem}); nothing was submitted or changed. "
+            "Fix: run kdflow where `scontrol ping` says UP (a login node; SLURM_CONF naming the "
+            "cluster's slurm.conf), try again once the controller is back, or use launcher=local")
+
+
+def _ping_problem() -> Optional[str]:
+    """Why ``scontrol ping`` says the controller is not up (its first line); None when it is."""
+    try:
+        proc = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, check=False,
+                              timeout=PING_TIMEOUT_S)
+    except subprocess.TimeoutExpired as expired:  # its partial output comes back as bytes
+        said = expired.stderr or b""
+        said = said.decode(errors="replace") if isinstance(said, bytes) else said
+        return f"`scontrol ping` gave no answer in {PING_TIMEOUT_S:g} s" + _first_line(": ", said)
+    if proc.returncode == 0:
+        return None
+    said = proc.stdout + proc.stderr
+    return f"`scontrol ping` exited {proc.returncode}" + _first_line(": ", said)
+
+
+def _first_line(prefix: str, text: str) -> str:
+    """``prefix`` and the first non-blank line of ``text`` without SLURM's ``scontrol: error:``;
+    "" when there is none."""
+    lines = [line.replace("scontrol: error: ", "").strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("*")]
+    return prefix + lines[0] if lines else ""
 
 
 class SlurmQueue:

@@ -51,11 +51,11 @@ def describe_sent(records: List[Dict[str, Any]]) -> str:
 
 def sync_command(session: "Session") -> int:
     """Send every job's kept tracking calls; 0 when all went out, 1 when the server is down."""
-    from orchestrator.tracking import reachability_problem, sync_job
+    from orchestrator.tracking import reachability_problem, redact, sync_job
     from orchestrator.tracking_outbox import OUTBOX_FILE
 
-    uri = session.tracking_uri
-    problem = reachability_problem(uri)
+    uri = redact(session.tracking_uri)  # shown; the session's URI is the one used
+    problem = reachability_problem(session.tracking_uri)
     if problem is not None:
         print(f"kdflow: error: the tracking server {uri} is unreachable ({problem}). Nothing "
               "was sent; the jobs keep their tracking. Start the server (or point tracking_uri "
@@ -73,14 +73,15 @@ def sync_command(session: "Session") -> int:
         def record_run(run_id: str, job_id: str = job.job_id) -> None:
             session.store.update_state(job_id, mlflow_run_id=run_id)
 
-        report = sync_job(uri, job_dir, session.store.state(job.job_id).mlflow_run_id, record_run)
+        report = sync_job(session.tracking_uri, job_dir,
+                          session.store.state(job.job_id).mlflow_run_id, record_run)
         if report.sent:
             print(f"{job.title} [{job.job_id[:12]}]: sent {describe_sent(report.sent)}")
             sent += len(report.sent)
         if report.error is not None:
             print(f"kdflow: error: sending the tracking of {job.title} to {uri} failed "
-                  f"({report.error}); {report.pending} call(s) are still kept in {job_dir}. "
-                  "Run `kdflow sync` again once the server answers.", file=sys.stderr)
+                  f"({redact(str(report.error))}); {report.pending} call(s) are still kept in "
+                  f"{job_dir}. Run `kdflow sync` again once the server answers.", file=sys.stderr)
             return 1
     print(f"sent {sent} kept tracking call(s) to {uri}" if sent
           else f"nothing to send: {uri} has every job's tracking")
@@ -89,11 +90,14 @@ def sync_command(session: "Session") -> int:
 
 def server_command(session: "Session", host: str, port: int, workers: int) -> NoReturn:
     """Replace this process with ``mlflow server`` on ``host:port`` over the study's store."""
+    from orchestrator.tracking import redact
+
     uri = session.tracking_uri
     if not uri.startswith("sqlite:///"):
-        raise ConfigError("tracking_uri", f"it points at a tracking server already ({uri}); "
-                          "`kdflow server` serves the study's embedded SQLite store",
-                          fix=f"open {uri} in a browser, or drop tracking_uri")
+        raise ConfigError("tracking_uri", f"it points at a tracking server already "
+                          f"({redact(uri)}); `kdflow server` serves the study's embedded "
+                          "SQLite store",
+                          fix=f"open {redact(uri)} in a browser, or drop tracking_uri")
     if not 0 < port < 65536:
         raise ConfigError("--port", f"{port} is not a TCP port", fix="give a port in 1-65535")
     if workers < 1:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, IO, List, Optional
+from typing import Any, Callable, IO, List, Optional, Sequence
 
 #: errno values that mean "the file system has no room for this write".
 FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -57,6 +58,45 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         if isinstance(err, OSError) and err.errno in FULL_DISK_ERRNOS:
             raise DiskFull.while_writing(path, err) from err
         raise
+
+
+def replace_files(folder: Path, write: Callable[[Path], None], names: Sequence[str]) -> None:
+    """Replace the files ``names`` in ``folder`` with those ``write(staging)`` writes into a
+    fresh temporary folder inside it, or leave ``folder`` as it was if ``write`` fails.
+
+    Only once ``write`` has returned are its files synced and renamed into ``folder``, in the
+    order of ``names`` (put the file readers look for first last); a name it did not write is
+    removed from ``folder`` (it belonged to the earlier version). On failure the temporary
+    folder is removed and the error raised again (a full disk as :class:`DiskFull` naming
+    ``folder``). A process killed while writing leaves the old files and a ``.tmp-*`` folder;
+    only one killed during the renames (milliseconds) leaves some files new, the last one old.
+    """
+    staging: Optional[Path] = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder))
+        write(staging)
+        for name in names:
+            _sync(staging / name)
+    except BaseException as err:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in FULL_DISK_ERRNOS:
+            raise DiskFull.while_writing(folder, err) from err
+        raise
+    for name in names:
+        if (staging / name).exists():
+            os.replace(staging / name, folder / name)
+        else:
+            (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(staging)
+
+
+def _sync(path: Path) -> None:
+    """fsync the file at ``path`` (if there is one) so a rename of it survives a crash."""
+    if path.exists():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def remove_partial_writes(folder: Path, target: str = "") -> List[Path]:

@@ -17,6 +17,7 @@ import torch
 from methods.distillers import DISTILLERS
 from methods.tasks import CLASSIFICATION, SEGMENTATION
 from orchestrator.data import DATASETS
+from orchestrator.atomic import replace_files
 from orchestrator.metrics import primary_metric
 from orchestrator.report_footer import STALE_MARK, provenance_footer
 from orchestrator.runner import VAL_SAMPLES
@@ -29,6 +30,8 @@ from orchestrator.study import JobGraph
 TEACHER_ROW = "teacher"
 VARIANT_SEP = " | "  # row keys: "<method> | <setting=value, ...>"
 CONVERGENCE_LEVELS = (0.90, 0.95, 0.99)
+#: The files of a report, in the order they are put in place: ``report.md`` last.
+REPORT_FILES = ("report.csv", "accuracy.png", "curves.png", "segmentation.png", "report.md")
 
 
 class Column(NamedTuple):
@@ -217,11 +220,13 @@ METRIC_NAMES = {"top1": "Top-1 accuracy", "miou": "mIoU (ignore index 255, whole
 def write_report(graph: JobGraph, store: JobStore, folder: Path,
                  metric: str | None = None) -> str:
     """Write ``report.md``, ``report.csv``, ``accuracy.png`` and ``curves.png`` (and, for
-    segmentation studies, ``segmentation.png``); return the markdown.
+    segmentation studies, ``segmentation.png``) into ``folder``; return the markdown.
 
-    The markdown ends with where its results came from (:func:`provenance_footer`); cells
-    holding stale results are marked ``†``, and the CSV counts them (``stale``)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    All or nothing: the files are made in a temporary folder and moved in once every one is
+    complete (:func:`orchestrator.atomic.replace_files`), so a failure (a full disk raises
+    :class:`orchestrator.atomic.DiskFull`) leaves the previous report as it was. The markdown
+    ends with where its results came from (:func:`provenance_footer`); cells holding stale
+    results are marked ``†``, and the CSV counts them (``stale``)."""
     metric = metric or study_metric(graph)
     staleness = assess(graph, store)
     columns, rows, cells = collect(graph, store, metric, staleness)
@@ -234,8 +239,24 @@ def write_report(graph: JobGraph, store: JobStore, folder: Path,
             f"{levels} of its final value (curves in curves.png).\n\n"
             f"{convergence_table(graph, store, metric)}\n\n"
             f"{provenance_footer(cells, row_label, staleness)}\n")
-    (folder / "report.md").write_text(text)
-    with open(folder / "report.csv", "w", newline="") as f:
+
+    def write(staging: Path) -> None:
+        nonlocal text
+        _write_csv(cells, metric, staging / "report.csv")
+        _plot_accuracy(columns, rows, cells, staging / "accuracy.png", metric)
+        _plot_curves(columns, rows, cells, staging / "curves.png", metric)
+        if plot_segmentation_samples(graph, store, staging / "segmentation.png"):
+            text += ("\nValidation images, their ground truth and each method's prediction "
+                     "(first seed): segmentation.png\n")
+        (staging / "report.md").write_text(text)
+
+    replace_files(folder, write, REPORT_FILES)
+    return text
+
+
+def _write_csv(cells: Dict[Tuple[str, Column], Cell], metric: str, path: Path) -> None:
+    """One CSV row per cell: column, row, seeds, mean, std, values, convergence, stale count."""
+    with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["dataset", "train_fraction", "teacher", "student", "method", "seeds_done",
                       "seeds_expected", f"{metric}_mean", f"{metric}_std", "values"]
@@ -248,13 +269,6 @@ def write_report(graph: JobGraph, store: JobStore, folder: Path,
                           " ".join(f"{v:.2f}" for v in cell.values)]
                          + [epochs_to(curve, level) or "" for level in CONVERGENCE_LEVELS]
                          + [cell.stale])
-    _plot_accuracy(columns, rows, cells, folder / "accuracy.png", metric)
-    _plot_curves(columns, rows, cells, folder / "curves.png", metric)
-    if plot_segmentation_samples(graph, store, folder / "segmentation.png"):
-        text += ("\nValidation images, their ground truth and each method's prediction "
-                 "(first seed): segmentation.png\n")
-        (folder / "report.md").write_text(text)
-    return text
 
 
 def _pyplot():

@@ -36,9 +36,10 @@ def status_table(graph: JobGraph, store: JobStore,
     notes = []
     counts: dict[str, int] = {}
     for job in graph.jobs:
+        done = store.is_done(job.job_id)  # first: setting a damaged result aside notes it
         state = store.state(job.job_id)
         view = views.get(job.job_id) if views is not None else None
-        status = view.status if view else ("done" if store.is_done(job.job_id) else state.status)
+        status = view.status if view else ("done" if done else state.status)
         note = view.note if view else (state.error or "")
         counts[status] = counts.get(status, 0) + 1
         metric = "" if state.last_metric is None else f"{state.last_metric:6.2f}"

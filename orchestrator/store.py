@@ -3,13 +3,21 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import hashlib
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
+from methods.errors import ConfigError
+from methods.tasks import CLASSIFICATION
 from orchestrator.atomic import read_json, write_json
+from orchestrator.checkpoint import (DIGEST_LENGTH, REJECTED_SUFFIX, SEAL_LENGTH, SEAL_MAGIC,
+                                     ZIP_END, ZIP_END_LENGTH)
+from orchestrator.metrics import primary_metric
 from orchestrator.spec import JobSpec
 from orchestrator.tracking_outbox import LOCK_FILE as OUTBOX_LOCK
 
@@ -23,6 +31,13 @@ SUPERSEDED = "superseded"
 SUPERSEDING = "superseding.json"
 #: What stays in a job's folder when it is superseded (the state is replaced by a fresh one).
 KEPT = ("spec.json", ".lock", OUTBOX_LOCK, SUPERSEDED, SUPERSEDING)
+
+#: A finished job's record; :data:`RESULT_KEYS` are the keys every one holds (docs/architecture.md).
+RESULT = "result.json"
+RESULT_KEYS = ("job_id", "stage", "method", "teacher", "student", "dataset", "seed", "metrics",
+               "epochs", "wall_time_s")
+#: A file's identity for the verification cache: (path, mtime in ns, size); None: no file.
+FileStamp = Optional[Tuple[str, int, int]]
 
 STATUSES = ("pending", "queued", "running", "done", "failed", "blocked", "interrupted", "cancelled")
 
@@ -57,6 +72,7 @@ class JobStore:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        self._unmovable: Set[FileStamp] = set()  # damaged results that could not be set aside
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
@@ -131,11 +147,50 @@ class JobStore:
         return [entry["scheduler_id"] for entry in read_json(path)] if path.exists() else []
 
     def result(self, job_id: str) -> Optional[Dict[str, Any]]:
-        path = self.job_dir(job_id) / "result.json"
-        return read_json(path) if path.exists() else None
+        """The job's ``result.json``; None when it has none or it is damaged (:meth:`is_done`)."""
+        return read_json(self.job_dir(job_id) / RESULT) if self.is_done(job_id) else None
 
     def is_done(self, job_id: str) -> bool:
-        return (self.job_dir(job_id) / "result.json").exists()
+        """Whether the job has a sound result: a ``result.json`` that parses, holds
+        :data:`RESULT_KEYS` and its task's metric, names this job, and sits beside a
+        ``model.pt`` whose seal verifies (:func:`result_problem`, cached per file version).
+
+        A damaged result is set aside as ``result.json.rejected`` with a warning and a note in
+        the job's state (its status ``pending`` if it was ``done``), so every launcher runs the
+        job again, from its last checkpoint if it has one.
+        """
+        stamp = _stamp(self.job_dir(job_id) / RESULT)
+        if stamp is None:
+            return False
+        problem = result_problem(stamp, _stamp(self.weights_path(job_id)), job_id)
+        if problem is not None:
+            self._set_aside(job_id, stamp, problem)
+        return problem is None
+
+    def _set_aside(self, job_id: str, stamp: FileStamp, problem: str) -> None:
+        """Rename the damaged ``result.json`` of ``job_id`` (the version ``stamp``, unless it
+        changed since) to ``result.json.rejected``, warn and note it in the job's state; on a
+        store that cannot be written, warn once."""
+        path = self.job_dir(job_id) / RESULT
+        if stamp in self._unmovable or _stamp(path) != stamp:
+            return
+        try:
+            path.replace(path.with_name(RESULT + REJECTED_SUFFIX))
+        except FileNotFoundError:  # set aside (or superseded) meanwhile by another process
+            return
+        except OSError as err:
+            self._unmovable.add(stamp)
+            log.warning("job %s: %s is damaged (%s) and could not be set aside (%s); the job "
+                        "counts as not done", job_id, path, problem, err.strerror)
+            return
+        log.warning("job %s: %s was damaged (%s); set aside as %s%s, `kdflow run` runs the "
+                    "job again (from its last checkpoint)", job_id, path, problem, RESULT,
+                    REJECTED_SUFFIX)
+        state = self.state(job_id)
+        self.update_state(job_id, status="pending" if state.status == "done" else state.status,
+                          notes=[*state.notes, f"result.json was damaged ({problem}): set aside "
+                                               f"as {RESULT}{REJECTED_SUFFIX}, so the job runs "
+                                               "again (from its last checkpoint)"])
 
     def weights_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "model.pt"
@@ -187,7 +242,7 @@ class JobStore:
             return None
         folder = job_dir / SUPERSEDED / read_json(marker)["folder"]
         folder.mkdir(parents=True, exist_ok=True)
-        entries = sorted(job_dir.iterdir(), key=lambda entry: entry.name != "result.json")
+        entries = sorted(job_dir.iterdir(), key=lambda entry: entry.name != RESULT)
         for entry in entries:  # result.json first: from then on the job is not finished
             fresh_state = entry.name == "state.json" and (folder / entry.name).exists()
             if entry.name in KEPT or fresh_state:  # (a state beside a moved one is the fresh one)
@@ -197,3 +252,66 @@ class JobStore:
             self.save_state(job_id, JobState())
         marker.unlink()
         return folder
+
+
+def _stamp(path: Path) -> FileStamp:
+    """``path``'s identity for :func:`result_problem`'s cache; None when there is no file."""
+    try:
+        stats = path.stat()
+    except FileNotFoundError:
+        return None
+    return str(path), stats.st_mtime_ns, stats.st_size
+
+
+@functools.lru_cache(maxsize=16384)
+def result_problem(result: Tuple[str, int, int], weights: FileStamp,
+                   job_id: str) -> Optional[str]:
+    """Why the result file ``result`` of job ``job_id``, beside the weights file ``weights``,
+    is not a sound finished job; None when it is.
+
+    Cached per (path, mtime, size) of both files: a status of 1,000 jobs reads each file once
+    per process, and a file that changes is checked again.
+    """
+    try:
+        record = json.loads(Path(result[0]).read_bytes())
+    except (OSError, ValueError) as err:
+        return f"not readable JSON: {err}"
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    missing = [key for key in RESULT_KEYS if key not in record]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if record["job_id"] != job_id:
+        return f"it records job {record['job_id']!r}, not this one"
+    problem = _metrics_problem(record)
+    if problem is None and weights is None:
+        return "model.pt is missing"
+    return problem or _weights_problem(Path(weights[0]))
+
+
+def _metrics_problem(record: Dict[str, Any]) -> Optional[str]:
+    """Why ``record["metrics"]`` lacks its task's headline number (None: it has it)."""
+    try:
+        metric = primary_metric(record.get("task", CLASSIFICATION))
+    except (ConfigError, TypeError):
+        return f"unknown task {record.get('task')!r}"
+    metrics = record["metrics"]
+    if not isinstance(metrics, dict) or not isinstance(metrics.get(metric), (int, float)):
+        return f"metrics holds no number {metric}"
+    return None
+
+
+def _weights_problem(path: Path) -> Optional[str]:
+    """Why the weights file ``path`` fails its seal (:mod:`orchestrator.checkpoint`): unreadable,
+    truncated, or a sha256 that does not match its bytes; None when it passes (a file from
+    before files were sealed passes when it ends as ``torch.save`` writes it)."""
+    try:
+        data = memoryview(path.read_bytes())
+    except OSError as err:
+        return f"model.pt unreadable ({err.strerror})"
+    tail = bytes(data[-max(SEAL_LENGTH, ZIP_END_LENGTH):])
+    if tail[-SEAL_LENGTH:-DIGEST_LENGTH] == SEAL_MAGIC:
+        actual = hashlib.sha256(data[:-SEAL_LENGTH]).hexdigest().encode()
+        return None if actual == tail[-DIGEST_LENGTH:] else "model.pt fails its checksum"
+    unsealed = tail[-ZIP_END_LENGTH:-ZIP_END_LENGTH + 4] == ZIP_END and tail[-2:] == b"\0\0"
+    return None if unsealed else f"model.pt is truncated or not a kdflow file ({len(data)} bytes)"

@@ -12,12 +12,15 @@ import fcntl
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
+from methods.errors import ConfigError
 from orchestrator.spec import JobSpec
 from orchestrator.tracking_outbox import Outbox, OutboxContents
 
@@ -37,9 +40,98 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+#: Schemes a ``tracking_uri`` may have (MLflow's stores; a SQLAlchemy driver may follow ``+``).
+SERVER_SCHEMES = ("http", "https")
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+#: A query parameter whose name holds one of these words (any case) carries a secret.
+SECRET_WORDS = "token|password|passwd|pwd|secret|key|signature|sig|auth|credential"
+SECRET_PARAM_NAME = re.compile(SECRET_WORDS, re.IGNORECASE)
+#: In any text: the user info (``user:password@``) of a URL, up to its authority's last ``@``,
+#: and the value of a secret query parameter.
+URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+URL_SECRET_PARAM = re.compile(rf"([?&][\w.-]*(?:{SECRET_WORDS})[\w.-]*=)[^&#\s]*", re.IGNORECASE)
+CREDENTIALS_FIX = ("drop them from the URI and export MLFLOW_TRACKING_USERNAME and "
+                   "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead: MLflow reads "
+                   "them, and SLURM jobs inherit them without kdflow writing them anywhere")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URL in it hidden: ``user:password@`` becomes
+    ``***@`` and the value of a token-like query parameter ``***``. Every tracking URI kdflow
+    shows, and every error message that may echo one, goes through it."""
+    return URL_SECRET_PARAM.sub(r"\1***", URL_USERINFO.sub(r"\1***@", text))
+
+
+def check_tracking_uri(uri: str) -> None:
+    """ConfigError (field ``tracking_uri``) unless ``uri`` is a tracking store MLflow can use and
+    holds no credentials. Accepted: ``http(s)://host...``, ``sqlite:///path``, ``file:path``,
+    ``postgresql|mysql|mssql[+driver]://host...``, ``databricks[://profile]``, or a folder path
+    (absolute or relative) that has no ``:`` and no ``//`` unless it exists. Refused, e.g.:
+    ``http//oops`` (a URL missing its colon would become a local folder), ``htp://x``."""
+    problem = _credentials_problem(uri) or _shape_problem(uri)
+    if problem is not None:
+        why, fix = problem
+        raise ConfigError("tracking_uri", why, fix=fix)
+
+
+def _credentials_problem(uri: str) -> Optional[Tuple[str, str]]:
+    """(why, fix) when ``uri`` carries credentials; the answer never repeats them."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # a malformed authority: refused as such by _shape_problem
+        return None
+    secrets = [name for name, _ in parse_qsl(parts.query) if SECRET_PARAM_NAME.search(name)]
+    if "@" in parts.netloc:
+        return "it holds credentials (user info before the host)", CREDENTIALS_FIX
+    if secrets:
+        return f"it holds credentials (query parameter {', '.join(secrets)})", CREDENTIALS_FIX
+    return None
+
+
+def _shape_problem(uri: str) -> Optional[Tuple[str, str]]:
+    """(why, fix) when ``uri`` is not a store MLflow can use; None when it is. The answer
+    names the scheme at most, never the value (which may hold a secret in a shape no rule
+    foresaw)."""
+    if uri == "databricks" or Path(uri).exists():
+        return None
+    scheme_match = URI_SCHEME.match(uri)
+    if scheme_match is None:
+        if "//" in uri or ":" in uri:
+            return ("it is neither a URI (scheme://...) nor an existing folder, and a misspelt "
+                    "URL would become a local folder", "write it as http://host:5000 (scheme, "
+                    "colon, two slashes), or give a folder path without ':' and '//'")
+        return None
+    scheme = scheme_match.group(1).lower()
+    base = scheme.split("+")[0]
+    if base in SERVER_SCHEMES + DATABASE_SCHEMES and not _hostname(uri):
+        return (f"this {scheme}:// URI has no host (or a port that is not a number)",
+                f"write it as {base}://host:port")
+    if scheme == "sqlite" and not uri.startswith(SQLITE_PREFIX):
+        return ("this sqlite: URI names no database file",
+                "write it as sqlite:////abs/path/mlflow.db")
+    if base in (*SERVER_SCHEMES, *DATABASE_SCHEMES, "sqlite", "file", "databricks"):
+        return None
+    return (f"unknown scheme {scheme!r}",
+            "use http(s)://host:port (an `mlflow server`), sqlite:///path, file:/path, "
+            "postgresql|mysql|mssql://host/db, databricks, or null for the embedded store")
+
+
+def _hostname(uri: str) -> Optional[str]:
+    """The host ``uri`` names; None when it names none or its port is not a number."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # raises ValueError for a port that is not a number in 0-65535
+    except ValueError:
+        return None
+    return parts.hostname
+
+
 def resolve_tracking_uri(tracking_uri: Optional[str], output_dir: Path | str) -> str:
-    """``tracking_uri`` as given, or the embedded SQLite store ``<output_dir>/mlflow.db``."""
+    """``tracking_uri`` as given (checked by :func:`check_tracking_uri`), or the embedded SQLite
+    store ``<output_dir>/mlflow.db``."""
     if tracking_uri:
+        check_tracking_uri(tracking_uri)
         return tracking_uri
     return SQLITE_PREFIX + str((Path(output_dir) / "mlflow.db").resolve())
 
@@ -70,7 +162,7 @@ def _retry(call: Callable[[], T], what: str, attempts: int = 6) -> T:
             if attempt == attempts - 1 or unreachable(err):
                 raise
             delay = 0.2 * 2 ** attempt * (1 + random.random())
-            log.debug("mlflow %s failed (%s); retrying in %.1fs", what, err, delay)
+            log.debug("mlflow %s failed (%s); retrying in %.1fs", what, redact(str(err)), delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -159,7 +251,8 @@ def prepare_experiment(tracking_uri: str, name: str) -> None:
         ensure_experiment(tracking_uri, name)
     except Exception as err:
         log.warning("MLflow at %s is unreachable (%s); jobs run anyway and keep their tracking "
-                    "in their folders until `kdflow sync` sends it", tracking_uri, err)
+                    "in their folders until `kdflow sync` sends it", redact(tracking_uri),
+                    redact(str(err)))
 
 
 def _ensure_experiment(client: Any, name: str, artifacts: Optional[str]) -> str:
@@ -354,7 +447,7 @@ def reachability_problem(tracking_uri: str) -> Optional[str]:
     try:
         mlflow_client(tracking_uri).search_experiments(max_results=1)
     except Exception as err:
-        return str(err)
+        return redact(str(err))
     return None
 
 
@@ -409,7 +502,7 @@ class JobTracker:
         if report is not None and report.pending:
             log.warning("%d MLflow call(s) of this job are kept in %s; `kdflow sync` sends them "
                         "once %s answers", report.pending, self.sender.outbox.path,
-                        self.tracking_uri)
+                        redact(self.tracking_uri))
 
     def _record(self, op: str, flush: bool = True, **fields: Any) -> Optional[FlushReport]:
         """Keep an ``op`` call in the outbox; then, if ``flush``, send what is pending."""
@@ -421,10 +514,10 @@ class JobTracker:
         report = self.sender.flush()
         if report.error is not None and not self.offline:
             log.warning("MLflow at %s failed (%s); training goes on, %d call(s) kept in %s and "
-                        "sent at the next epoch or by `kdflow sync`", self.tracking_uri,
-                        report.error, report.pending, self.sender.outbox.path)
+                        "sent at the next epoch or by `kdflow sync`", redact(self.tracking_uri),
+                        redact(str(report.error)), report.pending, self.sender.outbox.path)
         elif report.error is None and self.offline:
-            log.info("MLflow at %s answers again: sent %d kept call(s)", self.tracking_uri,
-                     len(report.sent))
+            log.info("MLflow at %s answers again: sent %d kept call(s)",
+                     redact(self.tracking_uri), len(report.sent))
         self.offline = report.error is not None
         return report

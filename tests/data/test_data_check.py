@@ -84,3 +84,16 @@ def test_datasets_without_files_have_nothing_to_check(capsys, dataset: str) -> N
 def test_a_missing_tree_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"prepare\.dataset\.root"):
         check_command("imagefolder", [f"data.root={tmp_path / 'nowhere'}"], progress=False)
+
+
+def test_the_kdflow_command_runs_the_check(tmp_path: Path, capsys) -> None:
+    from launch.cli import main
+
+    tree = tmp_path / "tree"
+    write_jpeg_tree(tree, {"train": 2, "val": 1})
+    assert main(["data", "check", "imagefolder", f"data.root={tree}"]) == 0
+    bad = truncate(tree / "val" / "dog" / "0.jpg")
+    capsys.readouterr()
+    assert main(["data", "check", "imagefolder", f"data.root={tree}"]) == 1
+    assert str(bad.resolve()) in capsys.readouterr().out
+    assert main(["data", "check", "imagefolder", f"data.root={tmp_path / 'none'}"]) == 2

@@ -37,6 +37,13 @@ COMMANDS = ("import json, sys\nfrom launch.cli import main\n"
             "    if main(argv):\n        sys.exit(1)\n")
 
 
+def _result_keys(job) -> dict:
+    """The keys every finished job's result.json holds (JobStore.is_done checks them)."""
+    return {"job_id": job.job_id, "stage": job.stage, "method": job.method,
+            "teacher": job.teacher, "student": job.model, "dataset": job.dataset,
+            "seed": job.seed, "epochs": 1, "wall_time_s": 1.0, "metrics": {"top1": 50.0}}
+
+
 def _copy_of_kdflow(root: Path) -> Path:
     for package in ("methods", "orchestrator", "launch", "configs"):
         shutil.copytree(SOURCE_ROOT / package, root / package,
@@ -112,7 +119,7 @@ def finished(study, tmp_path):
         write_sealed(store.weights_path(job.job_id), {"w": torch.zeros(2)})
         teacher = (weights_fingerprint(store.weights_path(job.teacher_job))
                    if job.teacher_job else None)
-        write_json(store.job_dir(job.job_id) / "result.json", {"provenance": {
+        write_json(store.job_dir(job.job_id) / "result.json", {**_result_keys(job), "provenance": {
             "code_digest": code_digest(job), "code_files": code_files(job),
             "teacher_weights": teacher}})
         store.update_state(job.job_id, status="done", attempts=1, mlflow_run_id="old-run")
@@ -136,7 +143,7 @@ def test_rerun_values_pick_jobs_and_their_dependents(finished, value, picked):
     store.update_state(kd, status="failed")
     stale = store.result(fitnet)
     write_json(store.job_dir(fitnet) / "result.json",
-               {"provenance": {**stale["provenance"], "code_digest": "0" * 64}})
+               {**stale, "provenance": {**stale["provenance"], "code_digest": "0" * 64}})
     if value == "job:":
         value, picked = f"job:{by_method['vanilla'].job_id[:6]}", {"vanilla"}
     plan = plan_rerun(RerunRequest.parse(value, graph), graph, store)

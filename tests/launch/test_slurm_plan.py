@@ -106,9 +106,12 @@ class RecordedQueue:
 
 
 def test_reconcile_joins_the_store_with_squeue_and_sacct(study, tmp_path):
+    import torch
+
     from launch.slurm import reconcile
     from launch.slurm_queue import QueueEntry
     from orchestrator.atomic import write_json
+    from orchestrator.checkpoint import write_sealed
     from orchestrator.store import JobStore
 
     graph = _graph(study, seeds=[0, 1, 2], methods={"vanilla": {}, "kd": {}})
@@ -118,7 +121,12 @@ def test_reconcile_joins_the_store_with_squeue_and_sacct(study, tmp_path):
         store.add(graph.by_id()[job_id])
         store.record_submission(job_id, f"7_{i}")
     done, queued, running, lost, stuck, failed, never = jobs
-    write_json(store.job_dir(done) / "result.json", {"metrics": {"top1": 1.0}})
+    done_job = graph.by_id()[done]
+    write_sealed(store.weights_path(done), {"w": torch.zeros(2)})
+    write_json(store.job_dir(done) / "result.json", {
+        "job_id": done, "stage": done_job.stage, "method": done_job.method,
+        "teacher": done_job.teacher, "student": done_job.model, "dataset": done_job.dataset,
+        "seed": done_job.seed, "epochs": 1, "wall_time_s": 1.0, "metrics": {"top1": 1.0}})
     store.update_state(running, status="running", attempts=1)
     store.update_state(lost, status="running", attempts=1)
     store.update_state(failed, status="failed", error="JobFailed: non-finite train/loss")

@@ -142,7 +142,15 @@ def _finish(store: JobStore, job, teacher_weights=None, digest=None, weights=0.0
     record = {"code_digest": digest or code_digest(job), "code_files": code_files(job),
               "teacher_weights": teacher_weights}
     write_sealed(store.weights_path(job.job_id), {"w": torch.full((2,), weights)})
-    write_json(store.job_dir(job.job_id) / "result.json", {"provenance": record})
+    write_json(store.job_dir(job.job_id) / "result.json",
+               {**_result_keys(job), "provenance": record})
+
+
+def _result_keys(job) -> dict:
+    """The keys every finished job's result.json holds (JobStore.is_done checks them)."""
+    return {"job_id": job.job_id, "stage": job.stage, "method": job.method,
+            "teacher": job.teacher, "student": job.model, "dataset": job.dataset,
+            "seed": job.seed, "epochs": 1, "wall_time_s": 1.0, "metrics": {"top1": 50.0}}
 
 
 def test_stale_jobs_code_no_provenance_and_teacher_rerun(jobs, tmp_path):
@@ -154,7 +162,9 @@ def test_stale_jobs_code_no_provenance_and_teacher_rerun(jobs, tmp_path):
     _finish(store, by_method["kd"], fingerprint)
     _finish(store, by_method["fitnet"], fingerprint, digest="0" * 64)
     store.add(by_method["vanilla"])
-    write_json(store.job_dir(by_method["vanilla"].job_id) / "result.json", {"metrics": {}})
+    write_sealed(store.weights_path(by_method["vanilla"].job_id), {"w": torch.zeros(2)})
+    write_json(store.job_dir(by_method["vanilla"].job_id) / "result.json",
+               _result_keys(by_method["vanilla"]))
     found = assess(graph, store)
     assert found.finished == 4
     assert {j: s.kind for j, s in found.stale.items()} == {

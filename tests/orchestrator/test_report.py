@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import csv
 
+import torch
+
 from orchestrator.atomic import write_json
-from orchestrator.provenance import code_digest, code_files
+from orchestrator.checkpoint import write_sealed
+from orchestrator.provenance import code_digest, code_files, weights_fingerprint
 from orchestrator.report import collect, epochs_to, write_report
 from orchestrator.store import JobStore
 from orchestrator.study import expand_study
@@ -14,11 +17,17 @@ def _finish(store: JobStore, job, curve, digest=None, recorded=True):
     """Record ``job`` as finished with ``curve``, recording the current code's provenance (or
     ``digest`` as its code digest; none at all unless ``recorded``)."""
     store.add(job)
+    teacher_weights = (weights_fingerprint(store.weights_path(job.teacher_job))
+                       if job.teacher_job else None)
     provenance = {"code_digest": digest or code_digest(job), "code_files": code_files(job),
-                  "teacher_weights": None, "kdflow_version": "0.1.0", "git_commit": "c" * 40,
+                  "teacher_weights": teacher_weights, "kdflow_version": "0.1.0", "git_commit": "c" * 40,
                   "git_dirty": False, "torch": "2.14.1", "cuda": None, "device": "cpu"}
+    write_sealed(store.weights_path(job.job_id), {"w": torch.zeros(2)})
     write_json(store.job_dir(job.job_id) / "result.json", {
-        "metrics": {"top1": curve[-1]}, "history": [{"val/top1": v} for v in curve],
+        "job_id": job.job_id, "stage": job.stage, "method": job.method, "teacher": job.teacher,
+        "student": job.model, "dataset": job.dataset, "seed": job.seed, "epochs": len(curve),
+        "wall_time_s": 1.0, "metrics": {"top1": curve[-1]},
+        "history": [{"val/top1": v} for v in curve],
         **({"provenance": provenance} if recorded else {})})
 
 
