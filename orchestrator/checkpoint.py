@@ -20,7 +20,7 @@ import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -79,7 +79,16 @@ def latest_checkpoint_path(folder: Path) -> Optional[Path]:
     return paths[-1] if paths else None
 
 
-def _ends_without_comment(archive: bytes) -> bool:
+def seal_digests(archive: bytes) -> Optional[Tuple[str, str]]:
+    """(recorded, actual) sha256 hex digests of a sealed archive (:func:`seal`): the one in its
+    zip comment and the one of its bytes before it; None when ``archive`` carries no seal."""
+    if archive[-SEAL_LENGTH:-DIGEST_LENGTH] != SEAL_MAGIC:
+        return None
+    recorded = bytes(archive[-DIGEST_LENGTH:]).decode("ascii", errors="replace")
+    return recorded, hashlib.sha256(memoryview(archive)[:-SEAL_LENGTH]).hexdigest()
+
+
+def ends_without_comment(archive: bytes) -> bool:
     """Whether ``archive`` ends in a zip end record with an empty comment (as ``torch.save``
     writes it, and as kdflow's files were before they were sealed)."""
     return archive[-ZIP_END_LENGTH:-ZIP_END_LENGTH + 4] == ZIP_END and archive[-2:] == b"\0\0"
@@ -88,7 +97,7 @@ def _ends_without_comment(archive: bytes) -> bool:
 def seal(archive: bytes) -> bytes:
     """``archive`` (the bytes of a ``torch.save`` zip, which end in a comment-less zip end
     record) with a comment holding the sha256 of every byte before that comment."""
-    if not _ends_without_comment(archive):
+    if not ends_without_comment(archive):
         raise ValueError("not a torch.save archive without a zip comment")
     body = archive[:-2] + SEAL_LENGTH.to_bytes(2, "little")
     return body + SEAL_MAGIC + hashlib.sha256(body).hexdigest().encode()
@@ -122,14 +131,14 @@ def read_sealed(path: Path) -> Any:
         raise CheckpointRejected(path, f"unreadable ({err})") from err
     if not data:
         raise CheckpointRejected(path, "empty file")
-    if data[-SEAL_LENGTH:-DIGEST_LENGTH] == SEAL_MAGIC:
-        expected = data[-DIGEST_LENGTH:].decode("ascii", errors="replace")
-        actual = hashlib.sha256(data[:-SEAL_LENGTH]).hexdigest()
+    digests = seal_digests(data)
+    if digests is not None:
+        expected, actual = digests
         if actual != expected:
             raise CheckpointRejected(
                 path, f"checksum mismatch (sha256 {actual[:12]}..., recorded {expected[:12]}...): "
                       f"the file was damaged after it was written")
-    elif _ends_without_comment(data):
+    elif ends_without_comment(data):
         log.warning("%s has no checksum (written before kdflow sealed its files); loading it "
                     "weights-only", path)
     else:

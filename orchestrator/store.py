@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -15,8 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 from methods.errors import ConfigError
 from methods.tasks import CLASSIFICATION
 from orchestrator.atomic import read_json, write_json
-from orchestrator.checkpoint import (DIGEST_LENGTH, REJECTED_SUFFIX, SEAL_LENGTH, SEAL_MAGIC,
-                                     ZIP_END, ZIP_END_LENGTH)
+from orchestrator.checkpoint import REJECTED_SUFFIX, ends_without_comment, seal_digests
 from orchestrator.metrics import primary_metric
 from orchestrator.spec import JobSpec
 from orchestrator.tracking_outbox import LOCK_FILE as OUTBOX_LOCK
@@ -309,9 +307,8 @@ def _weights_problem(path: Path) -> Optional[str]:
         data = memoryview(path.read_bytes())
     except OSError as err:
         return f"model.pt unreadable ({err.strerror})"
-    tail = bytes(data[-max(SEAL_LENGTH, ZIP_END_LENGTH):])
-    if tail[-SEAL_LENGTH:-DIGEST_LENGTH] == SEAL_MAGIC:
-        actual = hashlib.sha256(data[:-SEAL_LENGTH]).hexdigest().encode()
-        return None if actual == tail[-DIGEST_LENGTH:] else "model.pt fails its checksum"
-    unsealed = tail[-ZIP_END_LENGTH:-ZIP_END_LENGTH + 4] == ZIP_END and tail[-2:] == b"\0\0"
+    digests = seal_digests(data)
+    if digests is not None:
+        return None if digests[0] == digests[1] else "model.pt fails its checksum"
+    unsealed = ends_without_comment(data)
     return None if unsealed else f"model.pt is truncated or not a kdflow file ({len(data)} bytes)"
