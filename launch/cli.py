@@ -38,6 +38,8 @@ USAGE_EXAMPLES = """examples:
   kdflow data prepare imagefolder data.root=/data/imagenet
                                                write FFCV .beton files (then data.loader=ffcv)
   kdflow data prepare cifar100 data.root=/data/cifar prepare.write_mode=jpg
+  kdflow data download cifar100 data.root=/data/cifar data.mirror.url=https://mirror.lab/cifar
+                                               fetch and verify CIFAR-100 (or data.download=true)
 
 exit status: 0 done; 1 a job failed, or the machine did (a full disk, a SLURM cluster that
 does not answer `scontrol ping`); 2 bad input (a setting, an output_dir that is a file or
@@ -75,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--port", type=int, default=5000, help="TCP port (default 5000)")
             sub.add_argument("--workers", type=int, default=1,
                              help="server processes (default 1)")
-    data = verbs.add_parser("data", help="dataset files: `kdflow data prepare|check DATASET`",
+    data = verbs.add_parser("data", help="dataset files: `kdflow data prepare|check|download "
+                                         "DATASET`",
                             description="dataset files")
     actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
     text = ("write DATASET's train and val splits as FFCV .beton files into "
@@ -92,6 +95,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("overrides", nargs="*",
                        help="Hydra overrides: data.root=..., prepare.workers=4, "
                             "prepare.dataset.train_dir=...")
+    text = ("fetch DATASET's archive into data.root, verify its checksum and unpack it "
+            "(nothing is fetched when its files are there)")
+    download = actions.add_parser("download", help=text, description=text)
+    download.add_argument("dataset", help="cifar10 or cifar100")
+    download.add_argument("overrides", nargs="*",
+                          help="Hydra overrides: data.root=..., data.mirror.url=..., "
+                               "data.mirror.sha256.cifar10=...")
     return parser
 
 
@@ -229,10 +239,11 @@ def check_output_dir(output_dir: str, writes: bool) -> None:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from launch.data_cli import check_command, prepare_command
+    from launch.data_cli import check_command, download_command, prepare_command
 
     actions = {"prepare": lambda: prepare_command(args.dataset, args.overrides, args.force),
-               "check": lambda: check_command(args.dataset, args.overrides)}
+               "check": lambda: check_command(args.dataset, args.overrides),
+               "download": lambda: download_command(args.dataset, args.overrides)}
     try:
         return actions[args.action]()
     except ConfigError as err:

@@ -3,7 +3,8 @@
 The dataset's settings come from ``configs/dataset/<DATASET>.yaml`` (with ``data.root`` and any
 ``prepare.dataset.<setting>=...`` override); ``prepare.workers`` processes do the work.
 ``prepare`` writes the dataset's FFCV .beton files (how images are stored comes from
-``prepare.*``); ``check`` decodes every file of the dataset and lists those that cannot be read.
+``prepare.*``); ``check`` decodes every file of the dataset and lists those that cannot be read;
+``download`` fetches CIFAR-10/100 into ``data.root`` (from ``data.mirror.url`` when set).
 """
 from __future__ import annotations
 
@@ -67,6 +68,32 @@ def check_command(dataset: str, overrides: List[str], progress: bool = True) -> 
               "replace or delete them, then run the check again.")
         return 1
     print(f"all {len(files):,} files of {dataset} are readable")
+    return 0
+
+
+def download_command(dataset: str, overrides: List[str]) -> int:
+    """Fetch ``dataset``'s archive into ``data.root`` unless its files are all there (then
+    nothing is fetched); 0 when they are there afterwards. A download that fails raises
+    ConfigError (fields under ``prepare.dataset.``) and keeps nothing."""
+    from omegaconf import OmegaConf
+
+    from launch.compose import compose_config
+    from orchestrator.data import DATASETS, validate_dataset
+
+    fetchable = [name for name in DATASETS if hasattr(DATASETS.get(name).Config, "fetch")]
+    if dataset not in fetchable:
+        raise ConfigError("dataset", f"kdflow does not download {dataset!r}", allowed=fetchable,
+                          fix="put the dataset's files under data.root yourself")
+    cfg = compose_config([f"+dataset@prepare.dataset={dataset}", *overrides])
+    values = {**OmegaConf.to_container(cfg.prepare.dataset, resolve=True), "loader": "torchvision"}
+    dataset_cfg = validate_dataset(dataset, values, "prepare.dataset", require_data=False)
+    try:
+        fetched = dataset_cfg.fetch()
+    except ConfigError as err:
+        raise err.under("prepare.dataset") from None
+    where = os.path.abspath(dataset_cfg.root)
+    print(f"{dataset} downloaded into {where}" if fetched
+          else f"{dataset} is already complete in {where}: nothing was downloaded")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Dataset files made by tests: CIFAR-100 pickles and ImageNet-style trees of real JPEGs."""
+"""Dataset files made by tests: CIFAR-10/100 pickles and ImageNet-style trees of real JPEGs."""
 from __future__ import annotations
 
 import pickle
@@ -28,6 +28,29 @@ def write_fake_cifar100(root: Path, n_train: int = 40, n_test: int = 24) -> Dict
     with open(folder / "meta", "wb") as fh:
         pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)],
                      "coarse_label_names": [f"s{i}" for i in range(20)]}, fh)
+    return labels
+
+
+def write_fake_cifar10(root: Path, per_batch: int = 6) -> Dict[str, list]:
+    """``root/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`` with the keys
+    of the authors' pickles (str, as their Python 2 pickles load with ``encoding="latin1"``),
+    ``per_batch`` random images each; returns the labels of the ``train`` batches (in order)
+    and of ``test``."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    labels: Dict[str, list] = {"train": [], "test": []}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = rng.integers(0, 10, per_batch).tolist()
+        labels["test" if name == "test_batch" else "train"].extend(batch)
+        entry = {"batch_label": name, "labels": batch,
+                 "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(entry, fh, protocol=2)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"num_cases_per_batch": per_batch, "num_vis": 3072,
+                     "label_names": [f"c{i}" for i in range(10)]}, fh, protocol=2)
     return labels
 
 

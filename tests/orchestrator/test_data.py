@@ -116,7 +116,7 @@ def test_missing_cifar_root_names_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         validate_dataset("cifar100", {"root": str(tmp_path / "nowhere")}, "study.datasets.cifar100")
     assert "study.datasets.cifar100.root" in str(err.value)
-    assert "never downloads" in str(err.value)
+    assert "data.download=true" in str(err.value)
 
 
 def test_unknown_dataset_and_setting_are_config_errors() -> None:
