@@ -13,8 +13,8 @@ import torch
 
 from methods.config import config_record, parse_config
 from methods.errors import ConfigError
-from orchestrator.data import (cifar, cityscapes, digits, imagefolder, imagewoof,  # noqa: F401
-                              seg_synthetic, synthetic, voc)  # (registers)
+from orchestrator.data import (cifar, cifar10_jpeg, cityscapes, digits, imagefolder,  # noqa: F401
+                              imagewoof, seg_synthetic, synthetic, voc)  # (registers)
 from orchestrator.data.errors import DataError, build_named
 from orchestrator.data.loaders import Batch, Data, EvalLoader, TrainLoader
 from orchestrator.data.registry import (DATASETS, DEFAULT_LOADER, DatasetEntry, register_dataset,
@@ -51,8 +51,16 @@ def validate_dataset(dataset_name: str, settings: Mapping[str, Any] | None, fiel
 
 
 def dataset_record(cfg: Any) -> Dict[str, Any]:
-    """``cfg`` as the plain dict a job spec holds (:func:`methods.config.config_record`)."""
-    return config_record(cfg)
+    """``cfg`` as the plain dict a job spec holds (:func:`methods.config.config_record`).
+
+    Settings the Config lists in ``omitted_always`` (how its files are fetched, which does
+    not change them) are left out at any value: they change no job id, and a job reads them
+    back as their defaults.
+    """
+    record = config_record(cfg)
+    for name in getattr(cfg, "omitted_always", ()):
+        record.pop(name, None)
+    return record
 
 
 def build_data(dataset_name: str, settings: Mapping[str, Any] | None, field: str,
