@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kdflow run
 
 test: ffcv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 bench: $(STAMP)
 	$(PY) bench/step.py

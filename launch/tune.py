@@ -296,7 +296,7 @@ def _base_job(graph: JobGraph, study: Mapping[str, Any], search: SearchConfig) -
     if search.method not in (study.get("methods") or {}):
         raise ConfigError("search.method", f"{search.method!r} is not a method of study "
                           f"{graph.study}", allowed=list(study.get("methods") or {}),
-                          fix="pick a study that has it (study=demo has every method)")
+                          fix="pick a study that has it (study=cifar100_benchmark has every method)")
     choice = dict(search.job)
     pairs = study["pairs"]
     pair_index = choice.get("pair", 0)

@@ -48,3 +48,17 @@ def test_stablekd_studies_plan_both_data_fractions(study: str, plan: str, fracti
     for fraction in fractions:
         assert sum("stablekd " in line and f" {fraction} s" in line
                    for line in out.splitlines()) == (12 if study == "stablekd_paper" else 3)
+
+
+def _planned_ids(study: str, tmp_path: Path, capsys) -> set:
+    assert main(["run", f"study={study}", f"output_dir={tmp_path}", "--dry-run"]) == 0
+    rows = capsys.readouterr().out.splitlines()[3:]
+    return {row.split()[0] for row in rows if row[:16].isalnum() and len(row.split()[0]) == 16}
+
+
+def test_the_demo_is_a_subset_of_cifar10_quick(tmp_path: Path, capsys) -> None:
+    """`kdflow run study=cifar10_quick` after `make demo` reuses the demo's teacher and
+    students: the same data, recipes and settings give the same job ids."""
+    demo = _planned_ids("demo", tmp_path, capsys)
+    quick = _planned_ids("cifar10_quick", tmp_path, capsys)
+    assert len(demo) == 16 and demo < quick
