@@ -1,8 +1,10 @@
 """Real CIFAR-10 images for tests and benchmarks, built once and cached outside the clone.
 
 The source is a tar of ``train/<class>/*.jpg`` and ``test/<class>/*.jpg`` (32x32 JPEG files):
-``$KDFLOW_CIFAR10_JPG`` when set, else the 60,000-image archive a checkout next to ``shared/``
-has (``../shared/data/cifar10/cifar10-jpg.tar.xz``), else the 12,000-image sample kdflow ships
+``$KDFLOW_CIFAR10_JPG`` when set, else the 60,000-image archive of the nearest ``shared/``
+folder beside the checkout or beside one of its parent folders
+(``../shared/data/cifar10/cifar10-jpg.tar.xz``, ``../../shared/...``, ...), else the
+12,000-image sample kdflow ships
 (so a fresh machine without ``shared/`` still trains on real photographs). From it this module
 writes, under ``${KDFLOW_DATA_CACHE:-~/.cache/kdflow-data}/cifar10-jpg-<sha256[:16]>/``:
 
@@ -33,8 +35,8 @@ import numpy as np
 from orchestrator.data.cifar10_jpeg import CLASSES, SAMPLE_ARCHIVE, read_jpeg_archive
 
 REPO = Path(__file__).resolve().parents[1]
-#: The full archive next to a checkout that has ``shared/`` beside it.
-SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpg.tar.xz"
+#: Where the full archive lies inside a ``shared/`` folder.
+SHARED_PATH = Path("shared", "data", "cifar10", "cifar10-jpg.tar.xz")
 #: Training batches of the pickled layout (CIFAR-10 has five, of 10,000 images each).
 TRAIN_BATCHES = 5
 
@@ -43,7 +45,8 @@ def source_archive() -> Path:
     """The archive the cache is built from (see the module docstring for the order)."""
     if os.environ.get("KDFLOW_CIFAR10_JPG"):
         return Path(os.environ["KDFLOW_CIFAR10_JPG"])
-    return SHARED_ARCHIVE if SHARED_ARCHIVE.is_file() else SAMPLE_ARCHIVE
+    shared = [folder / SHARED_PATH for folder in REPO.parents if (folder / SHARED_PATH).is_file()]
+    return shared[0] if shared else SAMPLE_ARCHIVE
 
 
 def is_full_archive(archive: Optional[Path] = None) -> bool:
