@@ -5,8 +5,8 @@ Students learn on them through each dataset's real path (a one-job study run by 
 what its README says it is, and FFCV .beton files written by ``kdflow data prepare`` from the
 real files give back what the torchvision loaders read.
 
-The cache comes from the full 60,000-image archive when ``shared/`` is next to the checkout,
-else from the 12,000-image sample kdflow ships; sizes below are chosen per source so that both
+The cache comes from the full 60,000-image archive when a ``shared/`` folder lies beside the
+checkout or one of its parents (:func:`bench.real_data.source_archive`), else from the 12,000-image sample kdflow ships; sizes below are chosen per source so that both
 train about the same number of images (the sample's test split is 200 images a class).
 """
 from __future__ import annotations
