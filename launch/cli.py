@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Type
 
 from methods.errors import ConfigError
 
@@ -47,6 +47,15 @@ cannot be written), and nothing was started
 """
 
 
+def _dataset_action(actions: Any, name: str, text: str, datasets: str,
+                    overrides: str) -> argparse.ArgumentParser:
+    """Add `kdflow data NAME DATASET [overrides]` to ``actions``; returns its parser."""
+    action = actions.add_parser(name, help=text, description=text)
+    action.add_argument("dataset", help=datasets)
+    action.add_argument("overrides", nargs="*", help=f"Hydra overrides: {overrides}")
+    return action
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdflow", description="Knowledge-distillation studies: teachers, students, tables.",
@@ -81,27 +90,21 @@ def _parser() -> argparse.ArgumentParser:
                                          "DATASET`",
                             description="dataset files")
     actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
-    text = ("write DATASET's train and val splits as FFCV .beton files into "
-            "<data.root>/ffcv/<DATASET>/ (finished splits are kept)")
-    prep = actions.add_parser("prepare", help=text, description=text)
-    prep.add_argument("dataset", help="imagefolder, cifar10 or cifar100")
-    prep.add_argument("overrides", nargs="*",
-                      help="Hydra overrides: data.root=..., prepare.max_side=256, "
-                           "prepare.dataset.train_dir=...")
+    prep = _dataset_action(actions, "prepare",
+                           "write DATASET's train and val splits as FFCV .beton files into "
+                           "<data.root>/ffcv/<DATASET>/ (finished splits are kept)",
+                           "imagefolder, cifar10 or cifar100",
+                           "data.root=..., prepare.max_side=256, prepare.dataset.train_dir=...")
     prep.add_argument("--force", action="store_true", help="rewrite splits already written")
-    text = "decode every file of DATASET's splits; list those that cannot be read (exit 1 if any)"
-    check = actions.add_parser("check", help=text, description=text)
-    check.add_argument("dataset", help="imagefolder, imagewoof, cifar10, cifar100, voc or cityscapes")
-    check.add_argument("overrides", nargs="*",
-                       help="Hydra overrides: data.root=..., prepare.workers=4, "
-                            "prepare.dataset.train_dir=...")
-    text = ("fetch DATASET's archive into data.root, verify its checksum and unpack it "
-            "(nothing is fetched when its files are there)")
-    download = actions.add_parser("download", help=text, description=text)
-    download.add_argument("dataset", help="cifar10 or cifar100")
-    download.add_argument("overrides", nargs="*",
-                          help="Hydra overrides: data.root=..., data.mirror.url=..., "
-                               "data.mirror.sha256.cifar10=...")
+    _dataset_action(actions, "check",
+                    "decode every file of DATASET's splits; list those that cannot be read "
+                    "(exit 1 if any)",
+                    "imagefolder, imagewoof, cifar10, cifar100, voc or cityscapes",
+                    "data.root=..., prepare.workers=4, prepare.dataset.train_dir=...")
+    _dataset_action(actions, "download",
+                    "fetch DATASET's archive into data.root, verify its checksum and unpack it "
+                    "(nothing is fetched when its files are there)", "cifar10 or cifar100",
+                    "data.root=..., data.mirror.url=..., data.mirror.sha256.cifar10=...")
     return parser
 
 

@@ -43,9 +43,6 @@ SAMPLE_ARCHIVE = Path(__file__).resolve().parent / "assets" / "cifar10_sample.ta
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck")
 
-SPLITS = {"train": "train", "val": "test"}
-
-
 @dataclass
 class Cifar10JpegConfig(TrainFraction):
     """Settings of ``cifar10_jpeg``.

@@ -7,32 +7,22 @@ ResNet-20 teacher, ResNet-8 alone and with KD, 2 epochs on 20% of the training s
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-REAL_CIFAR_PY = REPO / "bench" / "real_cifar.py"
 SAMPLE = REPO / "orchestrator" / "data" / "assets" / "cifar10_sample.tar.xz"
 ABOVE_CHANCE = 16.0
 
 
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("kdflow_bench_real_cifar", REAL_CIFAR_PY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    return load_bench()
+    import bench.real_cifar
+
+    return bench.real_cifar
 
 
 def test_cpu_run_writes_the_table_and_every_row_learns(bench, tmp_path: Path, capsys) -> None:
