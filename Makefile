@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdflow-installed
 FFCV_STAMP := $(VENV)/.kdflow-ffcv-installed
-DEPS := setup.cfg pyproject.toml
+DEPS := setup.cfg pyproject.toml constraints.txt
 
 .PHONY: demo test install ffcv bench clean
 
@@ -14,7 +14,7 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP): $(PY) $(DEPS)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,7 +23,7 @@ install: $(STAMP)
 # built from source. The library check runs every time: a reused venv needs them at run time.
 $(FFCV_STAMP): $(STAMP)
 	scripts/ffcv-system-deps.sh
-	$(PY) -m pip install --quiet -e '.[test,ffcv]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,ffcv]'
 	touch $(FFCV_STAMP)
 
 ffcv: $(FFCV_STAMP)

@@ -58,9 +58,9 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.data import build_data, validate_dataset  # noqa: E402
-from orchestrator.data.beton import beton_path  # noqa: E402
-from orchestrator.data.prepare import image_settings, prepare  # noqa: E402
+from kdflow.orchestrator.data import build_data, validate_dataset  # noqa: E402
+from kdflow.orchestrator.data.beton import beton_path  # noqa: E402
+from kdflow.orchestrator.data.prepare import image_settings, prepare  # noqa: E402
 from step import cpu_model  # noqa: E402  (bench/ is the script's folder, first on sys.path)
 
 DATASET = "imagefolder"

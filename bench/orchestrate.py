@@ -43,13 +43,13 @@ from typing import Any, Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launch.compose import compose_config  # noqa: E402
-from launch.slurm import submit_study  # noqa: E402
-from launch.slurm_config import parse_slurm_settings  # noqa: E402
-from launch.slurm_queue import SlurmQueue  # noqa: E402
+from kdflow.launch.compose import compose_config  # noqa: E402
+from kdflow.launch.slurm import submit_study  # noqa: E402
+from kdflow.launch.slurm_config import parse_slurm_settings  # noqa: E402
+from kdflow.launch.slurm_queue import SlurmQueue  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from orchestrator.runner import RunOptions  # noqa: E402
-from orchestrator.study import _model_taps, expand_study  # noqa: E402
+from kdflow.orchestrator.runner import RunOptions  # noqa: E402
+from kdflow.orchestrator.study import _model_taps, expand_study  # noqa: E402
 
 SHIMMED = ("sbatch", "squeue", "sacct", "scancel")
 

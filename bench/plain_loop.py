@@ -21,7 +21,7 @@ import torch.utils.data
 from PIL import Image
 from torchvision import transforms
 
-from methods.distillers import Distiller
+from kdflow.methods.distillers import Distiller
 
 
 class PILArrayDataset(torch.utils.data.Dataset):

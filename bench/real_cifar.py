@@ -159,7 +159,7 @@ def kdflow_command(args: argparse.Namespace, device: str, data_root: Path,
     milestones = scaled_milestones(args.epochs)
     compile_mode = args.compile if args.compile != "auto" else (
         "default" if device == "cuda" else "none")
-    cmd = [sys.executable, "-m", "launch.cli", "run", f"study={STUDY}", f"data.root={data_root}",
+    cmd = [sys.executable, "-m", "kdflow.launch.cli", "run", f"study={STUDY}", f"data.root={data_root}",
            f"output_dir={output_dir}", "progress=false",
            f"study.pairs=[{{teacher: {args.teacher}, student: {args.student}}}]"]
     if args.train_fraction != 1.0:

@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from orchestrator.data.cifar10_jpeg import CLASSES, SAMPLE_ARCHIVE, read_jpeg_archive
+from kdflow.orchestrator.data.cifar10_jpeg import CLASSES, SAMPLE_ARCHIVE, read_jpeg_archive
 
 REPO = Path(__file__).resolve().parents[1]
 #: Where the full archive lies inside a ``shared/`` folder.

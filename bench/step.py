@@ -63,17 +63,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.plain_loop import (AverageMeter, PILArrayDataset, forever, plain_loader,  # noqa: E402
                               plain_step, train_transform)
-from methods.config import parse_config  # noqa: E402
-from methods.distillers import DISTILLERS, DataInfo, Distiller  # noqa: E402
-from methods.distillers.stablekd import (RecompositionSchedule, StableKDConfig,  # noqa: E402
+from kdflow.methods.config import parse_config  # noqa: E402
+from kdflow.methods.distillers import DISTILLERS, DataInfo, Distiller  # noqa: E402
+from kdflow.methods.distillers.stablekd import (RecompositionSchedule, StableKDConfig,  # noqa: E402
                                          resolve_num_blocks)
-from methods.models import build_model  # noqa: E402
-from methods.models.blocks import default_num_blocks  # noqa: E402
-from orchestrator.data.tensor_loaders import TensorTrainLoader  # noqa: E402
-from orchestrator.fast_path import (build_optimizer, resolve_fast_path,  # noqa: E402
+from kdflow.methods.models import build_model  # noqa: E402
+from kdflow.methods.models.blocks import default_num_blocks  # noqa: E402
+from kdflow.orchestrator.data.tensor_loaders import TensorTrainLoader  # noqa: E402
+from kdflow.orchestrator.fast_path import (build_optimizer, resolve_fast_path,  # noqa: E402
                                     step_forward)
-from orchestrator.loss_guard import LossGuard  # noqa: E402
-from orchestrator.recipe import Recipe  # noqa: E402
+from kdflow.orchestrator.loss_guard import LossGuard  # noqa: E402
+from kdflow.orchestrator.recipe import Recipe  # noqa: E402
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4

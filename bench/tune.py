@@ -36,11 +36,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from launch.cli import Session  # noqa: E402
-from launch.search_space import apply_settings  # noqa: E402
-from launch.tune import _init_ray, _train_teacher, plan_search, run_search  # noqa: E402
-from orchestrator.runner import RunOptions, run_job  # noqa: E402
-from orchestrator.store import JobStore  # noqa: E402
+from kdflow.launch.cli import Session  # noqa: E402
+from kdflow.launch.search_space import apply_settings  # noqa: E402
+from kdflow.launch.tune import _init_ray, _train_teacher, plan_search, run_search  # noqa: E402
+from kdflow.orchestrator.runner import RunOptions, run_job  # noqa: E402
+from kdflow.orchestrator.store import JobStore  # noqa: E402
 
 
 def overrides(output_dir: Path, epochs: int) -> List[str]:

@@ -9,12 +9,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Type
 
-from methods.errors import ConfigError
+from kdflow.methods.errors import ConfigError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from launch.launchers import StudyRun
+    from kdflow.launch.launchers import StudyRun
 
 USAGE_EXAMPLES = """examples:
   kdflow run                                   the demo study (digits; KD, FitNet, CRD)
@@ -118,11 +118,11 @@ class Session:
     """
 
     def __init__(self, cfg: "DictConfig", require_data: bool = True, point: str = "") -> None:
-        from launch.launchers import build_launcher
-        from orchestrator.rerun import RerunRequest
-        from orchestrator.store import JobStore
-        from orchestrator.study import expand_study
-        from orchestrator.tracking import resolve_tracking_uri
+        from kdflow.launch.launchers import build_launcher
+        from kdflow.orchestrator.rerun import RerunRequest
+        from kdflow.orchestrator.store import JobStore
+        from kdflow.orchestrator.study import expand_study
+        from kdflow.orchestrator.tracking import resolve_tracking_uri
         from omegaconf import OmegaConf
 
         self.cfg = cfg
@@ -138,7 +138,7 @@ class Session:
 
     @classmethod
     def compose(cls, overrides: List[str], require_data: bool = True, point: str = "") -> "Session":
-        from launch.compose import compose_config
+        from kdflow.launch.compose import compose_config
 
         session = cls(compose_config(overrides), require_data, point)
         session.overrides = list(overrides)
@@ -149,8 +149,8 @@ class Session:
         return Path(self.output_dir) / "reports" / self.graph.study / self.point
 
     def study_run(self) -> "StudyRun":
-        from launch.launchers import StudyRun
-        from orchestrator.runner import RunOptions
+        from kdflow.launch.launchers import StudyRun
+        from kdflow.orchestrator.runner import RunOptions
 
         options = RunOptions(tracking_uri=self.tracking_uri, experiment=self.graph.study,
                              progress=bool(self.plain.get("progress", True)))
@@ -158,7 +158,7 @@ class Session:
 
 
 def _run(session: Session) -> int:
-    from orchestrator.rerun import prepare_rerun
+    from kdflow.orchestrator.rerun import prepare_rerun
 
     jobs = session.graph.jobs
     print(f"study {session.graph.study}: {len(jobs)} jobs "
@@ -175,8 +175,8 @@ def _print_lines(text: str) -> None:
 def _plan(session: Session) -> int:
     from collections import Counter
 
-    from orchestrator.rerun import prepare_rerun
-    from orchestrator.status import status_table
+    from kdflow.orchestrator.rerun import prepare_rerun
+    from kdflow.orchestrator.status import status_table
 
     stages = Counter(job.stage for job in session.graph.jobs)
     todo = sum(not session.store.is_done(job.job_id) for job in session.graph.jobs)
@@ -190,7 +190,7 @@ def _plan(session: Session) -> int:
 
 
 def _status(session: Session) -> int:
-    from orchestrator.status import status_table
+    from kdflow.orchestrator.status import status_table
 
     print(status_table(session.graph, session.store, session.launcher.views(session.study_run())))
     return 0
@@ -201,7 +201,7 @@ def _cancel(session: Session) -> int:
 
 
 def _report(session: Session) -> int:
-    from orchestrator.report import write_report
+    from kdflow.orchestrator.report import write_report
 
     print(write_report(session.graph, session.store, session.report_dir))
     print(f"written to {session.report_dir}")
@@ -209,13 +209,13 @@ def _report(session: Session) -> int:
 
 
 def _tune(session: Session) -> int:
-    from launch.tune import plan_search, run_search
+    from kdflow.launch.tune import plan_search, run_search
 
     return run_search(plan_search(session))
 
 
 def _sync(session: Session) -> int:
-    from launch.tracking_cli import sync_command
+    from kdflow.launch.tracking_cli import sync_command
 
     return sync_command(session)
 
@@ -242,7 +242,7 @@ def check_output_dir(output_dir: str, writes: bool) -> None:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from launch.data_cli import check_command, download_command, prepare_command
+    from kdflow.launch.data_cli import check_command, download_command, prepare_command
 
     actions = {"prepare": lambda: prepare_command(args.dataset, args.overrides, args.force),
                "check": lambda: check_command(args.dataset, args.overrides),
@@ -269,7 +269,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.verb == "data":
         return _data(args)
     if args.verb == "tune":
-        from launch.tune import tune_overrides
+        from kdflow.launch.tune import tune_overrides
 
         args.overrides = tune_overrides(args.overrides)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the bars
@@ -279,8 +279,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         dry_run = getattr(args, "dry_run", False)
         points = [(args.overrides, "")]
         if args.multirun:
-            from launch.compose import check_overrides
-            from launch.multirun import sweep_points
+            from kdflow.launch.compose import check_overrides
+            from kdflow.launch.multirun import sweep_points
 
             check_overrides(args.overrides)  # names the override Hydra cannot parse
             points = sweep_points(args.overrides)
@@ -294,7 +294,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for session in sessions:
             check_output_dir(session.output_dir, writes=args.verb != "status" and not dry_run)
         if args.verb == "server":
-            from launch.tracking_cli import server_command
+            from kdflow.launch.tracking_cli import server_command
 
             server_command(sessions[0], args.host, args.port, args.workers)
         codes = []
@@ -315,8 +315,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _runtime_faults() -> Tuple[Type[BaseException], ...]:
     """The faults of the machine rather than of the input, reported as one line and exit 1:
     a full disk (:class:`orchestrator.atomic.DiskFull`), a SLURM cluster that does not answer."""
-    from launch.slurm_queue import SlurmUnreachable
-    from orchestrator.atomic import DiskFull
+    from kdflow.launch.slurm_queue import SlurmUnreachable
+    from kdflow.orchestrator.atomic import DiskFull
 
     return DiskFull, SlurmUnreachable
 

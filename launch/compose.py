@@ -11,9 +11,9 @@ from urllib.parse import urlparse
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-import configs
-from methods.config import require_one_line
-from methods.errors import ConfigError
+from kdflow import configs
+from kdflow.methods.config import require_one_line
+from kdflow.methods.errors import ConfigError
 
 CONFIG_DIR = Path(configs.__file__).parent
 #: URI schemes MLflow can store runs under ("" is a local folder).
@@ -159,7 +159,7 @@ def _resolved(cfg: DictConfig) -> Mapping[str, Any]:
 def check_settings(cfg: Mapping[str, Any]) -> None:
     """The top-level settings (``output_dir``, ``tracking_uri``, ``progress``, ``data.loader``)
     have the right kind of value; ConfigError naming the first that does not."""
-    from orchestrator.data.registry import loader_names
+    from kdflow.orchestrator.data.registry import loader_names
 
     output_dir = cfg.get("output_dir")
     if not isinstance(output_dir, str) or not output_dir.strip():

@@ -11,17 +11,17 @@ from __future__ import annotations
 import os
 from typing import Any, List, Tuple
 
-from methods.errors import ConfigError
+from kdflow.methods.errors import ConfigError
 
 
 def prepare_command(dataset: str, overrides: List[str], force: bool) -> int:
     """Validate everything, then write the train and val .beton files; 0 on success."""
     from omegaconf import OmegaConf
 
-    from launch.compose import compose_config
-    from orchestrator.data import DataError, validate_dataset
-    from orchestrator.data.loader_choice import FFCV_INSTALL, ffcv_import_error
-    from orchestrator.data.prepare import SOURCES, PrepareError, image_settings, prepare
+    from kdflow.launch.compose import compose_config
+    from kdflow.orchestrator.data import DataError, validate_dataset
+    from kdflow.orchestrator.data.loader_choice import FFCV_INSTALL, ffcv_import_error
+    from kdflow.orchestrator.data.prepare import SOURCES, PrepareError, image_settings, prepare
 
     SOURCES.get(dataset, "dataset")
     cfg = compose_config([f"+dataset@prepare.dataset={dataset}", *overrides])
@@ -47,7 +47,7 @@ def check_command(dataset: str, overrides: List[str], progress: bool = True) -> 
     """Decode every file of ``dataset``'s splits and list the unreadable ones with their
     reasons: 0 when all are readable (or the dataset has no files), 1 otherwise. A tree that
     is missing or malformed raises ConfigError (fields under ``prepare.dataset.``)."""
-    from orchestrator.data.scan import scan_files
+    from kdflow.orchestrator.data.scan import scan_files
 
     dataset_cfg, workers = _check_settings(dataset, overrides)
     list_files = getattr(dataset_cfg, "data_files", None)
@@ -77,8 +77,8 @@ def download_command(dataset: str, overrides: List[str]) -> int:
     ConfigError (fields under ``prepare.dataset.``) and keeps nothing."""
     from omegaconf import OmegaConf
 
-    from launch.compose import compose_config
-    from orchestrator.data import DATASETS, validate_dataset
+    from kdflow.launch.compose import compose_config
+    from kdflow.orchestrator.data import DATASETS, validate_dataset
 
     fetchable = [name for name in DATASETS if hasattr(DATASETS.get(name).Config, "fetch")]
     if dataset not in fetchable:
@@ -102,9 +102,9 @@ def _check_settings(dataset: str, overrides: List[str]) -> Tuple[Any, int]:
     number of decoding processes (``prepare.workers``; 0 decodes in this process)."""
     from omegaconf import OmegaConf
 
-    from launch.compose import compose_config
-    from orchestrator.data import DATASETS, validate_dataset
-    from orchestrator.data.checks import require_int
+    from kdflow.launch.compose import compose_config
+    from kdflow.orchestrator.data import DATASETS, validate_dataset
+    from kdflow.orchestrator.data.checks import require_int
 
     DATASETS.get(dataset, "dataset")
     cfg = compose_config([f"+dataset@prepare.dataset={dataset}", *overrides])

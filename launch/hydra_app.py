@@ -19,15 +19,15 @@ from typing import Dict
 import hydra
 from omegaconf import DictConfig
 
-from launch.compose import CONFIG_DIR
+from kdflow.launch.compose import CONFIG_DIR
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> Dict[str, float]:
-    from launch.cli import Session
-    from launch.local import run_local
-    from orchestrator.metrics import headline
-    from orchestrator.rerun import prepare_rerun
+    from kdflow.launch.cli import Session
+    from kdflow.launch.local import run_local
+    from kdflow.orchestrator.metrics import headline
+    from kdflow.orchestrator.rerun import prepare_rerun
 
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     workers = int(cpus) if cpus else cfg.launcher.get("workers")
@@ -54,7 +54,7 @@ def _sweep_point() -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from launch.multirun import point_name
+    from kdflow.launch.multirun import point_name
 
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:

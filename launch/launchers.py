@@ -10,16 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Protocol
 
-from methods.errors import ConfigError
-from methods.registry import Registry
-from orchestrator.report import write_report
-from orchestrator.runner import RunOptions
-from orchestrator.status import SchedulerView, status_table
-from orchestrator.store import JobStore
-from orchestrator.study import JobGraph
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.registry import Registry
+from kdflow.orchestrator.report import write_report
+from kdflow.orchestrator.runner import RunOptions
+from kdflow.orchestrator.status import SchedulerView, status_table
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import JobGraph
 
 if TYPE_CHECKING:
-    from launch.local import Summary
+    from kdflow.launch.local import Summary
 
 
 @dataclass
@@ -38,7 +38,7 @@ class StudyRun:
     def prepare_tracking(self) -> None:
         """Create the study's MLflow experiment (a warning if the store is unreachable): once
         the launcher has accepted the study, so a refused one leaves no tracking store."""
-        from orchestrator.tracking import prepare_experiment
+        from kdflow.orchestrator.tracking import prepare_experiment
 
         if self.options.tracking_uri:
             prepare_experiment(self.options.tracking_uri, self.options.experiment)
@@ -99,7 +99,7 @@ class LocalLauncher(ForegroundLauncher):
                               fix="set launcher.workers=2, or null for one per core")
 
     def run_graph(self, study: StudyRun) -> "Summary":
-        from launch.local import run_local
+        from kdflow.launch.local import run_local
 
         return run_local(study.graph, study.output_dir, study.options, self.workers)
 
@@ -109,13 +109,13 @@ class SlurmLauncher:
     """Submits the graph as job arrays and returns (``wait: true`` stays with a progress bar)."""
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        from launch.slurm_config import parse_slurm_settings
+        from kdflow.launch.slurm_config import parse_slurm_settings
 
         self.settings = parse_slurm_settings(settings)
 
     def run(self, study: StudyRun) -> int:
-        from launch.slurm import submit_study, wait_for_study
-        from launch.slurm_queue import SlurmQueue
+        from kdflow.launch.slurm import submit_study, wait_for_study
+        from kdflow.launch.slurm_queue import SlurmQueue
 
         queue = SlurmQueue()
         submission = submit_study(study.graph, study.output_dir, study.options, self.settings, queue,
@@ -133,15 +133,15 @@ class SlurmLauncher:
         return 0 if all(view.status == "done" for view in views.values()) else 1
 
     def views(self, study: StudyRun) -> Dict[str, SchedulerView]:
-        from launch.slurm import reconcile
-        from launch.slurm_queue import SlurmQueue, require_slurm
+        from kdflow.launch.slurm import reconcile
+        from kdflow.launch.slurm_queue import SlurmQueue, require_slurm
 
         require_slurm()
         return reconcile(study.graph, study.store, SlurmQueue())
 
     def cancel(self, study: StudyRun) -> int:
-        from launch.slurm import cancel_study
-        from launch.slurm_queue import require_slurm
+        from kdflow.launch.slurm import cancel_study
+        from kdflow.launch.slurm_queue import require_slurm
 
         require_slurm()
         cancelled = cancel_study(study.graph, study.store)
@@ -157,12 +157,12 @@ class RayLauncher(ForegroundLauncher):
     name = "ray"
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        from launch.ray_config import parse_ray_settings
+        from kdflow.launch.ray_config import parse_ray_settings
 
         self.settings = parse_ray_settings(settings)
 
     def run_graph(self, study: StudyRun) -> "Summary":
-        from launch.ray_engine import run_ray
+        from kdflow.launch.ray_engine import run_ray
 
         return run_ray(study.graph, study.output_dir, study.options, self.settings)
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Dict, List, Optional
 
-from orchestrator.runner import JobInterrupted, RunOptions, run_job_in_store
-from orchestrator.store import JobStore
-from orchestrator.study import JobGraph
+from kdflow.orchestrator.runner import JobInterrupted, RunOptions, run_job_in_store
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import JobGraph
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import List, Tuple
 
-from methods.errors import ConfigError
+from kdflow.methods.errors import ConfigError
 
 
 def sweep_points(overrides: List[str]) -> List[Tuple[List[str], str]]:

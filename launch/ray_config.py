@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
-from methods.config import parse_config, require_non_negative, require_positive
-from methods.errors import ConfigError
-from launch.stages import check_stages, stage_resources
+from kdflow.methods.config import parse_config, require_non_negative, require_positive
+from kdflow.methods.errors import ConfigError
+from kdflow.launch.stages import check_stages, stage_resources
 
 
 @dataclass

@@ -15,13 +15,13 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterator, List, Optional
 
-from launch.local import Summary
-from launch.ray_config import RaySettings
-from methods.errors import ConfigError
-from orchestrator.runner import JobInterrupted, RunOptions, run_job_in_store
-from orchestrator.spec import JobSpec
-from orchestrator.store import JobStore
-from orchestrator.study import JobGraph
+from kdflow.launch.local import Summary
+from kdflow.launch.ray_config import RaySettings
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.runner import JobInterrupted, RunOptions, run_job_in_store
+from kdflow.orchestrator.spec import JobSpec
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import JobGraph
 
 # how long Ctrl-C waits for the running jobs to write their checkpoints, in seconds
 CANCEL_GRACE_S = 60.0

@@ -18,11 +18,11 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
-from methods.config import parse_config
-from methods.distillers import DISTILLERS
-from methods.errors import ConfigError
-from orchestrator.recipe import Recipe
-from orchestrator.spec import JobSpec
+from kdflow.methods.config import parse_config
+from kdflow.methods.distillers import DISTILLERS
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.recipe import Recipe
+from kdflow.orchestrator.spec import JobSpec
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from launch.slurm_config import SlurmSettings
-from methods.errors import ConfigError
-from launch.slurm_plan import ArrayPlan, plan_arrays
-from launch.slurm_queue import QueueEntry, SlurmQueue, require_slurm
-from launch.slurm_task import StoreTask
-from orchestrator.runner import RunOptions
-from orchestrator.store import JobStore
-from orchestrator.study import JobGraph
+from kdflow.launch.slurm_config import SlurmSettings
+from kdflow.methods.errors import ConfigError
+from kdflow.launch.slurm_plan import ArrayPlan, plan_arrays
+from kdflow.launch.slurm_queue import QueueEntry, SlurmQueue, require_slurm
+from kdflow.launch.slurm_task import StoreTask
+from kdflow.orchestrator.runner import RunOptions
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import JobGraph
 
 
 @dataclass

@@ -5,10 +5,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from methods.config import parse_config, require_one_line, require_positive
-from methods.errors import ConfigError
-from launch.stages import check_stages, stage_resources
-from orchestrator.data.checks import require_bool, require_int
+from kdflow.methods.config import parse_config, require_one_line, require_positive
+from kdflow.methods.errors import ConfigError
+from kdflow.launch.stages import check_stages, stage_resources
+from kdflow.orchestrator.data.checks import require_bool, require_int
 
 #: sbatch flags kdflow sets itself: ``additional`` may not set them too. Flag -> the typed
 #: setting that sets it, or None for those kdflow sets for its arrays, logs and dependencies.

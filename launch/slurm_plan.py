@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Set
 
-from launch.slurm_config import Resources
-from orchestrator.study import JobGraph
+from kdflow.launch.slurm_config import Resources
+from kdflow.orchestrator.study import JobGraph
 
 
 @dataclass

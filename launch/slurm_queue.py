@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from methods.errors import ConfigError
+from kdflow.methods.errors import ConfigError
 
 # squeue states of a job that will still run (or runs): it must not be submitted again
 LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",

@@ -20,10 +20,10 @@ from typing import Any, Dict, Optional
 
 from submitit.helpers import Checkpointable
 
-from orchestrator.distributed import DistEnv, detect_env
-from orchestrator.metrics import headline
-from orchestrator.runner import JobInterrupted, RunOptions, run_job
-from orchestrator.store import JobStore
+from kdflow.orchestrator.distributed import DistEnv, detect_env
+from kdflow.orchestrator.metrics import headline
+from kdflow.orchestrator.runner import JobInterrupted, RunOptions, run_job
+from kdflow.orchestrator.store import JobStore
 
 log = logging.getLogger("kdflow.slurm")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Type, TypeVar
 
-from methods.config import parse_config
-from methods.errors import ConfigError
-from orchestrator.spec import STAGES
+from kdflow.methods.config import parse_config
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.spec import STAGES
 
 R = TypeVar("R")
 

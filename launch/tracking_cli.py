@@ -14,10 +14,10 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, NoReturn
 
-from methods.errors import ConfigError
+from kdflow.methods.errors import ConfigError
 
 if TYPE_CHECKING:
-    from launch.cli import Session
+    from kdflow.launch.cli import Session
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -51,8 +51,8 @@ def describe_sent(records: List[Dict[str, Any]]) -> str:
 
 def sync_command(session: "Session") -> int:
     """Send every job's kept tracking calls; 0 when all went out, 1 when the server is down."""
-    from orchestrator.tracking import reachability_problem, redact, sync_job
-    from orchestrator.tracking_outbox import OUTBOX_FILE
+    from kdflow.orchestrator.tracking import reachability_problem, redact, sync_job
+    from kdflow.orchestrator.tracking_outbox import OUTBOX_FILE
 
     uri = redact(session.tracking_uri)  # shown; the session's URI is the one used
     problem = reachability_problem(session.tracking_uri)
@@ -90,7 +90,7 @@ def sync_command(session: "Session") -> int:
 
 def server_command(session: "Session", host: str, port: int, workers: int) -> NoReturn:
     """Replace this process with ``mlflow server`` on ``host:port`` over the study's store."""
-    from orchestrator.tracking import redact
+    from kdflow.orchestrator.tracking import redact
 
     uri = session.tracking_uri
     if not uri.startswith("sqlite:///"):

@@ -21,18 +21,18 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 
 import yaml
 
-from launch.search_space import Param, apply_settings, flat_settings, parse_space, run_overrides, tune_space
-from methods.config import parse_config, require_positive
-from methods.errors import ConfigError
-from orchestrator.atomic import atomic_write
-from orchestrator.checkpoint import init_checkpoint_path, latest_checkpoint_path
-from orchestrator.runner import JobInterrupted, RunOptions, run_job
-from orchestrator.spec import JobSpec
-from orchestrator.store import JobStore
-from orchestrator.study import JobGraph
+from kdflow.launch.search_space import Param, apply_settings, flat_settings, parse_space, run_overrides, tune_space
+from kdflow.methods.config import parse_config, require_positive
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.atomic import atomic_write
+from kdflow.orchestrator.checkpoint import init_checkpoint_path, latest_checkpoint_path
+from kdflow.orchestrator.runner import JobInterrupted, RunOptions, run_job
+from kdflow.orchestrator.spec import JobSpec
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import JobGraph
 
 if TYPE_CHECKING:
-    from launch.cli import Session
+    from kdflow.launch.cli import Session
 
 METRICS = ("val/top1", "val/top5", "val/miou", "val/pixel_acc", "train/loss")
 MODES = ("max", "min")
@@ -286,7 +286,7 @@ def plan_search(session: "Session") -> SearchPlan:
 
 
 def _search_names() -> List[str]:
-    from launch.compose import group_options
+    from kdflow.launch.compose import group_options
 
     return group_options("search")
 
@@ -397,7 +397,7 @@ class _EpochReporter:
             return
         from mlflow.tracking import MlflowClient
 
-        from orchestrator.tracking import _retry
+        from kdflow.orchestrator.tracking import _retry
 
         run_id = self.store.state(self.spec.job_id).mlflow_run_id
         if run_id:
@@ -503,7 +503,7 @@ def _parent_run(plan: SearchPlan) -> str:
     """The search's MLflow run (the same run again when the search resumes); its id."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import _retry, ensure_experiment, flatten
+    from kdflow.orchestrator.tracking import _retry, ensure_experiment, flatten
 
     saved = plan.search_dir / PARENT_RUN_FILE
     client = MlflowClient(plan.tracking_uri)
@@ -558,7 +558,7 @@ def _checkpoints_kept(search: SearchConfig) -> Optional[int]:
 
 def _train_teacher(plan: SearchPlan) -> bool:
     """Train (or reuse) the teacher jobs the tuned job needs, before any trial; True if done."""
-    from launch.local import run_local
+    from kdflow.launch.local import run_local
 
     by_id = plan.graph.by_id()
     needed: List[JobSpec] = []
@@ -595,7 +595,7 @@ def run_search(plan: SearchPlan) -> int:
     """
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import ensure_experiment
+    from kdflow.orchestrator.tracking import ensure_experiment
 
     print(f"search {plan.search.name}: tuning {plan.base.title} (job {plan.base.job_id}), "
           f"{plan.expected_trials} trials, outputs in {plan.search_dir}")

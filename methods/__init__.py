@@ -2,10 +2,10 @@
 
 ``import methods`` needs only torch and torchvision; the registries below are filled on import.
 """
-from methods.errors import ConfigError
-from methods.features import Features, TapShapes
-from methods.models import MODELS, TappedModel, build_model, probe_taps
-from methods.distillers import DISTILLERS, DataInfo, Distiller
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import Features, TapShapes
+from kdflow.methods.models import MODELS, TappedModel, build_model, probe_taps
+from kdflow.methods.distillers import DISTILLERS, DataInfo, Distiller
 
 __all__ = [
     "ConfigError", "Features", "TapShapes", "MODELS", "TappedModel", "build_model", "probe_taps",

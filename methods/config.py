@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any, Dict, Mapping, Type, TypeVar, Union
 
-from methods.errors import ConfigError
+from kdflow.methods.errors import ConfigError
 
 C = TypeVar("C")
 

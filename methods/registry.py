@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Generic, Iterator, TypeVar
 
-from methods.errors import ConfigError
+from kdflow.methods.errors import ConfigError
 
 T = TypeVar("T")
 

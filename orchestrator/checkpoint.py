@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from orchestrator.atomic import atomic_write
+from kdflow.orchestrator.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 KEEP = 2

@@ -26,9 +26,9 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from methods.distillers import Distiller
-from methods.distillers.base import LossTerms
-from orchestrator.recipe import Recipe
+from kdflow.methods.distillers import Distiller
+from kdflow.methods.distillers.base import LossTerms
+from kdflow.orchestrator.recipe import Recipe
 
 #: ``Recipe.compile`` -> torch.compile mode, without and with CUDA graphs.
 COMPILE_MODES: Dict[str, Tuple[str, str]] = {

@@ -11,8 +11,8 @@ from typing import Dict
 
 import torch
 
-from methods.registry import Registry
-from methods.tasks import CLASSIFICATION, IGNORE_INDEX, SEGMENTATION
+from kdflow.methods.registry import Registry
+from kdflow.methods.tasks import CLASSIFICATION, IGNORE_INDEX, SEGMENTATION
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,

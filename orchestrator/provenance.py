@@ -44,16 +44,19 @@ from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import torch
 
-from orchestrator.checkpoint import DIGEST_LENGTH, SEAL_LENGTH, SEAL_MAGIC
-from orchestrator.spec import JobSpec
+from kdflow.orchestrator.checkpoint import DIGEST_LENGTH, SEAL_LENGTH, SEAL_MAGIC
+from kdflow.orchestrator.spec import JobSpec
 
-#: The folder holding kdflow's packages (``methods/``, ``orchestrator/``...).
+#: The folder holding kdflow's packages (``methods/``, ``orchestrator/``...): the repository
+#: root in a checkout, ``site-packages/kdflow`` in an installed copy.
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
+#: The namespace kdflow's packages are imported under; module ``kdflow.a.b`` is ``a/b.py``.
+NAMESPACE = "kdflow."
 #: Imports of these packages (and their modules) are followed when closing the roots.
-CLOSURE_SCOPE = ("methods", "orchestrator.data")
+CLOSURE_SCOPE = ("kdflow.methods", "kdflow.orchestrator.data")
 #: The training step every job runs: in every digest, not closed over its imports.
-TRAINING_STEP = ("orchestrator.runner", "orchestrator.recipe", "orchestrator.fast_path",
-                 "orchestrator.loss_guard", "orchestrator.distributed", "orchestrator.metrics")
+TRAINING_STEP = tuple(f"kdflow.orchestrator.{name}" for name in (
+    "runner", "recipe", "fast_path", "loss_guard", "distributed", "metrics"))
 #: The distribution whose version is recorded (setup.cfg's ``name``).
 DISTRIBUTION = "kdflow"
 #: Seconds a ``git`` call may take before it is given up (the commit is then not recorded).
@@ -62,10 +65,10 @@ GIT_TIMEOUT_S = 3.0
 
 def job_modules(spec: JobSpec) -> Tuple[str, ...]:
     """The root modules of ``spec``'s code digest (item 1 of the module docstring), sorted."""
-    from methods.distillers import DISTILLERS
-    from methods.models import MODELS
-    from orchestrator.data import DATASETS
-    from orchestrator.data.registry import DEFAULT_LOADER
+    from kdflow.methods.distillers import DISTILLERS
+    from kdflow.methods.models import MODELS
+    from kdflow.orchestrator.data import DATASETS
+    from kdflow.orchestrator.data.registry import DEFAULT_LOADER
 
     roots = {DISTILLERS.get(spec.method).__module__}
     roots |= {_defined_in(MODELS.get(name).builder) for name in (spec.model, spec.teacher) if name}
@@ -125,7 +128,9 @@ def closure_files(root: Path, roots: Tuple[str, ...]) -> Tuple[Tuple[str, str], 
 def _module_file(root: Path, module: str) -> Optional[str]:
     """The path of ``module``'s source relative to ``root`` (its ``__init__.py`` for a
     package); None when it is not a source file there (not kdflow's own)."""
-    base = module.replace(".", "/")
+    if not module.startswith(NAMESPACE):
+        return None
+    base = module[len(NAMESPACE):].replace(".", "/")
     for relative in (f"{base}.py", f"{base}/__init__.py"):
         if (root / relative).is_file():
             return relative

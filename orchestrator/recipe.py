@@ -5,8 +5,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional, Tuple, Union
 
-from methods.config import require_non_negative, require_number, require_positive
-from methods.errors import ConfigError
+from kdflow.methods.config import require_non_negative, require_number, require_positive
+from kdflow.methods.errors import ConfigError
 
 AUTO = "auto"
 AMP_MODES = (AUTO, "none", "bf16")

@@ -14,18 +14,18 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from methods.distillers import DISTILLERS
-from methods.tasks import CLASSIFICATION, SEGMENTATION
-from orchestrator.data import DATASETS
-from orchestrator.atomic import replace_files
-from orchestrator.metrics import primary_metric
-from orchestrator.report_footer import STALE_MARK, provenance_footer
-from orchestrator.runner import VAL_SAMPLES
-from orchestrator.seg_figure import draw_samples
-from orchestrator.spec import JobSpec
-from orchestrator.staleness import Staleness, assess
-from orchestrator.store import JobStore
-from orchestrator.study import JobGraph
+from kdflow.methods.distillers import DISTILLERS
+from kdflow.methods.tasks import CLASSIFICATION, SEGMENTATION
+from kdflow.orchestrator.data import DATASETS
+from kdflow.orchestrator.atomic import replace_files
+from kdflow.orchestrator.metrics import primary_metric
+from kdflow.orchestrator.report_footer import STALE_MARK, provenance_footer
+from kdflow.orchestrator.runner import VAL_SAMPLES
+from kdflow.orchestrator.seg_figure import draw_samples
+from kdflow.orchestrator.spec import JobSpec
+from kdflow.orchestrator.staleness import Staleness, assess
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import JobGraph
 
 TEACHER_ROW = "teacher"
 VARIANT_SEP = " | "  # row keys: "<method> | <setting=value, ...>"

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from orchestrator.staleness import Staleness
+from kdflow.orchestrator.staleness import Staleness
 
 if TYPE_CHECKING:
-    from orchestrator.report import Cell, Column
+    from kdflow.orchestrator.report import Cell, Column
 
 #: The mark of a table cell that holds stale results.
 STALE_MARK = "†"

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Tuple
 
-from methods.errors import ConfigError
-from orchestrator.spec import STAGES, JobSpec
-from orchestrator.staleness import Staleness, assess
-from orchestrator.store import JobStore
-from orchestrator.study import JobGraph
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.spec import STAGES, JobSpec
+from kdflow.orchestrator.staleness import Staleness, assess
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import JobGraph
 
 KEYWORDS = ("stale", "failed", "all")
 SELECTORS = ("method", "stage", "job")

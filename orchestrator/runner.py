@@ -34,24 +34,24 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from methods.config import parse_config
-from methods.distillers import DISTILLERS, Distiller
-from methods.tasks import SEGMENTATION
-from orchestrator.atomic import atomic_write, remove_partial_writes, write_json
-from orchestrator.checkpoint import (CheckpointRejected, checkpoint_path, init_checkpoint_path,
+from kdflow.methods.config import parse_config
+from kdflow.methods.distillers import DISTILLERS, Distiller
+from kdflow.methods.tasks import SEGMENTATION
+from kdflow.orchestrator.atomic import atomic_write, remove_partial_writes, write_json
+from kdflow.orchestrator.checkpoint import (CheckpointRejected, checkpoint_path, init_checkpoint_path,
                                      load_latest_checkpoint, read_sealed, save_checkpoint,
                                      write_sealed)
-from orchestrator.data import Data, build_data, validate_dataset
-from orchestrator.distributed import ALONE, DistEnv, Ranks, process_group
-from orchestrator.fast_path import (FastPath, autocast, build_optimizer, resolve_fast_path,
+from kdflow.orchestrator.data import Data, build_data, validate_dataset
+from kdflow.orchestrator.distributed import ALONE, DistEnv, Ranks, process_group
+from kdflow.orchestrator.fast_path import (FastPath, autocast, build_optimizer, resolve_fast_path,
                                     step_forward)
-from orchestrator.loss_guard import TOTAL, LossGuard, nonfinite_tensors, weights_fault
-from orchestrator.metrics import TASK_METRICS, primary_metric
-from orchestrator.provenance import job_provenance, provenance_tags, weights_fingerprint
-from orchestrator.recipe import Recipe
-from orchestrator.spec import JobSpec
-from orchestrator.store import JobStore
-from orchestrator.tracking import JobTracker
+from kdflow.orchestrator.loss_guard import TOTAL, LossGuard, nonfinite_tensors, weights_fault
+from kdflow.orchestrator.metrics import TASK_METRICS, primary_metric
+from kdflow.orchestrator.provenance import job_provenance, provenance_tags, weights_fingerprint
+from kdflow.orchestrator.recipe import Recipe
+from kdflow.orchestrator.spec import JobSpec
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.tracking import JobTracker
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 #: In a multi-process run, the ranks compare the signals they received every this many steps

@@ -6,7 +6,7 @@ from typing import List, Tuple
 
 import torch
 
-from methods.tasks import IGNORE_INDEX
+from kdflow.methods.tasks import IGNORE_INDEX
 
 
 def palette(num_colours: int = 256) -> torch.Tensor:

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from orchestrator.provenance import code_files, digest_of, weights_fingerprint
-from orchestrator.spec import JobSpec
-from orchestrator.store import JobStore
-from orchestrator.study import JobGraph
+from kdflow.orchestrator.provenance import code_files, digest_of, weights_fingerprint
+from kdflow.orchestrator.spec import JobSpec
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import JobGraph
 
 #: The kinds of reasons, and how the summary line words each.
 CODE, NO_PROVENANCE, TEACHER = "code", "no provenance", "teacher"

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Protocol
 
-from orchestrator.staleness import assess
-from orchestrator.store import JobStore
-from orchestrator.study import JobGraph
+from kdflow.orchestrator.staleness import assess
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import JobGraph
 
 
 class SchedulerView(Protocol):

@@ -11,13 +11,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
-from methods.errors import ConfigError
-from methods.tasks import CLASSIFICATION
-from orchestrator.atomic import read_json, write_json
-from orchestrator.checkpoint import REJECTED_SUFFIX, ends_without_comment, seal_digests
-from orchestrator.metrics import primary_metric
-from orchestrator.spec import JobSpec
-from orchestrator.tracking_outbox import LOCK_FILE as OUTBOX_LOCK
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.tasks import CLASSIFICATION
+from kdflow.orchestrator.atomic import read_json, write_json
+from kdflow.orchestrator.checkpoint import REJECTED_SUFFIX, ends_without_comment, seal_digests
+from kdflow.orchestrator.metrics import primary_metric
+from kdflow.orchestrator.spec import JobSpec
+from kdflow.orchestrator.tracking_outbox import LOCK_FILE as OUTBOX_LOCK
 
 # pending: recorded, never submitted; queued: submitted to a scheduler, not started yet;
 # cancelled: taken out of a scheduler's queue before it finished (a re-run submits it again).

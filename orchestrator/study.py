@@ -7,15 +7,15 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping
 
-from methods.config import config_record, parse_config, require_one_line
-from methods.distillers import DISTILLERS, TeacherRequest
-from methods.features import TapShapes
-from methods.errors import ConfigError
-from methods.models import MODELS, build_model, probe_taps
-from methods.tasks import CLASSIFICATION
-from orchestrator.data import dataset_record, validate_dataset
-from orchestrator.recipe import Recipe
-from orchestrator.spec import STAGES, JobSpec
+from kdflow.methods.config import config_record, parse_config, require_one_line
+from kdflow.methods.distillers import DISTILLERS, TeacherRequest
+from kdflow.methods.features import TapShapes
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.models import MODELS, build_model, probe_taps
+from kdflow.methods.tasks import CLASSIFICATION
+from kdflow.orchestrator.data import dataset_record, validate_dataset
+from kdflow.orchestrator.recipe import Recipe
+from kdflow.orchestrator.spec import STAGES, JobSpec
 
 
 @dataclass

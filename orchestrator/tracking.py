@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-from methods.errors import ConfigError
-from orchestrator.spec import JobSpec
-from orchestrator.tracking_outbox import Outbox, OutboxContents
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.spec import JobSpec
+from kdflow.orchestrator.tracking_outbox import Outbox, OutboxContents
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

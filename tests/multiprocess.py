@@ -48,8 +48,8 @@ def wait_ranks(procs: List[subprocess.Popen], timeout: float = 120) -> None:
 WORKER = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
-    from orchestrator.distributed import detect_env
-    from orchestrator.runner import RunOptions, run_job_in_store
+    from kdflow.orchestrator.distributed import detect_env
+    from kdflow.orchestrator.runner import RunOptions, run_job_in_store
     root, job_id, out, rank = sys.argv[1:5]
     try:
         result = run_job_in_store(root, job_id, RunOptions(progress=False,

@@ -1,7 +1,7 @@
 """Distillation methods: the ``Distiller`` contract and every registered method."""
-from methods.distillers.base import (DISTILLERS, DataInfo, Distiller, LossTerms,
+from kdflow.methods.distillers.base import (DISTILLERS, DataInfo, Distiller, LossTerms,
                                      TeacherRequest, register_distiller)
-from methods.distillers import (crd, fitnet, hsakd, kd, lad, msdcrd,  # noqa: F401
+from kdflow.methods.distillers import (crd, fitnet, hsakd, kd, lad, msdcrd,  # noqa: F401
                                 projection, seg_kd, spectral, stablekd,
                                 vanilla)  # (fill DISTILLERS)
 

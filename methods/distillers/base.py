@@ -7,11 +7,11 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, Tuple, Type
 import torch
 from torch import nn
 
-from methods.errors import ConfigError
-from methods.features import Features, TapShapes
-from methods.models.base import build_model, probe_taps
-from methods.registry import Registry
-from methods.tasks import CLASSIFICATION
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import Features, TapShapes
+from kdflow.methods.models.base import build_model, probe_taps
+from kdflow.methods.registry import Registry
+from kdflow.methods.tasks import CLASSIFICATION
 
 LossTerms = Dict[str, torch.Tensor]
 

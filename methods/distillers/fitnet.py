@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.config import require_non_negative, require_positive
-from methods.distillers.base import DataInfo, Distiller, LossTerms, register_distiller
-from methods.distillers.projection import (DIRECTIONS, make_projector, projection_loss,
+from kdflow.methods.config import require_non_negative, require_positive
+from kdflow.methods.distillers.base import DataInfo, Distiller, LossTerms, register_distiller
+from kdflow.methods.distillers.projection import (DIRECTIONS, make_projector, projection_loss,
                                            require_choice)
-from methods.errors import ConfigError
-from methods.features import Features, TapShapes
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import Features, TapShapes
 
 Shape = Tuple[int, int, int]
 

@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.config import require_positive
-from methods.distillers.base import (DataInfo, Distiller, LossTerms, TeacherRequest,
+from kdflow.methods.config import require_positive
+from kdflow.methods.distillers.base import (DataInfo, Distiller, LossTerms, TeacherRequest,
                                      register_distiller)
-from methods.distillers.kd import check_same_classes, kd_loss
-from methods.errors import ConfigError
-from methods.features import TapShapes
-from methods.models.aux_heads import AuxiliaryHeads, HSAKDNet, hsakd_tap_indices
-from methods.models.base import build_model
+from kdflow.methods.distillers.kd import check_same_classes, kd_loss
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import TapShapes
+from kdflow.methods.models.aux_heads import AuxiliaryHeads, HSAKDNet, hsakd_tap_indices
+from kdflow.methods.models.base import build_model
 
 NUM_ROTATIONS = 4
 """M: the transforms of the SA task are rotations by 0, 90, 180 and 270 degrees."""

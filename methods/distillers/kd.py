@@ -7,10 +7,10 @@ from typing import Any, Tuple
 import torch
 import torch.nn.functional as F
 
-from methods.config import require_non_negative, require_positive
-from methods.distillers.base import Distiller, LossTerms, register_distiller
-from methods.errors import ConfigError
-from methods.features import TapShapes
+from kdflow.methods.config import require_non_negative, require_positive
+from kdflow.methods.distillers.base import Distiller, LossTerms, register_distiller
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import TapShapes
 
 
 def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float) -> torch.Tensor:

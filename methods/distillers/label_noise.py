@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.tasks import IGNORE_INDEX
+from kdflow.methods.tasks import IGNORE_INDEX
 
 
 def code_indices(y: torch.Tensor, num_classes: int) -> torch.Tensor:

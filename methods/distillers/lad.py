@@ -25,18 +25,18 @@ from typing import Any, Tuple
 import torch
 from torch import nn
 
-from methods.config import require_non_negative, require_positive
-from methods.distillers.base import (DataInfo, Distiller, LossTerms, TeacherRequest,
+from kdflow.methods.config import require_non_negative, require_positive
+from kdflow.methods.distillers.base import (DataInfo, Distiller, LossTerms, TeacherRequest,
                                      register_distiller)
-from methods.distillers.kd import check_same_classes
-from methods.distillers.label_noise import (fixed_code_map, random_code_map,
+from kdflow.methods.distillers.kd import check_same_classes
+from kdflow.methods.distillers.label_noise import (fixed_code_map, random_code_map,
                                             with_label_channel)
-from methods.distillers.segmentation_losses import (MAP_LOSSES, cross_entropy, cwd_loss,
+from kdflow.methods.distillers.segmentation_losses import (MAP_LOSSES, cross_entropy, cwd_loss,
                                                     map_distillation_loss, supervised_loss)
-from methods.errors import ConfigError
-from methods.features import TapShapes
-from methods.models.base import build_model
-from methods.tasks import SEGMENTATION
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import TapShapes
+from kdflow.methods.models.base import build_model
+from kdflow.methods.tasks import SEGMENTATION
 
 #: The released code's label-channel factor (100) over the mean ImageNet pixel std on the
 #: 0-255 scale ((58.395 + 57.12 + 57.375) / 3 = 57.63): see the module docstring.

@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.config import require_non_negative, require_positive
-from methods.distillers.base import DataInfo, Distiller, LossTerms, register_distiller
-from methods.distillers.kd import check_same_classes, kd_loss
-from methods.errors import ConfigError
-from methods.features import TapShapes
+from kdflow.methods.config import require_non_negative, require_positive
+from kdflow.methods.distillers.base import DataInfo, Distiller, LossTerms, register_distiller
+from kdflow.methods.distillers.kd import check_same_classes, kd_loss
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import TapShapes
 
 NEGATIVES = ("same_location", "all_locations")
 """Which other-image vectors an anchor is contrasted with: those at its own location, or all."""

@@ -43,13 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.config import require_non_negative, require_positive
-from methods.distillers.base import (DataInfo, Distiller, LossTerms, TeacherRequest,
+from kdflow.methods.config import require_non_negative, require_positive
+from kdflow.methods.distillers.base import (DataInfo, Distiller, LossTerms, TeacherRequest,
                                      register_distiller)
-from methods.distillers.segmentation_losses import supervised_loss
-from methods.errors import ConfigError
-from methods.features import Features, TapShapes
-from methods.tasks import CLASSIFICATION, SEGMENTATION
+from kdflow.methods.distillers.segmentation_losses import supervised_loss
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import Features, TapShapes
+from kdflow.methods.tasks import CLASSIFICATION, SEGMENTATION
 
 DIRECTIONS = ("standard", "inverted")
 FEATURES = ("stage", "embedding")

@@ -6,14 +6,14 @@ from typing import Any, Tuple
 
 import torch
 
-from methods.config import require_non_negative, require_positive
-from methods.distillers.base import Distiller, LossTerms, register_distiller
-from methods.distillers.kd import check_same_classes
-from methods.distillers.segmentation_losses import (MAP_LOSSES, map_distillation_loss,
+from kdflow.methods.config import require_non_negative, require_positive
+from kdflow.methods.distillers.base import Distiller, LossTerms, register_distiller
+from kdflow.methods.distillers.kd import check_same_classes
+from kdflow.methods.distillers.segmentation_losses import (MAP_LOSSES, map_distillation_loss,
                                                     supervised_loss)
-from methods.errors import ConfigError
-from methods.features import TapShapes
-from methods.tasks import SEGMENTATION
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import TapShapes
+from kdflow.methods.tasks import SEGMENTATION
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from methods.features import Features
-from methods.tasks import IGNORE_INDEX
+from kdflow.methods.features import Features
+from kdflow.methods.tasks import IGNORE_INDEX
 
 #: Distillation losses on logit maps a segmentation method can use.
 MAP_LOSSES = ("cwd", "pixel")

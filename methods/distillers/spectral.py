@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.config import require_non_negative
-from methods.distillers.base import DataInfo, Distiller, LossTerms, register_distiller
-from methods.errors import ConfigError
-from methods.features import TapShapes
+from kdflow.methods.config import require_non_negative
+from kdflow.methods.distillers.base import DataInfo, Distiller, LossTerms, register_distiller
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import TapShapes
 
 FEATURES = ("embedding", "stage")
 MODES = ("tail", "soft")

@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.config import require_non_negative, require_positive
-from methods.distillers.base import DataInfo, Distiller, LossTerms, register_distiller
-from methods.distillers.kd import check_same_classes, kd_loss
-from methods.errors import ConfigError
-from methods.features import TapShapes
-from methods.models.blocks import default_num_blocks, split_blocks
+from kdflow.methods.config import require_non_negative, require_positive
+from kdflow.methods.distillers.base import DataInfo, Distiller, LossTerms, register_distiller
+from kdflow.methods.distillers.kd import check_same_classes, kd_loss
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import TapShapes
+from kdflow.methods.models.blocks import default_num_blocks, split_blocks
 
 Shape = Tuple[int, int, int]
 Partition = Tuple[Tuple[int, ...], ...]

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Tuple
 
 import torch
-from methods.config import require_non_negative, require_positive
-from methods.distillers.base import Distiller, LossTerms, register_distiller
-from methods.distillers.segmentation_losses import supervised_loss
-from methods.tasks import CLASSIFICATION, SEGMENTATION
+from kdflow.methods.config import require_non_negative, require_positive
+from kdflow.methods.distillers.base import Distiller, LossTerms, register_distiller
+from kdflow.methods.distillers.segmentation_losses import supervised_loss
+from kdflow.methods.tasks import CLASSIFICATION, SEGMENTATION
 
 
 @dataclass

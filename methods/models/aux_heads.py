@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.features import Features
-from methods.models.base import TappedModel
-from methods.models.layers import init_kaiming
+from kdflow.methods.features import Features
+from kdflow.methods.models.base import TappedModel
+from kdflow.methods.models.layers import init_kaiming
 
 
 def hsakd_tap_indices(stage_channels: Sequence[int]) -> Tuple[int, ...]:

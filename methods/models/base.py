@@ -7,10 +7,10 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from methods.errors import ConfigError
-from methods.features import Features, TapShapes
-from methods.registry import Registry
-from methods.tasks import CLASSIFICATION
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import Features, TapShapes
+from kdflow.methods.registry import Registry
+from kdflow.methods.tasks import CLASSIFICATION
 
 
 class TappedModel(nn.Module):

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.features import Features
-from methods.models.base import TappedModel, register_model
-from methods.models.blocks import PooledClassifier, StageOutput
-from methods.models.layers import PreactSequential, init_kaiming, run_stages
+from kdflow.methods.features import Features
+from kdflow.methods.models.base import TappedModel, register_model
+from kdflow.methods.models.blocks import PooledClassifier, StageOutput
+from kdflow.methods.models.layers import PreactSequential, init_kaiming, run_stages
 
 EXPANSION = 4
 STEM_CHANNELS = 64

@@ -14,9 +14,9 @@ from torchvision import models as tvm
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import Bottleneck
 
-from methods.features import Features
-from methods.models.base import TappedModel, register_model
-from methods.models.blocks import PooledClassifier
+from kdflow.methods.features import Features
+from kdflow.methods.models.base import TappedModel, register_model
+from kdflow.methods.models.blocks import PooledClassifier
 
 # Last feature index of each tap stage of torchvision's MobileNetV2 (24, 32, 96, 320 channels),
 # the same grouping as the CIFAR MobileNetV2.

@@ -49,12 +49,12 @@ from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.models.segmentation.lraspp import LRASPPHead
 
-from methods.features import Features
-from methods.models.base import TappedModel, build_model, register_model
-from methods.models.imagenet import (MOBILENET_STAGE_ENDS, TorchvisionMobileNetV2,
+from kdflow.methods.features import Features
+from kdflow.methods.models.base import TappedModel, build_model, register_model
+from kdflow.methods.models.imagenet import (MOBILENET_STAGE_ENDS, TorchvisionMobileNetV2,
                                      TorchvisionResNet)
-from methods.models.seg_heads import PSPHead
-from methods.tasks import SEGMENTATION
+from kdflow.methods.models.seg_heads import PSPHead
+from kdflow.methods.tasks import SEGMENTATION
 
 #: Std of the first-conv weights that read the label channels of LAD's teacher input.
 LABEL_SLICE_STD = 0.1

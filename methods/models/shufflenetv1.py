@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.features import Features
-from methods.models.base import TappedModel, register_model
-from methods.models.blocks import PooledClassifier, StageOutput
-from methods.models.layers import PreactSequential, channel_shuffle, run_stages
+from kdflow.methods.features import Features
+from kdflow.methods.models.base import TappedModel, register_model
+from kdflow.methods.models.blocks import PooledClassifier, StageOutput
+from kdflow.methods.models.layers import PreactSequential, channel_shuffle, run_stages
 
 STEM_CHANNELS = 24
 

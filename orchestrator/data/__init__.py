@@ -11,13 +11,13 @@ from typing import Any, Dict, Mapping
 
 import torch
 
-from methods.config import config_record, parse_config
-from methods.errors import ConfigError
-from orchestrator.data import (cifar, cifar10_jpeg, cityscapes, digits, imagefolder,  # noqa: F401
+from kdflow.methods.config import config_record, parse_config
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.data import (cifar, cifar10_jpeg, cityscapes, digits, imagefolder,  # noqa: F401
                               imagewoof, seg_synthetic, synthetic, voc)  # (registers)
-from orchestrator.data.errors import DataError, build_named
-from orchestrator.data.loaders import Batch, Data, EvalLoader, TrainLoader
-from orchestrator.data.registry import (DATASETS, DEFAULT_LOADER, DatasetEntry, register_dataset,
+from kdflow.orchestrator.data.errors import DataError, build_named
+from kdflow.orchestrator.data.loaders import Batch, Data, EvalLoader, TrainLoader
+from kdflow.orchestrator.data.registry import (DATASETS, DEFAULT_LOADER, DatasetEntry, register_dataset,
                                         register_loader)
 
 __all__ = ["Batch", "Data", "DataError", "DATASETS", "DatasetEntry", "EvalLoader",

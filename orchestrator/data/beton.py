@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from orchestrator.atomic import write_json
+from kdflow.orchestrator.atomic import write_json
 
 #: Version of the manifest layout; a manifest of another version is treated as absent.
 FORMAT = 1

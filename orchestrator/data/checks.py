@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from methods.errors import ConfigError
+from kdflow.methods.errors import ConfigError
 
 
 def require_int(name: str, value: object, minimum: int) -> None:

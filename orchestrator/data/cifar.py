@@ -21,19 +21,19 @@ from typing import ClassVar, Dict, List, Optional, Sequence, TextIO
 import numpy as np
 import torch
 
-from methods.errors import ConfigError
-from orchestrator.data.beton import ImageSettings, beton_path
-from orchestrator.data.checks import require_bool, require_folder
-from orchestrator.data.download import (URL_SCHEMES, Archive, ChecksumMismatch, DownloadError,
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.data.beton import ImageSettings, beton_path
+from kdflow.orchestrator.data.checks import require_bool, require_folder
+from kdflow.orchestrator.data.download import (URL_SCHEMES, Archive, ChecksumMismatch, DownloadError,
                                         fetch_archive)
-from orchestrator.data.errors import read_file
-from orchestrator.data.fraction import TrainFraction
-from orchestrator.data.loader_choice import LoaderChoice
-from orchestrator.data.loaders import Data
-from orchestrator.data.prepare import SplitSource, indexed, register_source
-from orchestrator.data.registry import register_dataset, register_loader
-from orchestrator.data.scan import DataFile
-from orchestrator.data.tensor_loaders import tensor_data
+from kdflow.orchestrator.data.errors import read_file
+from kdflow.orchestrator.data.fraction import TrainFraction
+from kdflow.orchestrator.data.loader_choice import LoaderChoice
+from kdflow.orchestrator.data.loaders import Data
+from kdflow.orchestrator.data.prepare import SplitSource, indexed, register_source
+from kdflow.orchestrator.data.registry import register_dataset, register_loader
+from kdflow.orchestrator.data.scan import DataFile
+from kdflow.orchestrator.data.tensor_loaders import tensor_data
 
 
 @dataclass(frozen=True)
@@ -255,8 +255,8 @@ def build_cifar(cfg: CifarConfig, batch_size: int, seed: int, device: torch.devi
 def build_cifar_ffcv(cfg: CifarConfig, batch_size: int, seed: int, device: torch.device,
                      channels_last: bool) -> Data:
     """CIFAR from .beton files, with the same crops of the padded image and flips as above."""
-    from orchestrator.data.ffcv_loaders import ffcv_data
-    from orchestrator.data.ffcv_ops import SeededPadCropDecoder, WholeImageDecoder
+    from kdflow.orchestrator.data.ffcv_loaders import ffcv_data
+    from kdflow.orchestrator.data.ffcv_ops import SeededPadCropDecoder, WholeImageDecoder
 
     layout, folder = cfg.layout, cfg.betons()
     return ffcv_data(beton_path(folder, "train"), beton_path(folder, "val"),

@@ -26,15 +26,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from methods.errors import ConfigError
-from orchestrator.data.checks import require_bool, require_int
-from orchestrator.data.cifar import CIFAR10
-from orchestrator.data.errors import DataError, reason_of
-from orchestrator.data.fraction import TrainFraction
-from orchestrator.data.loaders import Data
-from orchestrator.data.registry import register_dataset
-from orchestrator.data.scan import DataFile
-from orchestrator.data.tensor_loaders import tensor_data
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.data.checks import require_bool, require_int
+from kdflow.orchestrator.data.cifar import CIFAR10
+from kdflow.orchestrator.data.errors import DataError, reason_of
+from kdflow.orchestrator.data.fraction import TrainFraction
+from kdflow.orchestrator.data.loaders import Data
+from kdflow.orchestrator.data.registry import register_dataset
+from kdflow.orchestrator.data.scan import DataFile
+from kdflow.orchestrator.data.tensor_loaders import tensor_data
 
 #: The sample shipped with kdflow (see assets/README.md for how it was cut and its sha256).
 SAMPLE_ARCHIVE = Path(__file__).resolve().parent / "assets" / "cifar10_sample.tar.xz"

@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from methods.errors import ConfigError
-from orchestrator.data.checks import require_bool, require_int
-from orchestrator.data.fraction import TrainFraction
-from orchestrator.data.loaders import Data
-from orchestrator.data.registry import register_dataset
-from orchestrator.data.tensor_loaders import tensor_data
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.data.checks import require_bool, require_int
+from kdflow.orchestrator.data.fraction import TrainFraction
+from kdflow.orchestrator.data.loaders import Data
+from kdflow.orchestrator.data.registry import register_dataset
+from kdflow.orchestrator.data.tensor_loaders import tensor_data
 
 
 @dataclass

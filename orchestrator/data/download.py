@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, TextIO
 
-from orchestrator.data.errors import reason_of
+from kdflow.orchestrator.data.errors import reason_of
 
 #: The URL schemes an archive can be fetched from.
 URL_SCHEMES = ("http://", "https://", "file://")

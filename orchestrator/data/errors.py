@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Iterator, List, Sequence, TypeVar
 
-from orchestrator.data.loaders import Batch, Data, Shard
+from kdflow.orchestrator.data.loaders import Batch, Data, Shard
 
 T = TypeVar("T")
 

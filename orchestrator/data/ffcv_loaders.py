@@ -18,9 +18,9 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from methods.distillers.base import DataInfo
-from orchestrator.data.ffcv_import import import_ffcv
-from orchestrator.data.loaders import Batch, Data, Shard, check_start_step, generator, local_rows
+from kdflow.methods.distillers.base import DataInfo
+from kdflow.orchestrator.data.ffcv_import import import_ffcv
+from kdflow.orchestrator.data.loaders import Batch, Data, Shard, check_start_step, generator, local_rows
 
 import_ffcv()  # before anything imports ffcv (builders import this module before ffcv_ops)
 

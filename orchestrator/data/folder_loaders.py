@@ -16,8 +16,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from orchestrator.data.errors import DataError, collate_or_error, raise_errors, read_file
-from orchestrator.data.loaders import (Batch, Shard, check_start_step, derive_seed, generator,
+from kdflow.orchestrator.data.errors import DataError, collate_or_error, raise_errors, read_file
+from kdflow.orchestrator.data.loaders import (Batch, Shard, check_start_step, derive_seed, generator,
                                        local_rows)
 
 Sample = tuple[torch.Tensor, int, int]

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.errors import ConfigError
-from orchestrator.data.checks import require_int
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.data.checks import require_int
 
 
 @dataclass

@@ -13,17 +13,17 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
-from methods.distillers.base import DataInfo
-from methods.errors import ConfigError
-from orchestrator.data.beton import ImageSettings, beton_path, read_manifest
-from orchestrator.data.checks import require_folder, require_int
-from orchestrator.data.folder_loaders import FolderEvalLoader, FolderTrainLoader, SeededSamples
-from orchestrator.data.fraction import TrainFraction
-from orchestrator.data.loader_choice import LoaderChoice
-from orchestrator.data.loaders import Data
-from orchestrator.data.prepare import SplitSource, indexed, register_source
-from orchestrator.data.registry import register_dataset, register_loader
-from orchestrator.data.scan import DataFile
+from kdflow.methods.distillers.base import DataInfo
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.data.beton import ImageSettings, beton_path, read_manifest
+from kdflow.orchestrator.data.checks import require_folder, require_int
+from kdflow.orchestrator.data.folder_loaders import FolderEvalLoader, FolderTrainLoader, SeededSamples
+from kdflow.orchestrator.data.fraction import TrainFraction
+from kdflow.orchestrator.data.loader_choice import LoaderChoice
+from kdflow.orchestrator.data.loaders import Data
+from kdflow.orchestrator.data.prepare import SplitSource, indexed, register_source
+from kdflow.orchestrator.data.registry import register_dataset, register_loader
+from kdflow.orchestrator.data.scan import DataFile
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -162,8 +162,8 @@ def build_imagefolder_ffcv(cfg: ImageFolderConfig, batch_size: int, seed: int,
     """The same transforms from .beton files: a random-resized crop + flip drawn per sample
     and epoch (:mod:`orchestrator.data.ffcv_ops`); val: the centre crop at the 224/256 ratio.
     (:func:`orchestrator.data.ffcv_loaders.ffcv_data` decides where batches are normalised.)"""
-    from orchestrator.data.ffcv_loaders import ffcv_data
-    from orchestrator.data.ffcv_ops import CenterCropDecoder, SeededResizedCropDecoder
+    from kdflow.orchestrator.data.ffcv_loaders import ffcv_data
+    from kdflow.orchestrator.data.ffcv_ops import CenterCropDecoder, SeededResizedCropDecoder
 
     size, folder = cfg.image_size, cfg.betons()
     manifest = read_manifest(folder, "train")

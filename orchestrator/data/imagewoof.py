@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from orchestrator.data.imagefolder import (IMAGENET_BETON, ImageFolderConfig, build_imagefolder,
+from kdflow.orchestrator.data.imagefolder import (IMAGENET_BETON, ImageFolderConfig, build_imagefolder,
                                            build_imagefolder_ffcv, imagefolder_splits)
-from orchestrator.data.prepare import register_source
-from orchestrator.data.registry import register_dataset, register_loader
+from kdflow.orchestrator.data.prepare import register_source
+from kdflow.orchestrator.data.registry import register_dataset, register_loader
 
 #: Imagewoof's class count: its ten ImageNet dog-breed synsets.
 IMAGEWOOF_CLASSES = 10

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar, Optional
 
-from methods.errors import ConfigError
-from orchestrator.data.beton import SPLITS, beton_folder, beton_path, read_manifest
-from orchestrator.data.checks import require_int
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.data.beton import SPLITS, beton_folder, beton_path, read_manifest
+from kdflow.orchestrator.data.checks import require_int
 
 #: What to run when the ffcv package is missing (the Makefile's target does all three steps).
 FFCV_INSTALL = ("make ffcv (apt-get install pkg-config libturbojpeg0-dev libopencv-dev, then "
@@ -28,7 +28,7 @@ def ffcv_import_error() -> Optional[str]:
     It really imports ffcv (once per process): an installed package whose libturbojpeg or
     OpenCV went missing fails here rather than in a job.
     """
-    from orchestrator.data.ffcv_import import import_ffcv
+    from kdflow.orchestrator.data.ffcv_import import import_ffcv
 
     try:
         import_ffcv()

@@ -12,7 +12,7 @@ from typing import Iterator, NamedTuple, Protocol, Tuple
 
 import torch
 
-from methods.distillers.base import DataInfo
+from kdflow.methods.distillers.base import DataInfo
 
 
 class Batch(NamedTuple):

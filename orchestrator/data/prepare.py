@@ -16,12 +16,12 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from methods.errors import ConfigError
-from methods.registry import Registry
-from orchestrator.data.beton import (SPLITS, ImageSettings, Manifest, beton_path, read_manifest,
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.registry import Registry
+from kdflow.orchestrator.data.beton import (SPLITS, ImageSettings, Manifest, beton_path, read_manifest,
                                      write_manifest)
-from orchestrator.data.checks import require_int
-from orchestrator.data.errors import DataError, check_command
+from kdflow.orchestrator.data.checks import require_int
+from kdflow.orchestrator.data.errors import DataError, check_command
 
 #: Bad files listed in an error before "... and N more".
 SHOWN_ERRORS = 10
@@ -107,7 +107,7 @@ class _Recorded:
 
 
 def _write_split(split: SplitSource, final: str, image: ImageSettings, workers: int) -> None:
-    from orchestrator.data.ffcv_import import import_ffcv
+    from kdflow.orchestrator.data.ffcv_import import import_ffcv
 
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField

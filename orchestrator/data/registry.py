@@ -10,8 +10,8 @@ from typing import Any, Callable, Dict, Generic, TypeVar
 
 import torch
 
-from methods.registry import Registry
-from orchestrator.data.loaders import Data
+from kdflow.methods.registry import Registry
+from kdflow.orchestrator.data.loaders import Data
 
 C = TypeVar("C")
 

@@ -10,7 +10,7 @@ import multiprocessing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
-from orchestrator.data.errors import reason_of
+from kdflow.orchestrator.data.errors import reason_of
 
 #: Files handed to a worker process at a time.
 CHUNK = 16

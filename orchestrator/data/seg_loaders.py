@@ -24,13 +24,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from methods.distillers.base import DataInfo
-from methods.tasks import SEGMENTATION
-from orchestrator.data.errors import DataError, collate_or_error, raise_errors, read_file
-from orchestrator.data.loaders import (Batch, Data, Shard, check_start_step, generator,
+from kdflow.methods.distillers.base import DataInfo
+from kdflow.methods.tasks import SEGMENTATION
+from kdflow.orchestrator.data.errors import DataError, collate_or_error, raise_errors, read_file
+from kdflow.orchestrator.data.loaders import (Batch, Data, Shard, check_start_step, generator,
                                        local_rows)
-from orchestrator.data.scan import DataFile
-from orchestrator.data.seg_transforms import Normalise, pad_collate, train_transform
+from kdflow.orchestrator.data.scan import DataFile
+from kdflow.orchestrator.data.seg_transforms import Normalise, pad_collate, train_transform
 
 Sample = Tuple[torch.Tensor, torch.Tensor, int]
 

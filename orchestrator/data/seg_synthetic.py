@@ -19,14 +19,14 @@ from typing import Callable, ClassVar, Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from methods.errors import ConfigError
-from methods.tasks import IGNORE_INDEX, SEGMENTATION
-from orchestrator.data.checks import require_int
-from orchestrator.data.fraction import TrainFraction
-from orchestrator.data.loaders import Data, generator
-from orchestrator.data.registry import register_dataset
-from orchestrator.data.seg_loaders import Subset, TensorSource, seg_data
-from orchestrator.data.seg_transforms import Normalise, validate_scale
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.tasks import IGNORE_INDEX, SEGMENTATION
+from kdflow.orchestrator.data.checks import require_int
+from kdflow.orchestrator.data.fraction import TrainFraction
+from kdflow.orchestrator.data.loaders import Data, generator
+from kdflow.orchestrator.data.registry import register_dataset
+from kdflow.orchestrator.data.seg_loaders import Subset, TensorSource, seg_data
+from kdflow.orchestrator.data.seg_transforms import Normalise, validate_scale
 
 #: Shape kinds, in class order (class k + 1 is KINDS[k]).
 KINDS = ("disc", "square", "triangle", "ring", "cross", "bar")

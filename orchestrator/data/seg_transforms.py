@@ -23,8 +23,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from methods.errors import ConfigError
-from methods.tasks import IGNORE_INDEX
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.tasks import IGNORE_INDEX
 
 
 def validate_scale(scale_min: object, scale_max: object) -> None:

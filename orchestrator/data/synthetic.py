@@ -6,11 +6,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from orchestrator.data.checks import require_int
-from orchestrator.data.fraction import TrainFraction
-from orchestrator.data.loaders import Data, generator
-from orchestrator.data.registry import register_dataset
-from orchestrator.data.tensor_loaders import tensor_data
+from kdflow.orchestrator.data.checks import require_int
+from kdflow.orchestrator.data.fraction import TrainFraction
+from kdflow.orchestrator.data.loaders import Data, generator
+from kdflow.orchestrator.data.registry import register_dataset
+from kdflow.orchestrator.data.tensor_loaders import tensor_data
 
 #: Side of the coarse grid each class template is upsampled from (sets its frequency).
 TEMPLATE_GRID = 4

@@ -15,8 +15,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from methods.distillers.base import DataInfo
-from orchestrator.data.loaders import Batch, Data, Shard, check_start_step, generator, local_rows
+from kdflow.methods.distillers.base import DataInfo
+from kdflow.orchestrator.data.loaders import Batch, Data, Shard, check_start_step, generator, local_rows
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int, hflip: bool) -> torch.Tensor:

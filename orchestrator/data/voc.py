@@ -20,17 +20,17 @@ from typing import ClassVar, List, Optional, Tuple
 
 import torch
 
-from methods.errors import ConfigError
-from methods.tasks import SEGMENTATION
-from orchestrator.data.checks import require_folder, require_int
-from orchestrator.data.fraction import TrainFraction
-from orchestrator.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
-from orchestrator.data.loaders import Data
-from orchestrator.data.registry import register_dataset
-from orchestrator.data.scan import DataFile
-from orchestrator.data.seg_loaders import (FileSource, Subset, pair_files, read_index_png,
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.tasks import SEGMENTATION
+from kdflow.orchestrator.data.checks import require_folder, require_int
+from kdflow.orchestrator.data.fraction import TrainFraction
+from kdflow.orchestrator.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+from kdflow.orchestrator.data.loaders import Data
+from kdflow.orchestrator.data.registry import register_dataset
+from kdflow.orchestrator.data.scan import DataFile
+from kdflow.orchestrator.data.seg_loaders import (FileSource, Subset, pair_files, read_index_png,
                                            seg_data)
-from orchestrator.data.seg_transforms import Normalise, validate_scale
+from kdflow.orchestrator.data.seg_transforms import Normalise, validate_scale
 
 VOC_CLASSES = 21
 #: Where kdflow looks for the VOC2012 folder, relative to ``root``, in order.

@@ -65,7 +65,7 @@ def test_the_gpu_command_runs_the_study_with_the_fast_path(bench, tmp_path: Path
     args = bench.parse_args([])
     assert args.epochs == bench.DEFAULT_EPOCHS == 30
     cmd = bench.kdflow_command(args, "cuda", tmp_path / "data", tmp_path / "out")
-    assert cmd[1:5] == ["-m", "launch.cli", "run", "study=cifar10_he2016"]
+    assert cmd[1:5] == ["-m", "kdflow.launch.cli", "run", "study=cifar10_he2016"]
     for recipe in ("teacher_recipe", "student_recipe"):
         for setting in ("epochs=30", "lr_milestones=[15,23]", "device=cuda", "compile=default",
                         "cuda_graphs=true"):

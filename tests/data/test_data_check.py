@@ -8,8 +8,8 @@ from typing import List, Set
 import pytest
 from datafiles import write_fake_cifar100, write_fake_cityscapes, write_fake_voc, write_jpeg_tree
 
-from launch.data_cli import check_command
-from methods.errors import ConfigError
+from kdflow.launch.data_cli import check_command
+from kdflow.methods.errors import ConfigError
 
 
 def truncate(path: Path) -> Path:
@@ -87,7 +87,7 @@ def test_a_missing_tree_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_the_kdflow_command_runs_the_check(tmp_path: Path, capsys) -> None:
-    from launch.cli import main
+    from kdflow.launch.cli import main
 
     tree = tmp_path / "tree"
     write_jpeg_tree(tree, {"train": 2, "val": 1})

@@ -15,10 +15,10 @@ import pytest
 import torch
 from datafiles import write_fake_cifar10, write_fake_cifar100
 
-from launch.cli import main
-from methods.errors import ConfigError
-from orchestrator.data import build_data, validate_dataset
-from orchestrator.study import expand_study
+from kdflow.launch.cli import main
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.data import build_data, validate_dataset
+from kdflow.orchestrator.study import expand_study
 
 ARCHIVES = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
             "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python")}

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from datafiles import write_jpeg_tree
 from multiprocess import WORKER, WORLD, launch_ranks, wait_ranks
-from orchestrator.data import validate_dataset
-from orchestrator.data.prepare import image_settings, prepare
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.orchestrator.data import validate_dataset
+from kdflow.orchestrator.data.prepare import image_settings, prepare
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 
 def test_two_ranks_train_a_job_from_betons(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from datafiles import write_fake_cifar100, write_jpeg_tree
-from orchestrator.data import Batch, build_data, validate_dataset
-from orchestrator.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
-from orchestrator.data.prepare import image_settings, prepare
+from kdflow.orchestrator.data import Batch, build_data, validate_dataset
+from kdflow.orchestrator.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+from kdflow.orchestrator.data.prepare import image_settings, prepare
 
 CPU = torch.device("cpu")
 FIELD = "study.datasets.imagefolder"
@@ -107,7 +107,7 @@ def test_training_batches_are_seeded_resumable_and_sharded(tree: Path) -> None:
 
 
 def test_random_resized_crop_boxes_follow_torchvisions_ranges() -> None:
-    from orchestrator.data.ffcv_ops import mix64, random_resized_crop
+    from kdflow.orchestrator.data.ffcv_ops import mix64, random_resized_crop
 
     scale, log_ratio = np.array([0.08, 1.0]), np.log(np.array([3 / 4, 4 / 3]))
     boxes = [random_resized_crop(300, 400, scale, log_ratio, np.uint64(mix64(np.uint64(k))))
@@ -170,9 +170,9 @@ def test_cifar_ffcv_crops_are_padded_crops_and_flips_of_the_source(tmp_path: Pat
 
 def test_uint8_batches_for_accelerators_equal_the_cpu_normalised_ones(tree: Path) -> None:
     """Off the CPU the decoders hand over uint8 and the device normalises: the same batches."""
-    from orchestrator.data.beton import beton_path
-    from orchestrator.data.ffcv_loaders import ffcv_data
-    from orchestrator.data.ffcv_ops import CenterCropDecoder, SeededResizedCropDecoder
+    from kdflow.orchestrator.data.beton import beton_path
+    from kdflow.orchestrator.data.ffcv_loaders import ffcv_data
+    from kdflow.orchestrator.data.ffcv_ops import CenterCropDecoder, SeededResizedCropDecoder
 
     folder = str(tree / "ffcv" / "imagefolder")
     stats = (IMAGENET_MEAN, IMAGENET_STD)

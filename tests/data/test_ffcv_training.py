@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from datafiles import write_jpeg_tree
-from launch.cli import main
+from kdflow.launch.cli import main
 
 
 def test_imagenet_study_runs_one_epoch_from_betons(tmp_path: Path, capsys) -> None:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from datafiles import write_fake_cifar100, write_jpeg_tree
-from launch.cli import main
-from methods.errors import ConfigError
-from orchestrator.data import validate_dataset
-from orchestrator.data.beton import read_manifest
-from orchestrator.data.prepare import PrepareError, image_settings, prepare
+from kdflow.launch.cli import main
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.data import validate_dataset
+from kdflow.orchestrator.data.beton import read_manifest
+from kdflow.orchestrator.data.prepare import PrepareError, image_settings, prepare
 
 FIELD = "study.datasets.imagefolder"
 REPO = str(Path(__file__).resolve().parents[2])
@@ -130,14 +130,14 @@ def test_without_a_working_ffcv_the_loader_is_refused_in_one_line(tmp_path: Path
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), REPO])}
     run = ["run", "study=imagenet_baselines", f"data.root={tmp_path / 'tree'}",
            f"output_dir={tmp_path / 'out'}", "--dry-run"]
-    refused = subprocess.run([sys.executable, "-m", "launch.cli", *run, "data.loader=ffcv"],
+    refused = subprocess.run([sys.executable, "-m", "kdflow.launch.cli", *run, "data.loader=ffcv"],
                              env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2, refused.stderr
     error = [line for line in refused.stderr.splitlines() if line.startswith("kdflow: error")]
     assert len(error) == 1 and "`study.datasets.imagefolder.loader`" in error[0]
     assert "libturbojpeg.so.0" in error[0] and "make ffcv" in error[0]
     assert "No job was started." in refused.stderr
-    default = subprocess.run([sys.executable, "-m", "launch.cli", *run], env=env,
+    default = subprocess.run([sys.executable, "-m", "kdflow.launch.cli", *run], env=env,
                              capture_output=True, text=True, timeout=300)
     assert default.returncode == 0, default.stderr  # the torchvision loader stays usable
     assert "4 pending" in default.stdout

@@ -23,14 +23,14 @@ import pytest
 import torch
 
 from bench.real_data import build, is_full_archive, sha256_of, source_archive
-from launch.cli import main
-from orchestrator.data import Batch, build_data
-from orchestrator.data.cifar import CIFAR10, read_cifar_split
-from orchestrator.data.cifar10_jpeg import CLASSES, SAMPLE_ARCHIVE, read_jpeg_archive
-from orchestrator.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
-from orchestrator.runner import RunOptions, run_job
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.launch.cli import main
+from kdflow.orchestrator.data import Batch, build_data
+from kdflow.orchestrator.data.cifar import CIFAR10, read_cifar_split
+from kdflow.orchestrator.data.cifar10_jpeg import CLASSES, SAMPLE_ARCHIVE, read_jpeg_archive
+from kdflow.orchestrator.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+from kdflow.orchestrator.runner import RunOptions, run_job
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 CPU = torch.device("cpu")
 FULL = is_full_archive()

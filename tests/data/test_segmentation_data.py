@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from methods.errors import ConfigError
-from methods.tasks import IGNORE_INDEX, SEGMENTATION
-from orchestrator.data import DATASETS, build_data, validate_dataset
-from orchestrator.data.cityscapes import LABEL_TO_TRAIN, CityscapesConfig
-from orchestrator.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
-from orchestrator.data.loaders import generator
-from orchestrator.data.seg_synthetic import SyntheticSegConfig, make_synthetic_seg
-from orchestrator.data.seg_transforms import Normalise, pad_collate, train_transform
-from orchestrator.data.voc import VOCConfig
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.tasks import IGNORE_INDEX, SEGMENTATION
+from kdflow.orchestrator.data import DATASETS, build_data, validate_dataset
+from kdflow.orchestrator.data.cityscapes import LABEL_TO_TRAIN, CityscapesConfig
+from kdflow.orchestrator.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+from kdflow.orchestrator.data.loaders import generator
+from kdflow.orchestrator.data.seg_synthetic import SyntheticSegConfig, make_synthetic_seg
+from kdflow.orchestrator.data.seg_transforms import Normalise, pad_collate, train_transform
+from kdflow.orchestrator.data.voc import VOCConfig
 from tests.datafiles import write_fake_cityscapes, write_fake_voc
 
 CPU = torch.device("cpu")
@@ -369,7 +369,7 @@ def test_yaml_configs_hold_the_settings_at_their_defaults(name, Config):
 
 
 def test_mask_resizing_by_index_matches_torch_nearest_exact():
-    from orchestrator.data.seg_transforms import _nearest
+    from kdflow.orchestrator.data.seg_transforms import _nearest
     for size, scaled in ((37, 50), (500, 1000), (375, 190), (375, 561), (64, 77), (64, 48)):
         column = torch.arange(size, dtype=torch.float32)[None, None, :, None]
         expected = F.interpolate(column, size=(scaled, 1), mode="nearest-exact")[0, 0, :, 0]

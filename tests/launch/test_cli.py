@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from launch.cli import main
-from orchestrator.provenance import SOURCE_ROOT, weights_fingerprint
+from kdflow.launch.cli import main
+from kdflow.orchestrator.provenance import SOURCE_ROOT, weights_fingerprint
 
 SMOKE = ["study=smoke", "progress=false", "launcher.workers=2"]
 
 
 def _kdflow(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kdflow.launch.cli", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=600)
 
 

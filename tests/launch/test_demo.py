@@ -8,7 +8,7 @@ import sys
 
 
 def test_demo_study_end_to_end(tmp_path):
-    run = [sys.executable, "-m", "launch.cli", "run", f"output_dir={tmp_path}", "progress=false"]
+    run = [sys.executable, "-m", "kdflow.launch.cli", "run", f"output_dir={tmp_path}", "progress=false"]
     first = subprocess.run(run, capture_output=True, text=True, timeout=1500)
     assert first.returncode == 0, first.stderr[-3000:]
     # 1 teacher; per seed: the student alone and 4 methods (3 seeds x 5 = 15)

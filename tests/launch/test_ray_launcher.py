@@ -8,13 +8,13 @@ from typing import Iterator
 import pytest
 import ray
 
-from launch.cli import main
-from launch.ray_config import parse_ray_settings
-from launch.ray_engine import run_ray
-from methods.errors import ConfigError
-from orchestrator.runner import RunOptions
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.launch.cli import main
+from kdflow.launch.ray_config import parse_ray_settings
+from kdflow.launch.ray_engine import run_ray
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.runner import RunOptions
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 QUIET = RunOptions(progress=False)
 
@@ -88,7 +88,7 @@ def test_num_cpus_with_an_address_is_refused():
 
 
 def test_kdflow_run_with_the_ray_launcher_end_to_end(tmp_path):
-    args = [sys.executable, "-m", "launch.cli", "run", "study=smoke", "launcher=ray",
+    args = [sys.executable, "-m", "kdflow.launch.cli", "run", "study=smoke", "launcher=ray",
             "launcher.num_cpus=2", "progress=false", f"output_dir={tmp_path}"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.cli import main
-from launch.compose import compose_config
-from orchestrator.atomic import write_json
-from orchestrator.checkpoint import write_sealed
-from orchestrator.provenance import SOURCE_ROOT, code_digest, code_files, weights_fingerprint
-from orchestrator.rerun import RerunRequest, plan_rerun, prepare_rerun
-from orchestrator.store import SUPERSEDED, SUPERSEDING, JobState, JobStore
-from orchestrator.study import expand_study
+import kdflow
+from kdflow.launch.cli import main
+from kdflow.launch.compose import compose_config
+from kdflow.orchestrator.atomic import write_json
+from kdflow.orchestrator.checkpoint import write_sealed
+from kdflow.orchestrator.provenance import SOURCE_ROOT, code_digest, code_files, weights_fingerprint
+from kdflow.orchestrator.rerun import RerunRequest, plan_rerun, prepare_rerun
+from kdflow.orchestrator.store import SUPERSEDED, SUPERSEDING, JobState, JobStore
+from kdflow.orchestrator.study import expand_study
 
 #: The smoke study made smaller still: one epoch each, fewer images, jobs in one process.
 FAST_SMOKE = ["study=smoke", "progress=false", "launcher.workers=1",
@@ -31,7 +32,7 @@ FAST_SMOKE = ["study=smoke", "progress=false", "launcher.workers=1",
               "study.datasets.synthetic.num_train=64", "study.datasets.synthetic.num_val=32"]
 #: Runs several `kdflow` commands (JSON lists of arguments) one after the other in one process,
 #: as the console script does (``launch.cli:main``), to pay for the imports once.
-COMMANDS = ("import json, sys\nfrom launch.cli import main\n"
+COMMANDS = ("import json, sys\nfrom kdflow.launch.cli import main\n"
             "for argv in json.loads(sys.argv[1]):\n"
             "    print('=== kdflow', *argv[:2], flush=True)\n"
             "    if main(argv):\n        sys.exit(1)\n")
@@ -45,16 +46,20 @@ def _result_keys(job) -> dict:
 
 
 def _copy_of_kdflow(root: Path) -> Path:
+    """A copy of kdflow laid out as installed (``root/kdflow/methods``...), importable with
+    ``PYTHONPATH=root``; returns ``root/kdflow``, the copy's source root."""
+    namespace = root / "kdflow"
     for package in ("methods", "orchestrator", "launch", "configs"):
-        shutil.copytree(SOURCE_ROOT / package, root / package,
+        shutil.copytree(SOURCE_ROOT / package, namespace / package,
                         ignore=shutil.ignore_patterns("__pycache__"))
-    return root
+    shutil.copy(Path(kdflow.__file__), namespace / "__init__.py")
+    return namespace
 
 
 def test_edited_kd_loss_makes_kd_jobs_stale_and_rerun_stale_reruns_exactly_them(tmp_path):
     source = _copy_of_kdflow(tmp_path / "src")
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(source.parent), "OMP_NUM_THREADS": "1"}
 
     def kdflow(*commands: tuple) -> list:
         """The output of each of ``commands`` (argument tuples), run in one process."""

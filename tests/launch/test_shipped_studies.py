@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import main
+from kdflow.launch.cli import main
 
 STUDIES = sorted(p.stem for p in (Path(__file__).parents[2] / "configs" / "study").glob("*.yaml"))
 

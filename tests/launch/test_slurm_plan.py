@@ -5,10 +5,10 @@ import copy
 
 import pytest
 
-from launch.slurm_config import parse_slurm_settings
-from launch.slurm_plan import dependency_levels, plan_arrays
-from methods.errors import ConfigError
-from orchestrator.study import expand_study
+from kdflow.launch.slurm_config import parse_slurm_settings
+from kdflow.launch.slurm_plan import dependency_levels, plan_arrays
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.study import expand_study
 
 
 def _graph(study, **changes):
@@ -82,7 +82,7 @@ def test_bad_launcher_settings_name_the_field(settings, field):
 
 
 def test_missing_slurm_commands_are_a_config_error(monkeypatch, tmp_path):
-    from launch.slurm_queue import require_slurm
+    from kdflow.launch.slurm_queue import require_slurm
 
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ConfigError) as err:
@@ -108,11 +108,11 @@ class RecordedQueue:
 def test_reconcile_joins_the_store_with_squeue_and_sacct(study, tmp_path):
     import torch
 
-    from launch.slurm import reconcile
-    from launch.slurm_queue import QueueEntry
-    from orchestrator.atomic import write_json
-    from orchestrator.checkpoint import write_sealed
-    from orchestrator.store import JobStore
+    from kdflow.launch.slurm import reconcile
+    from kdflow.launch.slurm_queue import QueueEntry
+    from kdflow.orchestrator.atomic import write_json
+    from kdflow.orchestrator.checkpoint import write_sealed
+    from kdflow.orchestrator.store import JobStore
 
     graph = _graph(study, seeds=[0, 1, 2], methods={"vanilla": {}, "kd": {}})
     store = JobStore(tmp_path)

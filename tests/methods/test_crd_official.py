@@ -14,11 +14,11 @@ from itertools import combinations
 import pytest
 import torch
 
-from methods.config import config_record, parse_config
-from methods.distillers.base import DataInfo
-from methods.distillers.crd import (CRD, CRDConfig, sample_other_class,
+from kdflow.methods.config import config_record, parse_config
+from kdflow.methods.distillers.base import DataInfo
+from kdflow.methods.distillers.crd import (CRD, CRDConfig, sample_other_class,
                                     sample_with_replacement)
-from methods.errors import ConfigError
+from kdflow.methods.errors import ConfigError
 from tiny_net import TinyNet
 
 CIFAR_N, CIFAR_CLASSES, CIFAR_K, BATCH = 50_000, 100, 16_384, 64

@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.config import parse_config
-from methods.distillers import DISTILLERS, DataInfo
-from methods.distillers.crd import (NCE_EPS, CRDConfig, contrast_scores, crd_nce_loss,
+from kdflow.methods.config import parse_config
+from kdflow.methods.distillers import DISTILLERS, DataInfo
+from kdflow.methods.distillers.crd import (NCE_EPS, CRDConfig, contrast_scores, crd_nce_loss,
                                     momentum_update, sample_other_class)
-from methods.distillers.fitnet import FitNet, FitNetConfig, HintRegressor, hint_loss
-from methods.distillers.kd import KDConfig, kd_loss
-from methods.distillers.vanilla import Vanilla
-from methods.errors import ConfigError
-from methods.features import TapShapes
+from kdflow.methods.distillers.fitnet import FitNet, FitNetConfig, HintRegressor, hint_loss
+from kdflow.methods.distillers.kd import KDConfig, kd_loss
+from kdflow.methods.distillers.vanilla import Vanilla
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import TapShapes
 from tiny_net import TinyNet
 
 NUM_CLASSES = 4

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from methods.config import config_record, parse_config
-from methods.distillers.base import DataInfo
-from methods.distillers.fitnet import (FitNet, FitNetConfig, HintRegressor, hint_index,
+from kdflow.methods.config import config_record, parse_config
+from kdflow.methods.distillers.base import DataInfo
+from kdflow.methods.distillers.fitnet import (FitNet, FitNetConfig, HintRegressor, hint_index,
                                        select_hint)
-from methods.errors import ConfigError
-from methods.features import TapShapes
-from methods.models.base import build_model, count_parameters, probe_taps
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import TapShapes
+from kdflow.methods.models.base import build_model, count_parameters, probe_taps
 from tiny_net import TinyNet
 
 CIFAR = DataInfo(8, torch.arange(8) % 100, 100, (3, 32, 32))

@@ -9,14 +9,14 @@ import pytest
 import torch
 import yaml
 
-from methods.config import parse_config
-from methods.distillers import DISTILLERS, DataInfo, TeacherRequest
-from methods.distillers.hsakd import (  # importing it registers hsakd and hsakd_teacher
+from kdflow.methods.config import parse_config
+from kdflow.methods.distillers import DISTILLERS, DataInfo, TeacherRequest
+from kdflow.methods.distillers.hsakd import (  # importing it registers hsakd and hsakd_teacher
     HSAKD, HSAKDConfig, HSAKDTeacher, HSAKDTeacherConfig, hsakd_student_loss, hsakd_teacher_loss,
     joint_labels, rotate_batch)
-from methods.errors import ConfigError
-from methods.models import build_model, probe_taps
-from methods.models.aux_heads import AuxiliaryHeads, HSAKDNet, hsakd_tap_indices
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.models import build_model, probe_taps
+from kdflow.methods.models.aux_heads import AuxiliaryHeads, HSAKDNet, hsakd_tap_indices
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "method" / "hsakd.yaml"
 

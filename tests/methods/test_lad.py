@@ -3,13 +3,13 @@ teacher/student segmentation pair of the spec's table (5.6)."""
 import pytest
 import torch
 
-from methods.distillers import DISTILLERS, DataInfo
-from methods.distillers.label_noise import (fixed_code_map, fixed_codes, random_code_map,
+from kdflow.methods.distillers import DISTILLERS, DataInfo
+from kdflow.methods.distillers.label_noise import (fixed_code_map, fixed_codes, random_code_map,
                                             with_label_channel)
-from methods.distillers.segmentation_losses import cwd_loss, pixel_kd_loss
-from methods.config import parse_config
-from methods.models import build_model
-from methods.tasks import IGNORE_INDEX, SEGMENTATION
+from kdflow.methods.distillers.segmentation_losses import cwd_loss, pixel_kd_loss
+from kdflow.methods.config import parse_config
+from kdflow.methods.models import build_model
+from kdflow.methods.tasks import IGNORE_INDEX, SEGMENTATION
 
 VOC_CLASSES = 21
 
@@ -171,8 +171,8 @@ def test_lad_teacher_reads_four_channels_and_is_evaluated_with_the_labels():
 
 
 def test_lad_refuses_a_classifier():
-    from methods.errors import ConfigError
-    from methods.models import probe_taps
+    from kdflow.methods.errors import ConfigError
+    from kdflow.methods.models import probe_taps
     taps = probe_taps(build_model("resnet8", 10), (3, 32, 32))
     with pytest.raises(ConfigError, match="segmentation"):
         DISTILLERS.get("lad").check_taps(None, taps, taps)

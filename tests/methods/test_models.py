@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torchvision import models as tvm
 
-from methods.errors import ConfigError
-from methods.models import MODELS, build_model, count_parameters
-from methods.tasks import CLASSIFICATION
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.models import MODELS, build_model, count_parameters
+from kdflow.methods.tasks import CLASSIFICATION
 
 # Millions of parameters at 100 classes, as published by CRD / RepDistiller, except where noted.
 PUBLISHED_PARAMS_M: Dict[str, float] = {

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from methods.models import MODELS, build_model, count_parameters
-from methods.models.aux_heads import AuxiliaryHeads
+from kdflow.methods.models import MODELS, build_model, count_parameters
+from kdflow.methods.models.aux_heads import AuxiliaryHeads
 
 # ---- row 4: the CIFAR ResNet50 of RepDistiller / mdistiller ---------------------------------
 

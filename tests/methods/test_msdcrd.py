@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import methods.distillers.msdcrd  # noqa: F401  (registers "msdcrd")
-from methods.config import config_record, parse_config
-from methods.distillers.base import DISTILLERS, DataInfo, TeacherRequest
-from methods.distillers.kd import kd_loss
-from methods.distillers.msdcrd import (MSDCRD, MSDCRDConfig, common_size, decouple,
+import kdflow.methods.distillers.msdcrd  # noqa: F401  (registers "msdcrd")
+from kdflow.methods.config import config_record, parse_config
+from kdflow.methods.distillers.base import DISTILLERS, DataInfo, TeacherRequest
+from kdflow.methods.distillers.kd import kd_loss
+from kdflow.methods.distillers.msdcrd import (MSDCRD, MSDCRDConfig, common_size, decouple,
                                        feature_contrast, local_pairs, match_widths,
                                        msdcrd_terms, sample_contrast, slide)
-from methods.errors import ConfigError
-from methods.features import TapShapes
-from methods.models.base import build_model, probe_taps
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import TapShapes
+from kdflow.methods.models.base import build_model, probe_taps
 from tiny_net import TinyNet
 
 NUM_CLASSES = 4

@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from methods.config import parse_config
-from methods.distillers.base import DISTILLERS, DataInfo, TeacherRequest
-from methods.distillers.projection import (ProjectionConfig, ProjectionKD, check_stage,
+from kdflow.methods.config import parse_config
+from kdflow.methods.distillers.base import DISTILLERS, DataInfo, TeacherRequest
+from kdflow.methods.distillers.projection import (ProjectionConfig, ProjectionKD, check_stage,
                                            linear_projection_decomposition, projection_loss)
-from methods.distillers.spectral import SpectralConfig, SpectralReg, spectral_penalty
-from methods.errors import ConfigError
-from methods.features import TapShapes
-from methods.models.base import build_model
+from kdflow.methods.distillers.spectral import SpectralConfig, SpectralReg, spectral_penalty
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.features import TapShapes
+from kdflow.methods.models.base import build_model
 from tiny_net import TinyNet
 
 NUM_CLASSES = 4

@@ -11,10 +11,10 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models import segmentation as tvseg
 
-from methods.errors import ConfigError
-from methods.models import MODELS, build_model, probe_taps
-from methods.models.segmentation import dilate
-from methods.tasks import IGNORE_INDEX, SEGMENTATION
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.models import MODELS, build_model, probe_taps
+from kdflow.methods.models.segmentation import dilate
+from kdflow.methods.tasks import IGNORE_INDEX, SEGMENTATION
 
 NUM_CLASSES = 5
 

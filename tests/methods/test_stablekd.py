@@ -10,14 +10,14 @@ import torch
 import yaml
 from torch import nn
 
-from methods.config import parse_config
-from methods.distillers import DISTILLERS, DataInfo, TeacherRequest
-from methods.distillers.stablekd import (  # importing it registers stablekd
+from kdflow.methods.config import parse_config
+from kdflow.methods.distillers import DISTILLERS, DataInfo, TeacherRequest
+from kdflow.methods.distillers.stablekd import (  # importing it registers stablekd
     RecompositionSchedule, StableKD, StableKDConfig, boundary_shapes, default_partitions)
-from methods.errors import ConfigError
-from methods.models import MODELS, build_model, probe_taps
-from methods.tasks import CLASSIFICATION
-from methods.models.blocks import block_ranges, default_num_blocks, split_blocks
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.models import MODELS, build_model, probe_taps
+from kdflow.methods.tasks import CLASSIFICATION
+from kdflow.methods.models.blocks import block_ranges, default_num_blocks, split_blocks
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "method" / "stablekd.yaml"
 NUM_CLASSES = 100
@@ -181,7 +181,7 @@ def test_yaml_defaults_registry_and_teacher() -> None:
     cfg = parse_config(StableKDConfig, yaml.safe_load(CONFIG.read_text()), FIELD)
     assert cfg == StableKDConfig()
     assert "[KDFLOW] reference scheduler, not the paper's" in CONFIG.read_text()
-    import methods.distillers.stablekd as module
+    import kdflow.methods.distillers.stablekd as module
     assert "[KDFLOW] reference scheduler, not the paper's" in module.__doc__
     assert DISTILLERS.get("stablekd") is StableKD and StableKD.display_name == "StableKD"
     assert StableKD.teacher_request(cfg) == TeacherRequest()

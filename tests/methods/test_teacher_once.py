@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from methods.config import parse_config
-from methods.distillers import DISTILLERS, DataInfo
-from methods.tasks import CLASSIFICATION
+from kdflow.methods.config import parse_config
+from kdflow.methods.distillers import DISTILLERS, DataInfo
+from kdflow.methods.tasks import CLASSIFICATION
 
 INFO = DataInfo(num_samples=64, labels=torch.randint(0, 100, (64,)), num_classes=100,
                 input_shape=(3, 32, 32))

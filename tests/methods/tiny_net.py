@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.features import Features
-from methods.models.base import TappedModel
+from kdflow.methods.features import Features
+from kdflow.methods.models.base import TappedModel
 
 
 class TinyNet(TappedModel):

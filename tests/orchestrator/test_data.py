@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from datafiles import write_fake_cifar100, write_jpeg_tree
-from methods.errors import ConfigError
-from orchestrator.data import DATASETS, Batch, build_data, validate_dataset
-from orchestrator.data.digits import DigitsConfig, load_digit_splits
-from orchestrator.data.tensor_loaders import augment
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.data import DATASETS, Batch, build_data, validate_dataset
+from kdflow.orchestrator.data.digits import DigitsConfig, load_digit_splits
+from kdflow.orchestrator.data.tensor_loaders import augment
 
 CPU = torch.device("cpu")
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from multiprocess import WORKER, WORLD, launch_ranks, wait_ranks
-from orchestrator.data.loaders import local_rows
-from orchestrator.distributed import (DistEnv, Ranks, detect_env, env_from_slurm,
+from kdflow.orchestrator.data.loaders import local_rows
+from kdflow.orchestrator.distributed import (DistEnv, Ranks, detect_env, env_from_slurm,
                                       env_from_torchrun, first_host)
-from orchestrator.runner import JobInterrupted, RunOptions, run_job
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.orchestrator.runner import JobInterrupted, RunOptions, run_job
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 
 # --- where a process sits ----------------------------------------------------------------
@@ -94,8 +94,8 @@ def test_job_interrupted_keeps_its_signal_across_processes():
 COLLECTIVES = textwrap.dedent("""
     import json, sys, torch
     import torch.nn.functional as F
-    from orchestrator.data.loaders import local_rows
-    from orchestrator.distributed import (all_reduce_gradients, average_running_stats,
+    from kdflow.orchestrator.data.loaders import local_rows
+    from kdflow.orchestrator.distributed import (all_reduce_gradients, average_running_stats,
                                           broadcast_from_main, detect_env, process_group)
     torch.set_num_threads(1)
     env = detect_env()
@@ -158,9 +158,9 @@ def test_collectives_average_gradients_by_share_and_agree_on_state(tmp_path):
 ONE_STEP = textwrap.dedent("""
     import sys, torch
     import torch.nn.functional as F
-    from methods.models import build_model
-    from orchestrator.data import build_data
-    from orchestrator.distributed import Ranks, detect_env, process_group
+    from kdflow.methods.models import build_model
+    from kdflow.orchestrator.data import build_data
+    from kdflow.orchestrator.distributed import Ranks, detect_env, process_group
     torch.set_num_threads(1)
     env = detect_env()
     ranks = Ranks(env)
@@ -219,8 +219,8 @@ STUDY: Dict[str, Any] = {
 RECORDING = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
-    from orchestrator.distributed import Ranks, detect_env
-    from orchestrator.runner import RunOptions, run_job_in_store
+    from kdflow.orchestrator.distributed import Ranks, detect_env
+    from kdflow.orchestrator.runner import RunOptions, run_job_in_store
     root, job_id, out, rank = sys.argv[1:5]
     own = {}
     average_norms, from_main = Ranks.average_norms, Ranks.from_main

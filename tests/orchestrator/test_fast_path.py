@@ -9,19 +9,19 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-import orchestrator.runner as runner
-from methods.config import parse_config
-from methods.errors import ConfigError
-from orchestrator.checkpoint import read_sealed
-from methods.distillers import DISTILLERS, DataInfo
-from methods.distillers.vanilla import VanillaConfig
-from methods.models import build_model
-from orchestrator.fast_path import FastPath, build_optimizer, resolve_fast_path, step_forward
-from orchestrator.loss_guard import LossGuard
-from orchestrator.recipe import Recipe
-from orchestrator.runner import RunOptions, run_job
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+import kdflow.orchestrator.runner as runner
+from kdflow.methods.config import parse_config
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.checkpoint import read_sealed
+from kdflow.methods.distillers import DISTILLERS, DataInfo
+from kdflow.methods.distillers.vanilla import VanillaConfig
+from kdflow.methods.models import build_model
+from kdflow.orchestrator.fast_path import FastPath, build_optimizer, resolve_fast_path, step_forward
+from kdflow.orchestrator.loss_guard import LossGuard
+from kdflow.orchestrator.recipe import Recipe
+from kdflow.orchestrator.runner import RunOptions, run_job
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 QUIET = RunOptions(progress=False)
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.checkpoint import checkpoint_path, init_checkpoint_path, latest_checkpoint_path
-from orchestrator.runner import JobFailed, RunOptions, run_job
-from orchestrator.spec import JobSpec
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.orchestrator.checkpoint import checkpoint_path, init_checkpoint_path, latest_checkpoint_path
+from kdflow.orchestrator.runner import JobFailed, RunOptions, run_job
+from kdflow.orchestrator.spec import JobSpec
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 QUIET = RunOptions(progress=False)
 SPEC = JobSpec("distill", "kd", "resnet8", "digits", 0, {"temperature": 4.0}, {"n": 1},

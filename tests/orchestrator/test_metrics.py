@@ -3,8 +3,8 @@ import math
 
 import torch
 
-from methods.tasks import IGNORE_INDEX
-from orchestrator.metrics import (ClassificationMetrics, SegmentationMetrics, confusion_matrix,
+from kdflow.methods.tasks import IGNORE_INDEX
+from kdflow.orchestrator.metrics import (ClassificationMetrics, SegmentationMetrics, confusion_matrix,
                                   mean_iou)
 
 

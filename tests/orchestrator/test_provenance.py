@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator import provenance
-from orchestrator.atomic import write_json
-from orchestrator.checkpoint import SEAL_LENGTH, write_sealed
-from orchestrator.provenance import (SOURCE_ROOT, closure_files, code_digest, code_files,
+from kdflow.orchestrator import provenance
+from kdflow.orchestrator.atomic import write_json
+from kdflow.orchestrator.checkpoint import SEAL_LENGTH, write_sealed
+from kdflow.orchestrator.provenance import (SOURCE_ROOT, closure_files, code_digest, code_files,
                                      git_state, job_provenance, provenance_tags,
                                      weights_fingerprint)
-from orchestrator.staleness import CODE, NO_PROVENANCE, TEACHER, assess
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.orchestrator.staleness import CODE, NO_PROVENANCE, TEACHER, assess
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 
 @pytest.fixture
@@ -72,15 +72,15 @@ def test_relative_and_function_level_imports_are_followed(tmp_path):
     package = tmp_path / "methods" / "pkg"
     package.mkdir(parents=True)
     (tmp_path / "methods" / "__init__.py").write_text("")
-    (package / "__init__.py").write_text("from methods.pkg import c  # noqa\n")
+    (package / "__init__.py").write_text("from kdflow.methods.pkg import c  # noqa\n")
     (package / "a.py").write_text("from .b import x\nfrom . import c\n\n"
                                   "def f():\n    from ..other import y\n")
     (package / "b.py").write_text("import torch\nx = 1\n")
-    (package / "c.py").write_text("import methods.pkg.d\n")
+    (package / "c.py").write_text("import kdflow.methods.pkg.d\n")
     (package / "d.py").write_text("")
     (package / "unused.py").write_text("")
     (tmp_path / "methods" / "other.py").write_text("y = 2\n")
-    files = dict(closure_files(tmp_path, ("methods.pkg.a",)))
+    files = dict(closure_files(tmp_path, ("kdflow.methods.pkg.a",)))
     assert set(files) == {"methods/pkg/a.py", "methods/pkg/b.py", "methods/pkg/c.py",
                           "methods/pkg/d.py", "methods/other.py"}
 

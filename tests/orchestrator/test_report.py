@@ -5,12 +5,12 @@ import csv
 
 import torch
 
-from orchestrator.atomic import write_json
-from orchestrator.checkpoint import write_sealed
-from orchestrator.provenance import code_digest, code_files, weights_fingerprint
-from orchestrator.report import collect, epochs_to, write_report
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.orchestrator.atomic import write_json
+from kdflow.orchestrator.checkpoint import write_sealed
+from kdflow.orchestrator.provenance import code_digest, code_files, weights_fingerprint
+from kdflow.orchestrator.report import collect, epochs_to, write_report
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 
 def _finish(store: JobStore, job, curve, digest=None, recorded=True):

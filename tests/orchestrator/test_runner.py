@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from methods.models import build_model
-from orchestrator.runner import RunOptions, run_job
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.methods.models import build_model
+from kdflow.orchestrator.runner import RunOptions, run_job
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 QUIET = RunOptions(progress=False)
 
@@ -63,7 +63,7 @@ def test_teacher_is_frozen_during_distillation(study, tmp_path):
 WORKER = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
-    from orchestrator.runner import RunOptions, run_job_in_store
+    from kdflow.orchestrator.runner import RunOptions, run_job_in_store
     run_job_in_store(sys.argv[1], sys.argv[2], RunOptions(progress=False))
 """)
 

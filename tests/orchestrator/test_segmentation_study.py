@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from methods.errors import ConfigError
-from orchestrator.report import write_report
-from orchestrator.runner import VAL_SAMPLES, RunOptions, run_job
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.report import write_report
+from kdflow.orchestrator.runner import VAL_SAMPLES, RunOptions, run_job
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 SEG_DATA = {"synthetic_seg": {"num_train": 64, "num_val": 32, "image_size": 32}}
 RECIPE = {"epochs": 2, "batch_size": 16, "lr": 0.05, "weight_decay": 1e-4,

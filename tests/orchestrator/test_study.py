@@ -6,12 +6,12 @@ import dataclasses
 import pytest
 from omegaconf import OmegaConf
 
-from launch.compose import compose_config
-from methods.config import config_record, parse_config
-from methods.errors import ConfigError
-from methods.models import MODELS
-from orchestrator.recipe import Recipe
-from orchestrator.study import expand_study
+from kdflow.launch.compose import compose_config
+from kdflow.methods.config import config_record, parse_config
+from kdflow.methods.errors import ConfigError
+from kdflow.methods.models import MODELS
+from kdflow.orchestrator.recipe import Recipe
+from kdflow.orchestrator.study import expand_study
 
 
 def test_expansion_shares_teachers_and_orders_stages(study):

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.runner import RunOptions, run_job
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.orchestrator.runner import RunOptions, run_job
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 from tests.mlflow_server import MlflowServer
 
 

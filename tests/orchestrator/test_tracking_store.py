@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from orchestrator.tracking import ensure_experiment, mlflow_client, resolve_tracking_uri
+from kdflow.orchestrator.tracking import ensure_experiment, mlflow_client, resolve_tracking_uri
 
 
 def test_embedded_store_artifacts_live_beside_the_database(tmp_path: Path) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from orchestrator.checkpoint import read_sealed
-from orchestrator.runner import RunOptions
-from orchestrator.spec import JobSpec
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.orchestrator.checkpoint import read_sealed
+from kdflow.orchestrator.runner import RunOptions
+from kdflow.orchestrator.spec import JobSpec
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 QUIET = RunOptions(progress=False)
 BATCH = 32

@@ -13,11 +13,11 @@ import pytest
 import torch
 from datafiles import write_fake_cifar100, write_fake_voc, write_jpeg_tree
 
-from launch.cli import main
-from orchestrator.data import DataError, build_data
-from orchestrator.runner import RunOptions, run_job
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.launch.cli import main
+from kdflow.orchestrator.data import DataError, build_data
+from kdflow.orchestrator.runner import RunOptions, run_job
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 QUIET = RunOptions(progress=False)
 CPU = torch.device("cpu")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from datafiles import write_fake_cifar100, write_jpeg_tree
 
-from launch.cli import main
+from kdflow.launch.cli import main
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ import pytest
 import torch
 from rel_checkpoint_jobs import QUIET, vanilla_job
 
-from orchestrator.checkpoint import (REJECTED_SUFFIX, checkpoint_path, encode, init_checkpoint_path,
+from kdflow.orchestrator.checkpoint import (REJECTED_SUFFIX, checkpoint_path, encode, init_checkpoint_path,
                                      latest_checkpoint_path, read_sealed)
-from orchestrator.runner import JobFailed, run_job
-from orchestrator.spec import JobSpec
-from orchestrator.status import status_table
-from orchestrator.store import JobStore
-from orchestrator.study import JobGraph, expand_study
+from kdflow.orchestrator.runner import JobFailed, run_job
+from kdflow.orchestrator.spec import JobSpec
+from kdflow.orchestrator.status import status_table
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import JobGraph, expand_study
 
 EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 2, 8, 5
 LATEST, PREVIOUS = 16, 15  # the two checkpoints a finished job keeps (saves at 5, 8, 10, 15, 16)
@@ -101,7 +101,7 @@ def test_a_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(
         unfinished: Unfinished, damage: Callable[[Path], None], reason: str, caplog) -> None:
     latest = unfinished.checkpoint(LATEST)
     damage(latest)
-    with caplog.at_level(logging.WARNING, logger="orchestrator.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="kdflow.orchestrator.checkpoint"):
         unfinished.assert_ends_as_expected()
     state = unfinished.store.state(unfinished.job.job_id)
     assert state.resumed_step == PREVIOUS and state.status == "done"
@@ -158,7 +158,7 @@ def test_with_every_checkpoint_damaged_the_job_starts_over_and_says_so(unfinishe
 def test_a_checkpoint_written_before_checksums_still_loads(unfinished, caplog) -> None:
     latest = unfinished.checkpoint(LATEST)
     torch.save(read_sealed(latest), latest)  # the format every checkpoint had before
-    with caplog.at_level(logging.WARNING, logger="orchestrator.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="kdflow.orchestrator.checkpoint"):
         unfinished.assert_ends_as_expected()
     state = unfinished.store.state(unfinished.job.job_id)
     assert state.resumed_step == LATEST and state.notes == []

@@ -13,13 +13,13 @@ from typing import Any, Dict, List, Tuple
 import pytest
 import torch
 
-from launch.compose import compose_config
-from methods.config import check_value, parse_config, require_non_negative, require_positive
-from methods.distillers import DISTILLERS
-from methods.errors import ConfigError
-from orchestrator.data.registry import DATASETS
-from orchestrator.recipe import Recipe
-from orchestrator.study import expand_study
+from kdflow.launch.compose import compose_config
+from kdflow.methods.config import check_value, parse_config, require_non_negative, require_positive
+from kdflow.methods.distillers import DISTILLERS
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.data.registry import DATASETS
+from kdflow.orchestrator.recipe import Recipe
+from kdflow.orchestrator.study import expand_study
 
 NON_FINITE = (math.nan, math.inf, -math.inf)
 

@@ -25,10 +25,10 @@ import torch
 from multiprocess import REPO
 from rel_checkpoint_jobs import QUIET, checkpoint_steps, saved_steps, vanilla_job
 
-from orchestrator.checkpoint import checkpoint_path, read_sealed
-from orchestrator.runner import run_job
-from orchestrator.spec import JobSpec
-from orchestrator.store import JobStore
+from kdflow.orchestrator.checkpoint import checkpoint_path, read_sealed
+from kdflow.orchestrator.runner import run_job
+from kdflow.orchestrator.spec import JobSpec
+from kdflow.orchestrator.store import JobStore
 
 SEED = 9  # the kill points are drawn from random.Random(SEED)
 EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 3, 12, 5
@@ -42,8 +42,8 @@ SAVES = saved_steps(EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY)  # no step is lis
 WORKER = textwrap.dedent("""
     import json, os, signal, sys
     import torch
-    from orchestrator.runner import RunOptions, run_job_in_store
-    from orchestrator.store import JobStore
+    from kdflow.orchestrator.runner import RunOptions, run_job_in_store
+    from kdflow.orchestrator.store import JobStore
 
     root, job_id, kill = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 

@@ -19,10 +19,10 @@ from typing import Callable
 import pytest
 from rel_checkpoint_jobs import QUIET, vanilla_job
 
-from orchestrator.runner import run_job
-from orchestrator.status import status_table
-from orchestrator.store import JobStore, result_problem
-from orchestrator.study import JobGraph
+from kdflow.orchestrator.runner import run_job
+from kdflow.orchestrator.status import status_table
+from kdflow.orchestrator.store import JobStore, result_problem
+from kdflow.orchestrator.study import JobGraph
 
 EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 2, 8, 5
 LAST_CHECKPOINT = EPOCHS * STEPS_PER_EPOCH
@@ -100,7 +100,7 @@ def test_each_file_version_is_verified_once(study, tmp_path) -> None:
 
 
 def _kdflow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kdflow.launch.cli", *args], capture_output=True,
                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 

@@ -16,10 +16,10 @@ from typing import Any, Dict, List, Tuple
 from rel_checkpoint_jobs import QUIET
 from rel_workers import has_checkpoint, wait_for, worker_of
 
-from launch.launchers import LocalLauncher, StudyRun
-from launch.local import death_reason
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.launch.launchers import LocalLauncher, StudyRun
+from kdflow.launch.local import death_reason
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 BOOT_TIME_RESOLUTION_S = 1.0
 KILLED = "worker process killed by signal 9 (SIGKILL; possibly out of memory)"

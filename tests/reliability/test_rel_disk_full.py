@@ -19,10 +19,10 @@ import pytest
 import torch
 from rel_checkpoint_jobs import QUIET, checkpoint_steps, saved_steps, vanilla_job
 
-from orchestrator.atomic import DiskFull
-from orchestrator.checkpoint import checkpoint_path, latest_checkpoint_path, read_sealed
-from orchestrator.runner import run_job
-from orchestrator.store import JobStore
+from kdflow.orchestrator.atomic import DiskFull
+from kdflow.orchestrator.checkpoint import checkpoint_path, latest_checkpoint_path, read_sealed
+from kdflow.orchestrator.runner import run_job
+from kdflow.orchestrator.store import JobStore
 
 DISK_BYTES = 8 * 2**20
 EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 2, 8, 5

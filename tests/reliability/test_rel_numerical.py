@@ -17,17 +17,17 @@ from typing import Dict
 import pytest
 import torch
 
-import orchestrator.runner as runner
-from launch.cli import main
-from methods.config import parse_config
-from methods.distillers import DISTILLERS
-from orchestrator.checkpoint import checkpoint_path, latest_checkpoint_path
-from orchestrator.data import build_data
-from orchestrator.loss_guard import TOTAL, LossGuard
-from orchestrator.recipe import Recipe
-from orchestrator.runner import JobFailed, RunOptions, run_job
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+import kdflow.orchestrator.runner as runner
+from kdflow.launch.cli import main
+from kdflow.methods.config import parse_config
+from kdflow.methods.distillers import DISTILLERS
+from kdflow.orchestrator.checkpoint import checkpoint_path, latest_checkpoint_path
+from kdflow.orchestrator.data import build_data
+from kdflow.orchestrator.loss_guard import TOTAL, LossGuard
+from kdflow.orchestrator.recipe import Recipe
+from kdflow.orchestrator.runner import JobFailed, RunOptions, run_job
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 CPU = torch.device("cpu")
 FAULT = re.compile(r"non-finite loss at step (\d+) \(epoch (\d+)\): (.+)$")
@@ -151,7 +151,7 @@ def test_checked_only_before_checkpoints_the_first_bad_step_is_still_the_one_rep
 
 
 def _kdflow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kdflow.launch.cli", *args], capture_output=True,
                           text=True, timeout=600)
 
 

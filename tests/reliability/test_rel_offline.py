@@ -18,7 +18,7 @@ from typing import Dict, List
 
 import pytest
 
-from orchestrator.store import JobStore
+from kdflow.orchestrator.store import JobStore
 
 REPO = Path(__file__).resolve().parents[2]
 GUARD = textwrap.dedent('''
@@ -113,7 +113,7 @@ def test_the_guard_refuses_and_logs_a_connection(offline):
 
 def test_a_study_finishes_with_the_network_refused(offline, tmp_path):
     out = tmp_path / "outputs"
-    proc = python(offline, "-m", "launch.cli", "run", *SMALL_KD, "progress=false",
+    proc = python(offline, "-m", "kdflow.launch.cli", "run", *SMALL_KD, "progress=false",
                   f"output_dir={out}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     store = JobStore(out / "jobs")
@@ -125,7 +125,7 @@ def test_a_study_finishes_with_the_network_refused(offline, tmp_path):
 
 def test_every_registered_model_builds_without_weights_or_network(offline):
     proc = python(offline, "-c", "import torch; torch.set_num_threads(1)\n"
-                  "from methods.models import MODELS, build_model\n"
+                  "from kdflow.methods.models import MODELS, build_model\n"
                   "for name in MODELS.names(): build_model(name, 10)\n"
                   "print(len(MODELS.names()))")
     assert proc.returncode == 0, proc.stderr

@@ -19,11 +19,11 @@ from typing import Dict, Iterator
 import pytest
 import torch
 
-from launch.cli import Session, main
-from launch.slurm_queue import PING_TIMEOUT_S, SlurmUnreachable, require_slurm
-from orchestrator.atomic import write_json
-from orchestrator.checkpoint import write_sealed
-from orchestrator.report import REPORT_FILES
+from kdflow.launch.cli import Session, main
+from kdflow.launch.slurm_queue import PING_TIMEOUT_S, SlurmUnreachable, require_slurm
+from kdflow.orchestrator.atomic import write_json
+from kdflow.orchestrator.checkpoint import write_sealed
+from kdflow.orchestrator.report import REPORT_FILES
 
 SMOKE = ["study=smoke", "progress=false"]
 FAILING_COMMAND = ("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2"
@@ -32,7 +32,7 @@ HANGING_COMMAND = "#!/bin/sh\nsleep 120\n"
 
 
 def _kdflow(*args: str, env: Dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kdflow.launch.cli", *args], capture_output=True,
                           text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 

@@ -50,7 +50,7 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 
 
 def test_killed_kdflow_run_stops_its_workers_and_the_next_run_resumes(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "launch.cli", "run", *RUN, f"output_dir={tmp_path}"]
+    command = [sys.executable, "-m", "kdflow.launch.cli", "run", *RUN, f"output_dir={tmp_path}"]
     main = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:

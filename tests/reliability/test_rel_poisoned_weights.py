@@ -15,12 +15,12 @@ from dataclasses import replace
 import torch
 from rel_checkpoint_jobs import QUIET, checkpoint_steps, vanilla_job
 
-from launch.launchers import LocalLauncher, StudyRun
-from orchestrator.checkpoint import checkpoint_path, read_sealed
-from orchestrator.loss_guard import nonfinite_tensors, weights_fault
-from orchestrator.runner import run_job
-from orchestrator.store import JobStore
-from orchestrator.study import JobGraph
+from kdflow.launch.launchers import LocalLauncher, StudyRun
+from kdflow.orchestrator.checkpoint import checkpoint_path, read_sealed
+from kdflow.orchestrator.loss_guard import nonfinite_tensors, weights_fault
+from kdflow.orchestrator.runner import run_job
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import JobGraph
 
 EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 2, 6, 4
 LAST = EPOCHS * STEPS_PER_EPOCH

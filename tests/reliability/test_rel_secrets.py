@@ -17,9 +17,9 @@ from typing import Dict, List
 
 import pytest
 
-from methods.errors import ConfigError
-from orchestrator import tracking
-from orchestrator.tracking import check_tracking_uri, prepare_experiment, redact
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator import tracking
+from kdflow.orchestrator.tracking import check_tracking_uri, prepare_experiment, redact
 
 PASSWORD = "S3cretPW"
 SMOKE = ["study=smoke", "progress=false"]
@@ -33,7 +33,7 @@ def _closed_port() -> int:
 
 
 def _kdflow(*args: str, env: Dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kdflow.launch.cli", *args], capture_output=True,
                           text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 

@@ -19,11 +19,11 @@ import torch
 from rel_checkpoint_jobs import QUIET
 from rel_workers import has_checkpoint, wait_for, worker_of
 
-import launch.local as local
-from launch.local import run_local
-from orchestrator.checkpoint import read_sealed
-from orchestrator.store import JobStore
-from orchestrator.study import JobGraph, expand_study
+import kdflow.launch.local as local
+from kdflow.launch.local import run_local
+from kdflow.orchestrator.checkpoint import read_sealed
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import JobGraph, expand_study
 
 CORES, WORKERS = 4, 4
 

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 
-from orchestrator.spec import JobSpec
-from orchestrator.study import expand_study
-from orchestrator.tracking import JobTracker, RUN_TOKEN_TAG
-from orchestrator.tracking_outbox import Outbox
+from kdflow.orchestrator.spec import JobSpec
+from kdflow.orchestrator.study import expand_study
+from kdflow.orchestrator.tracking import JobTracker, RUN_TOKEN_TAG
+from kdflow.orchestrator.tracking_outbox import Outbox
 from tests.mlflow_server import MlflowServer
 
 JOBS = 16
@@ -39,7 +39,7 @@ class _Records(logging.Handler):
 def _log_job(uri: str, spec: JobSpec, job: int, job_dir: Path, start: Any, out: Any) -> None:
     """One process: wait for all sixteen, then log a whole job; put what happened on ``out``."""
     records = _Records()
-    tracking_log = logging.getLogger("orchestrator.tracking")
+    tracking_log = logging.getLogger("kdflow.orchestrator.tracking")
     tracking_log.addHandler(records)
     tracking_log.setLevel(logging.DEBUG)
     outcome: Dict[str, Any] = {"job": job}

@@ -10,12 +10,12 @@ from typing import Dict, List
 
 import pytest
 
-from launch.cli import Session, main
-from orchestrator.runner import RunOptions, run_job
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
-from orchestrator.tracking import JobTracker, ensure_experiment, sync_job
-from orchestrator.tracking_outbox import Outbox
+from kdflow.launch.cli import Session, main
+from kdflow.orchestrator.runner import RunOptions, run_job
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
+from kdflow.orchestrator.tracking import JobTracker, ensure_experiment, sync_job
+from kdflow.orchestrator.tracking_outbox import Outbox
 from tests.mlflow_server import MlflowServer
 
 EPOCHS = 5
@@ -77,7 +77,7 @@ def test_server_stopped_after_first_epoch_and_restarted_gets_every_metric_once(
 
     options = RunOptions(tracking_uri=server.uri, experiment="outage", progress=False,
                          on_epoch=outage)
-    with caplog.at_level(logging.WARNING, logger="orchestrator.tracking"):
+    with caplog.at_level(logging.WARNING, logger="kdflow.orchestrator.tracking"):
         result = run_job(job, store, options)
     assert store.state(job.job_id).status == "done"
     assert kept == {0: 0, 1: 1, 2: 2, 3: 0, 4: 0}

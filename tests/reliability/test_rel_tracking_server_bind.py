@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import List, Set
 
-from launch.cli import main
-from orchestrator.tracking import ensure_experiment
+from kdflow.launch.cli import main
+from kdflow.orchestrator.tracking import ensure_experiment
 from tests.mlflow_server import stop_group, wait_healthy
 from tests.multiprocess import free_port
 
@@ -55,7 +55,7 @@ def test_kdflow_server_serves_the_study_store_on_loopback_only(tmp_path):
     log = tmp_path / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "launch.cli", "server", "--port", str(port), "study=smoke",
+            [sys.executable, "-m", "kdflow.launch.cli", "server", "--port", str(port), "study=smoke",
              f"output_dir={tmp_path}"], stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:

@@ -14,14 +14,14 @@ import torch
 from multiprocess import WORKER, launch_ranks, wait_ranks
 from slurm_wait import wait_until
 
-from launch.compose import compose_config
-from launch.slurm import submit_study
-from launch.slurm_config import parse_slurm_settings
-from launch.slurm_queue import SlurmQueue
+from kdflow.launch.compose import compose_config
+from kdflow.launch.slurm import submit_study
+from kdflow.launch.slurm_config import parse_slurm_settings
+from kdflow.launch.slurm_queue import SlurmQueue
 from omegaconf import OmegaConf
-from orchestrator.runner import RunOptions, run_job
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.orchestrator.runner import RunOptions, run_job
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -29,7 +29,7 @@ DEV = ["launcher=slurm_dev", "progress=false"]
 
 
 def kdflow(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kdflow.launch.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "KDFLOW_LOG": "WARNING"})
 
 
@@ -190,7 +190,7 @@ def test_a_two_task_job_trains_under_gloo_exactly_as_two_local_processes(tmp_pat
 def test_hydra_sweep_through_hydra_submitit_launcher(tmp_path):
     sweep = tmp_path / "multirun"
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.hydra_app", "-m", "hydra/launcher=submitit_slurm",
+        [sys.executable, "-m", "kdflow.launch.hydra_app", "-m", "hydra/launcher=submitit_slurm",
          "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
          "hydra.launcher.timeout_min=20", f"hydra.sweep.dir={sweep}", f"output_dir={tmp_path / 'out'}",
          "progress=false", "study=quick", "study.methods.kd.temperature=2,8"],

@@ -12,7 +12,7 @@ from typing import List, Set
 
 import pytest
 
-from launch.cli import main
+from kdflow.launch.cli import main
 
 pytestmark = [pytest.mark.slurm, pytest.mark.reliability, pytest.mark.usefixtures("slurm_cluster")]
 

@@ -18,14 +18,14 @@ from omegaconf import OmegaConf
 from slurm_wait import wait_until
 from test_launcher import DEV, jobs_by_title
 
-from launch.cli import main
-from launch.compose import compose_config
-from launch.local import run_local
-from launch.slurm_queue import SlurmQueue
-from orchestrator.checkpoint import checkpoint_path
-from orchestrator.runner import RunOptions
-from orchestrator.store import JobStore
-from orchestrator.study import expand_study
+from kdflow.launch.cli import main
+from kdflow.launch.compose import compose_config
+from kdflow.launch.local import run_local
+from kdflow.launch.slurm_queue import SlurmQueue
+from kdflow.orchestrator.checkpoint import checkpoint_path
+from kdflow.orchestrator.runner import RunOptions
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 pytestmark = [pytest.mark.slurm, pytest.mark.reliability, pytest.mark.usefixtures("slurm_cluster")]
 

@@ -20,7 +20,7 @@ from typing import List
 import pytest
 from test_launcher import DEV, jobs_by_title
 
-from orchestrator.store import JobStore
+from kdflow.orchestrator.store import JobStore
 
 pytestmark = [pytest.mark.slurm, pytest.mark.reliability, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -36,7 +36,7 @@ def commands(marker: str) -> str:
 
 def kdflow_in(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """``kdflow ARGS`` run from ``cwd`` (SLURM runs the jobs in the folder they were submitted from)."""
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kdflow.launch.cli", *args], capture_output=True,
                           text=True, timeout=600, cwd=cwd,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
 

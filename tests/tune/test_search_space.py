@@ -5,10 +5,10 @@ import pytest
 from omegaconf import OmegaConf
 from ray import tune
 
-from launch.compose import compose_config
-from launch.search_space import apply_settings, flat_settings, parse_space, run_overrides, tune_space
-from methods.errors import ConfigError
-from orchestrator.study import expand_study
+from kdflow.launch.compose import compose_config
+from kdflow.launch.search_space import apply_settings, flat_settings, parse_space, run_overrides, tune_space
+from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.study import expand_study
 
 
 @pytest.fixture

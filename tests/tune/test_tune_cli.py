@@ -13,7 +13,7 @@ from typing import List
 
 import pytest
 
-from launch.cli import main
+from kdflow.launch.cli import main
 
 SEARCH = ["search=kd", "study=quick", "study.student_recipe.epochs=4",
           "study.student_recipe.lr_milestones=[3]", "search.asha.grace_period=1", "progress=false"]
@@ -21,7 +21,7 @@ FINISHED = re.compile(r"^trial (\w+) finished \[\d+/\d+\]: (\d+) epochs", re.M)
 
 
 def _kdflow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kdflow.launch.cli", *args], capture_output=True,
                           text=True, timeout=600)
 
 
@@ -80,7 +80,7 @@ def test_running_the_same_search_again_reruns_no_trial(searched):
 
 def test_interrupted_search_resumes_with_the_remaining_trials_only(tmp_path):
     args = ["tune", *SEARCH, "search.num_samples=6", f"output_dir={tmp_path}"]
-    driver = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], text=True,
+    driver = subprocess.Popen([sys.executable, "-m", "kdflow.launch.cli", *args], text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     first: List[str] = []
     for line in driver.stdout:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.cli import main
+from kdflow.launch.cli import main
 
 PBT = ["search=kd", "study=quick", "search.scheduler=pbt", "search.num_samples=4",
        "study.student_recipe.epochs=4", "study.student_recipe.lr_milestones=[3]",
@@ -24,7 +24,7 @@ FINISHED = re.compile(r"^trial (\w+) finished \[\d+/\d+\]: (\d+) epochs", re.M)
 def pbt_search(tmp_path_factory):
     """A 4-trial PBT search of KD on digits: (output dir, its output)."""
     out = tmp_path_factory.mktemp("pbt")
-    run = subprocess.run([sys.executable, "-m", "launch.cli", "tune", *PBT, f"output_dir={out}"],
+    run = subprocess.run([sys.executable, "-m", "kdflow.launch.cli", "tune", *PBT, f"output_dir={out}"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     return out, run.stdout
@@ -81,10 +81,10 @@ def test_a_pbt_search_that_cannot_run_is_exit_2_before_ray_starts(tmp_path, caps
 
 
 def test_a_best_trial_from_a_pbt_exploit_gets_settings_only_and_a_lineage_note(tmp_path, study):
-    from launch.tune import SearchConfig, SearchPlan, TrialRow, write_best
-    from orchestrator.spec import JobSpec
-    from orchestrator.store import JobStore
-    from orchestrator.study import JobGraph, expand_study
+    from kdflow.launch.tune import SearchConfig, SearchPlan, TrialRow, write_best
+    from kdflow.orchestrator.spec import JobSpec
+    from kdflow.orchestrator.store import JobStore
+    from kdflow.orchestrator.study import JobGraph, expand_study
 
     base = next(j for j in expand_study(study).jobs if j.method == "kd")
     job = JobSpec(**{**base.to_json(), "init_from": f"{base.job_id}@12"})
