@@ -4,6 +4,9 @@
 any job is submitted); ``build_data`` loads the dataset and returns its loaders. A file that
 cannot be decoded, while building or loading, raises :class:`DataError`: one line naming the
 file, the cause and the ``kdflow data check`` command that lists every unreadable file.
+
+Every module here that calls ``register_dataset`` or ``register_loader`` is imported when the
+package is: a new dataset is one new file, no list to edit (:mod:`kdflow.methods.discovery`).
 """
 from __future__ import annotations
 
@@ -12,13 +15,14 @@ from typing import Any, Dict, Mapping
 import torch
 
 from kdflow.methods.config import config_record, parse_config
+from kdflow.methods.discovery import import_registering_modules
 from kdflow.methods.errors import ConfigError
-from kdflow.orchestrator.data import (cifar, cifar10_jpeg, cityscapes, digits, imagefolder,  # noqa: F401
-                              imagewoof, seg_synthetic, synthetic, voc)  # (registers)
 from kdflow.orchestrator.data.errors import DataError, build_named
 from kdflow.orchestrator.data.loaders import Batch, Data, EvalLoader, TrainLoader
-from kdflow.orchestrator.data.registry import (DATASETS, DEFAULT_LOADER, DatasetEntry, register_dataset,
-                                        register_loader)
+from kdflow.orchestrator.data.registry import (DATASETS, DEFAULT_LOADER, DatasetEntry,
+                                               register_dataset, register_loader)
+
+import_registering_modules(__name__, __path__, ("register_dataset", "register_loader"))
 
 __all__ = ["Batch", "Data", "DataError", "DATASETS", "DatasetEntry", "EvalLoader",
            "TrainLoader", "build_data", "dataset_record", "register_dataset", "register_loader",
