@@ -8,6 +8,9 @@ starts a new worker for the next job and every other job goes on.
 Every job runs with ``cores // workers`` torch threads (:func:`job_threads`), in a worker or,
 with one worker (or one job left), in this process: a job resumed here computes exactly what
 its first run in a worker would have.
+
+Progress (:mod:`kdflow.orchestrator.progress`): on a terminal a study bar above one bar per
+running job; elsewhere a line per job start and end and a periodic study summary line.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Dict, List, Optional
 
+from kdflow.orchestrator.progress import BARS, StudyProgress, progress_style, result_text
 from kdflow.orchestrator.runner import JobInterrupted, RunOptions, run_job_in_store
 from kdflow.orchestrator.store import JobStore
 from kdflow.orchestrator.study import JobGraph
@@ -161,7 +165,7 @@ class _Pool:
         self.busy.append(worker)
         try:
             worker.conn.send((self.output_dir, job_id,
-                              replace(self.options, progress_position=worker.slot)))
+                              replace(self.options, progress_position=worker.slot + 1)))
         except OSError:  # it died since: collect() reports the death
             pass
 
@@ -240,7 +244,8 @@ def run_local(graph: JobGraph, output_dir: str, options: RunOptions,
     equal share of the cores as torch threads (:func:`job_threads`, unless ``options.threads``
     says otherwise); with one worker, or one job to run, jobs run in this process. A failed
     job (a dead worker's too) marks the jobs that need it ``blocked`` and the rest of the
-    study goes on.
+    study goes on. ``options.progress`` turns the study's progress on (bars on a terminal,
+    lines elsewhere: :func:`progress_style`).
     """
     started = time.time()
     store = JobStore(os.path.join(output_dir, "jobs"))
@@ -253,10 +258,13 @@ def run_local(graph: JobGraph, output_dir: str, options: RunOptions,
         else:
             pending[job.job_id] = job.needs
     workers = workers or default_workers()
-    options = replace(options, threads=options.threads or job_threads(workers))
+    style = progress_style(options.progress)
+    options = replace(options, threads=options.threads or job_threads(workers),
+                      progress=style == BARS, progress_position=1)
     workers = max(1, min(workers, len(pending) or 1))
     finished = set(summary.skipped)
     titles = {job.job_id: job.title for job in graph.jobs}
+    progress = StudyProgress(graph.study, titles, style, skipped=len(summary.skipped))
 
     def ready() -> List[str]:
         return [j for j, needs in pending.items() if all(n in finished for n in needs)]
@@ -267,42 +275,52 @@ def run_local(graph: JobGraph, output_dir: str, options: RunOptions,
                 del pending[other]
                 summary.blocked[other] = why
                 store.update_state(other, status="blocked", error=why)
+                progress.ended(other, "blocked", why)
                 block_dependents(other, why)
 
     def settle(job_id: str, ended: JobEnd) -> None:
         if ended.status == "done":
             finished.add(job_id)
             summary.done.append(job_id)
-        elif ended.status == "interrupted":
+            progress.ended(job_id, "done", result_text(store.result(job_id)))
+            return
+        progress.ended(job_id, ended.status, ended.error or "")
+        if ended.status == "interrupted":
             summary.interrupted.append(job_id)
         else:
             summary.failed[job_id] = ended.error
             block_dependents(job_id, f"needs job {job_id} ({titles[job_id]}), which failed: "
                                      f"{ended.error}")
 
-    if workers == 1:
-        while (todo := ready()) and not summary.interrupted:
-            job_id = todo[0]
-            del pending[job_id]
-            settle(job_id, run_and_report(output_dir, job_id, options))
-    else:
-        _run_pool(_Pool(workers, output_dir, options, store), pending, ready, settle, summary)
+    def start(job_id: str) -> None:
+        del pending[job_id]
+        progress.started(job_id)
+
+    try:
+        if workers == 1:
+            while (todo := ready()) and not summary.interrupted:
+                start(todo[0])
+                settle(todo[0], run_and_report(output_dir, todo[0], options))
+        else:
+            _run_pool(_Pool(workers, output_dir, options, store), ready, start, settle, summary)
+    finally:
+        progress.close()
     summary.wall_time_s = time.time() - started
     return summary
 
 
-def _run_pool(pool: _Pool, pending: Dict[str, tuple[str, ...]], ready: Callable[[], List[str]],
+def _run_pool(pool: _Pool, ready: Callable[[], List[str]], start: Callable[[str], None],
               settle: Callable[[str, JobEnd], None], summary: Summary) -> None:
-    """Start ready jobs on ``pool`` while it has room and settle each as it ends, until none
-    runs. After Ctrl-C (or a job's interruption) no job starts, and running ones checkpoint
-    and stop."""
+    """Start ready jobs on ``pool`` while it has room (``start`` takes each off the pending
+    ones) and settle each as it ends, until none runs. After Ctrl-C (or a job's interruption)
+    no job starts, and running ones checkpoint and stop."""
     stopping = False
     try:
         while True:
             for job_id in ready():
                 if stopping or summary.interrupted or not pool.has_room():
                     break
-                del pending[job_id]
+                start(job_id)
                 pool.start(job_id)
             if not pool.busy:
                 break

@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional
 from kdflow.launch.local import Summary
 from kdflow.launch.ray_config import RaySettings
 from kdflow.methods.errors import ConfigError
+from kdflow.orchestrator.progress import StudyProgress, progress_style, result_text
 from kdflow.orchestrator.runner import JobInterrupted, RunOptions, run_job_in_store
 from kdflow.orchestrator.spec import JobSpec
 from kdflow.orchestrator.store import JobStore
@@ -143,24 +144,20 @@ def settle(summary: Summary, outcome: Outcome) -> None:
 
 
 def collect(ray: Any, refs: Dict[str, Any], graph: JobGraph, store: JobStore, summary: Summary,
-            progress: bool) -> None:
-    """Wait for every task of ``refs``, settling each as it ends, with a bar over the jobs."""
-    from tqdm import tqdm
-
+            progress: StudyProgress) -> None:
+    """Wait for every task of ``refs``, settling each as it ends and telling ``progress``."""
     jobs = graph.by_id()
     waiting = {ref: job_id for job_id, ref in refs.items()}
-    with tqdm(total=len(refs), desc=f"{graph.study} jobs", unit="job", disable=not progress,
-              dynamic_ncols=True) as bar:
-        while waiting:
-            ready, _ = ray.wait(list(waiting), num_returns=1)
-            job_id = waiting.pop(ready[0])
-            try:
-                outcome = ray.get(ready[0])
-            except ray.exceptions.RayError as err:
-                outcome = _lost(jobs[job_id], summary, err, store)
-            settle(summary, outcome)
-            bar.update(1)
-            bar.set_postfix(failed=len(summary.failed), blocked=len(summary.blocked), refresh=False)
+    while waiting:
+        ready, _ = ray.wait(list(waiting), num_returns=1)
+        job_id = waiting.pop(ready[0])
+        try:
+            outcome = ray.get(ready[0])
+        except ray.exceptions.RayError as err:
+            outcome = _lost(jobs[job_id], summary, err, store)
+        settle(summary, outcome)
+        progress.ended(job_id, outcome.status, result_text(store.result(job_id))
+                       if outcome.status == "done" else outcome.error or "")
 
 
 def interrupt(ray: Any, refs: Dict[str, Any], summary: Summary) -> None:
@@ -194,9 +191,13 @@ def run_ray(graph: JobGraph, output_dir: str, options: RunOptions, settings: Ray
         with ray_session(settings) as ray:
             check_fits(ray, settings, todo)
             refs = submit(ray, todo, output_dir, options, settings)
+            progress = StudyProgress(graph.study, {job.job_id: job.title for job in graph.jobs},
+                                     progress_style(options.progress), skipped=len(summary.skipped))
             try:
-                collect(ray, refs, graph, store, summary, options.progress)
+                collect(ray, refs, graph, store, summary, progress)
             except KeyboardInterrupt:
                 interrupt(ray, refs, summary)
+            finally:
+                progress.close()
     summary.wall_time_s = time.time() - started
     return summary

@@ -18,6 +18,7 @@ from kdflow.methods.errors import ConfigError
 from kdflow.launch.slurm_plan import ArrayPlan, plan_arrays
 from kdflow.launch.slurm_queue import QueueEntry, SlurmQueue, require_slurm
 from kdflow.launch.slurm_task import StoreTask
+from kdflow.orchestrator.progress import BARS, LINES, SUMMARY_EVERY_S, progress_style
 from kdflow.orchestrator.runner import RunOptions
 from kdflow.orchestrator.store import JobStore
 from kdflow.orchestrator.study import JobGraph
@@ -218,22 +219,30 @@ ACTIVE = ("queued", "running", "requeued")
 
 def wait_for_study(graph: JobGraph, store: JobStore, queue: SlurmQueue, poll_s: float,
                    progress: bool = True) -> Dict[str, JobView]:
-    """Poll until no job of the study is queued or running; a bar shows jobs that have ended.
+    """Poll until no job of the study is queued or running, showing how many jobs are in each
+    state: a bar over the ended ones on a terminal, else a line whenever the counts change and
+    at least every :data:`SUMMARY_EVERY_S` seconds (:func:`progress_style`).
 
     One squeue call per poll (plus one sacct call when jobs vanished from the queue).
     """
     from tqdm import tqdm
 
+    style = progress_style(progress)
     bar = tqdm(total=len(graph.jobs), desc=f"{graph.study} on SLURM", unit="job",
-               disable=not progress, dynamic_ncols=True)
+               disable=style != BARS, dynamic_ncols=True)
+    said, said_at = "", 0.0
     try:
         while True:
             views = reconcile(graph, store, queue)
             counts: Dict[str, int] = {}
             for view in views.values():
                 counts[view.status] = counts.get(view.status, 0) + 1
+            text = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
             bar.n = sum(n for status, n in counts.items() if status not in ACTIVE)
-            bar.set_postfix_str(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+            bar.set_postfix_str(text)
+            if style == LINES and (text != said or time.monotonic() - said_at >= SUMMARY_EVERY_S):
+                print(f"[{graph.study} on SLURM] {len(graph.jobs)} jobs: {text}", flush=True)
+                said, said_at = text, time.monotonic()
             if not any(status in ACTIVE for status in counts):
                 return views
             time.sleep(poll_s)

@@ -47,6 +47,7 @@ from kdflow.orchestrator.fast_path import (FastPath, autocast, build_optimizer, 
                                     step_forward)
 from kdflow.orchestrator.loss_guard import TOTAL, LossGuard, nonfinite_tensors, weights_fault
 from kdflow.orchestrator.metrics import TASK_METRICS, primary_metric
+from kdflow.orchestrator.progress import job_bar
 from kdflow.orchestrator.provenance import job_provenance, provenance_tags, weights_fingerprint
 from kdflow.orchestrator.recipe import Recipe
 from kdflow.orchestrator.spec import JobSpec
@@ -91,6 +92,9 @@ class RunOptions:
                  current count). Launchers state it (local: cores // workers; SLURM: the task's
                  CPUs; Ray: the job's ``num_cpus``) so that a job resumed elsewhere on the same
                  machine computes exactly what it would have.
+    progress:    draw a tqdm bar over the job's steps; launchers turn it on only on a
+                 terminal (:func:`kdflow.orchestrator.progress.progress_style`).
+    progress_position: the bar's row, counted from the top of the bars (0: the first).
     """
 
     tracking_uri: Optional[str] = None
@@ -599,12 +603,10 @@ def _end_epoch(progress: _Progress, distiller: Distiller, data: Data, device: to
 
 
 def _progress_bar(spec: JobSpec, options: RunOptions, total: int, initial: int) -> Any:
+    """The job's bar over its ``total`` steps (None when ``options.progress`` is off)."""
     if not options.progress:
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=spec.title[:48], unit="step",
-                position=options.progress_position, leave=False, dynamic_ncols=True)
+    return job_bar(spec.title, total, initial, options.progress_position)
 
 
 def run_job_in_store(output_dir: str, job_id: str, options: RunOptions) -> Dict[str, Any]:
