@@ -1,5 +1,6 @@
 """Paper-style results of a study: a markdown table (mean +- std over seeds), convergence
-speed, CSV and plots (and, for segmentation, validation images with each method's prediction).
+speed, CSVs (one row per job; one per table cell) and plots (and, for segmentation, validation
+images with each method's prediction).
 
 Each column reports its dataset's task metric: top-1 accuracy for classification, mIoU for
 segmentation (``orchestrator.metrics``), both in percent.
@@ -10,7 +11,7 @@ import csv
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,7 +24,7 @@ from kdflow.orchestrator.report_footer import STALE_MARK, provenance_footer
 from kdflow.orchestrator.runner import VAL_SAMPLES
 from kdflow.orchestrator.seg_figure import draw_samples
 from kdflow.orchestrator.spec import JobSpec
-from kdflow.orchestrator.staleness import Staleness, assess
+from kdflow.orchestrator.staleness import Stale, Staleness, assess
 from kdflow.orchestrator.store import JobStore
 from kdflow.orchestrator.study import JobGraph
 
@@ -31,7 +32,8 @@ TEACHER_ROW = "teacher"
 VARIANT_SEP = " | "  # row keys: "<method> | <setting=value, ...>"
 CONVERGENCE_LEVELS = (0.90, 0.95, 0.99)
 #: The files of a report, in the order they are put in place: ``report.md`` last.
-REPORT_FILES = ("report.csv", "accuracy.png", "curves.png", "segmentation.png", "report.md")
+REPORT_FILES = ("report.csv", "summary.csv", "accuracy.png", "curves.png", "segmentation.png",
+                "report.md")
 
 
 class Column(NamedTuple):
@@ -73,13 +75,14 @@ class Cell:
         return statistics.fmean(self.values) if self.values else None
 
     @property
-    def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+    def std(self) -> Optional[float]:
+        """The sample standard deviation over seeds; None below two seeds."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
 
     def render(self) -> str:
         if not self.values:
             return "-"
-        text = f"{self.mean:.2f}" if len(self.values) == 1 else f"{self.mean:.2f} ± {self.std:.2f}"
+        text = f"{self.mean:.2f}" if self.std is None else f"{self.mean:.2f} ± {self.std:.2f}"
         if len(self.values) < self.expected:
             text += f" ({len(self.values)}/{self.expected})"
         return text + (f" {STALE_MARK}" if self.stale else "")
@@ -219,14 +222,15 @@ METRIC_NAMES = {"top1": "Top-1 accuracy", "miou": "mIoU (ignore index 255, whole
 
 def write_report(graph: JobGraph, store: JobStore, folder: Path,
                  metric: str | None = None) -> str:
-    """Write ``report.md``, ``report.csv``, ``accuracy.png`` and ``curves.png`` (and, for
-    segmentation studies, ``segmentation.png``) into ``folder``; return the markdown.
+    """Write ``report.md``, ``report.csv`` (one row per finished job), ``summary.csv`` (one row
+    per table cell), ``accuracy.png`` and ``curves.png`` (and, for segmentation studies,
+    ``segmentation.png``) into ``folder``; return the markdown.
 
     All or nothing: the files are made in a temporary folder and moved in once every one is
     complete (:func:`orchestrator.atomic.replace_files`), so a failure (a full disk raises
     :class:`orchestrator.atomic.DiskFull`) leaves the previous report as it was. The markdown
     ends with where its results came from (:func:`provenance_footer`); cells holding stale
-    results are marked ``†``, and the CSV counts them (``stale``)."""
+    results are marked ``†``, and both CSVs say which (``stale``)."""
     metric = metric or study_metric(graph)
     staleness = assess(graph, store)
     columns, rows, cells = collect(graph, store, metric, staleness)
@@ -238,13 +242,17 @@ def write_report(graph: JobGraph, store: JobStore, folder: Path,
             f"Convergence: epochs until the seed-mean validation {metric} first reaches "
             f"{levels} of its final value (curves in curves.png).\n\n"
             f"{convergence_table(graph, store, metric)}\n\n"
+            f"Data: report.csv (one row per finished job), summary.csv (one row per table "
+            f"cell).\n\n"
             f"{provenance_footer(cells, row_label, staleness)}\n")
 
     def write(staging: Path) -> None:
         nonlocal text
-        _write_csv(cells, metric, staging / "report.csv")
-        _plot_accuracy(columns, rows, cells, staging / "accuracy.png", metric)
-        _plot_curves(columns, rows, cells, staging / "curves.png", metric)
+        write_csv(staging / "report.csv", JOB_FIELDS,
+                  job_records(graph, store, metric, staleness))
+        write_csv(staging / "summary.csv", SUMMARY_FIELDS,
+                  summary_records(columns, rows, cells, metric))
+        write_figures(columns, rows, cells, metric, staging)
         if plot_segmentation_samples(graph, store, staging / "segmentation.png"):
             text += ("\nValidation images, their ground truth and each method's prediction "
                      "(first seed): segmentation.png\n")
@@ -254,79 +262,98 @@ def write_report(graph: JobGraph, store: JobStore, folder: Path,
     return text
 
 
-def _write_csv(cells: Dict[Tuple[str, Column], Cell], metric: str, path: Path) -> None:
-    """One CSV row per cell: column, row, seeds, mean, std, values, convergence, stale count."""
-    with open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["dataset", "train_fraction", "teacher", "student", "method", "seeds_done",
-                      "seeds_expected", f"{metric}_mean", f"{metric}_std", "values"]
-                     + [f"epochs_to_{level:.0%}" for level in CONVERGENCE_LEVELS] + ["stale"])
-        for (row, column), cell in cells.items():
+#: The columns of ``report.csv``: one row per finished job (see :func:`job_records`).
+JOB_FIELDS = ("job_id", "stage", "row", "method", "variant", "dataset", "train_fraction",
+              "teacher", "model", "seed", "metric", "value", "epochs", "wall_time_s", "stale",
+              "stale_reason")
+#: The columns of ``summary.csv``: one row per table cell (see :func:`summary_records`).
+SUMMARY_FIELDS = ("dataset", "train_fraction", "teacher", "student", "row", "method", "variant",
+                  "metric", "seeds_done", "seeds_expected", "mean", "std",
+                  *(f"epochs_to_{level:.0%}" for level in CONVERGENCE_LEVELS), "stale")
+
+
+def job_records(graph: JobGraph, store: JobStore, metric: str,
+                staleness: Staleness) -> List[Dict[str, Any]]:
+    """One record per finished job of ``graph``, in graph order (:func:`job_record`)."""
+    return [job_record(job, result, metric, staleness.stale.get(job.job_id))
+            for job in graph.jobs if (result := store.result(job.job_id)) is not None]
+
+
+def job_record(job: JobSpec, result: Dict[str, Any], metric: str,
+               stale: Optional[Stale]) -> Dict[str, Any]:
+    """The ``report.csv`` record of finished ``job`` with ``result``: ``value`` is its
+    ``metric``, or its own task's metric where it records no ``metric`` (a teacher trained on
+    another task).
+
+    ``row`` is the job's report row (:func:`row_key`); ``model`` the architecture it trained;
+    ``teacher`` the study pair's teacher it learned from (empty for teachers and teacher-free
+    jobs); ``stale`` 1 or 0, and ``stale_reason`` why (a kind of :mod:`orchestrator.staleness`).
+    """
+    measured = metric if metric in result["metrics"] else primary_metric(dataset_task(job.dataset))
+    return {"job_id": job.job_id, "stage": job.stage, "row": row_key(job), "method": job.method,
+            "variant": job.labels.get("variant", ""), "dataset": job.dataset,
+            "train_fraction": job.labels.get("fraction") or "1.0",
+            "teacher": "" if job.stage == "teacher" else pair_teacher(job) or "",
+            "model": job.model, "seed": job.seed, "metric": measured,
+            "value": result["metrics"][measured], "epochs": result.get("epochs", ""),
+            "wall_time_s": _rounded(result.get("wall_time_s")), "stale": int(stale is not None),
+            "stale_reason": stale.kind if stale else ""}
+
+
+def summary_records(columns: List[Column], rows: List[str], cells: Dict[Tuple[str, Column], Cell],
+                    metric: str) -> List[Dict[str, Any]]:
+    """One record per cell (column by column, rows in report order): the seeds done and
+    expected, mean and sample std of ``metric`` (std empty below two seeds, mean empty with
+    none), epochs to each convergence level, and how many of its results are stale.
+    ``method`` and ``variant`` split ``row`` (a teacher row is its own ``method``)."""
+    records = []
+    for column in columns:
+        for row in (r for r in rows if (r, column) in cells):
+            cell = cells[(row, column)]
             curve = cell.mean_curve()
-            out.writerow([column.dataset, column.fraction or "1.0", column.teacher, column.student,
-                          row, len(cell.values), cell.expected,
-                          "" if cell.mean is None else f"{cell.mean:.4f}", f"{cell.std:.4f}",
-                          " ".join(f"{v:.2f}" for v in cell.values)]
-                         + [epochs_to(curve, level) or "" for level in CONVERGENCE_LEVELS]
-                         + [cell.stale])
+            method, _, variant = row.partition(VARIANT_SEP)
+            records.append({
+                "dataset": column.dataset, "train_fraction": column.fraction or "1.0",
+                "teacher": column.teacher, "student": column.student, "row": row,
+                "method": method, "variant": variant, "metric": metric,
+                "seeds_done": len(cell.values), "seeds_expected": cell.expected,
+                "mean": _number(cell.mean), "std": _number(cell.std),
+                **{f"epochs_to_{level:.0%}": epochs_to(curve, level) or ""
+                   for level in CONVERGENCE_LEVELS},
+                "stale": cell.stale})
+    return records
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _rounded(seconds: Optional[float]) -> Any:
+    """``seconds`` to milliseconds; empty when there are none."""
+    return "" if seconds is None else round(seconds, 3)
 
 
-def _plot_accuracy(columns: List[Column], rows: List[str], cells: Dict[Tuple[str, Column], Cell],
-                   path: Path, metric: str) -> None:
-    """Grouped bars: one group per column, one bar per row, error bars = std over seeds."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5, 2.2 * len(columns) + 2), 3.6))
-    width = 0.8 / max(1, len(rows))
-    for i, row in enumerate(rows):
-        xs, means, stds = [], [], []
-        for j, column in enumerate(columns):
-            cell = cells.get((row, column))
-            if cell and cell.mean is not None:
-                xs.append(j + (i - (len(rows) - 1) / 2) * width)
-                means.append(cell.mean)
-                stds.append(cell.std)
-        ax.bar(xs, means, width, yerr=stds, capsize=2, label=row_label(row))
-    finite = [c.mean for c in cells.values() if c.mean is not None]
-    if finite:
-        ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 2))
-    ax.set_xticks(range(len(columns)), [c.short for c in columns])
-    ax.set_ylabel(f"{metric} (%)")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _number(value: Optional[float]) -> str:
+    """``value`` to four decimals; empty when there is none."""
+    return "" if value is None else f"{value:.4f}"
 
 
-def _plot_curves(columns: List[Column], rows: List[str], cells: Dict[Tuple[str, Column], Cell],
-                 path: Path, metric: str) -> None:
-    """Validation accuracy per epoch (mean over seeds), one panel per column, a line per row."""
-    plt = _pyplot()
-    count = max(1, len(columns))
-    fig, axes = plt.subplots(1, count, figsize=(4.5 * count, 3.4), squeeze=False)
-    for ax, column in zip(axes[0], columns):
-        for row in rows:
-            cell = cells.get((row, column))
-            curve = cell.mean_curve() if cell else []
-            if row.startswith(TEACHER_ROW) or len(curve) < 2:
-                continue
-            ax.plot(range(1, len(curve) + 1), curve, label=row_label(row))
-        ax.set_title(column.title, fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"val {metric} (%)")
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def write_csv(path: Path, fields: Sequence[str], records: List[Dict[str, Any]]) -> None:
+    """``records`` as a CSV with the header ``fields``."""
+    with open(path, "w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=fields)
+        out.writeheader()
+        out.writerows(records)
+
+
+def write_figures(columns: List[Column], rows: List[str], cells: Dict[Tuple[str, Column], Cell],
+                  metric: str, folder: Path) -> None:
+    """``accuracy.png`` (every row) and ``curves.png`` (student rows) into ``folder``, each row
+    drawn in the same style in both."""
+    from kdflow.orchestrator import figures  # matplotlib loads only when a report is drawn
+
+    styles = figures.row_styles(rows)
+    students = [r for r in rows if not r.startswith(TEACHER_ROW)]
+    figures.save(figures.accuracy_figure(columns, rows, cells, metric, styles, row_label),
+                 folder / "accuracy.png")
+    figures.save(figures.curves_figure(columns, students, cells, metric, styles, row_label),
+                 folder / "curves.png")
 
 
 def plot_segmentation_samples(graph: JobGraph, store: JobStore, path: Path) -> bool:
