@@ -45,7 +45,7 @@ class StudyRun:
 
     def write_report(self) -> None:
         print(write_report(self.graph, self.store, self.report_dir))
-        print(f"report: {self.report_dir}/report.md (.csv, accuracy.png, curves.png)")
+        print(f"report: {self.report_dir}/report.md (report.csv, summary.csv, accuracy.png, curves.png)")
 
 
 class Launcher(Protocol):
