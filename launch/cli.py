@@ -115,9 +115,11 @@ class Session:
     ``reports/<study>/<point>`` so that the points do not overwrite each other's tables.
     ``overrides``: the command's overrides that composed ``cfg`` (empty when not known).
     ``rerun``: the validated ``rerun`` setting (:mod:`orchestrator.rerun`).
+    ``require_data``, ``probe``: as :func:`orchestrator.study.expand_study` takes them.
     """
 
-    def __init__(self, cfg: "DictConfig", require_data: bool = True, point: str = "") -> None:
+    def __init__(self, cfg: "DictConfig", require_data: bool = True, point: str = "",
+                 probe: bool = True) -> None:
         from kdflow.launch.launchers import build_launcher
         from kdflow.orchestrator.rerun import RerunRequest
         from kdflow.orchestrator.store import JobStore
@@ -129,7 +131,7 @@ class Session:
         self.point = point
         self.plain = OmegaConf.to_container(self.cfg, resolve=True)
         self.output_dir = str(Path(self.plain["output_dir"]).resolve())
-        self.graph = expand_study(self.plain["study"], require_data)
+        self.graph = expand_study(self.plain["study"], require_data, probe)
         self.rerun = RerunRequest.parse(self.plain.get("rerun"), self.graph)
         self.store = JobStore(Path(self.output_dir) / "jobs")
         self.tracking_uri = resolve_tracking_uri(self.plain.get("tracking_uri"), self.output_dir)
@@ -137,10 +139,11 @@ class Session:
         self.overrides: List[str] = []
 
     @classmethod
-    def compose(cls, overrides: List[str], require_data: bool = True, point: str = "") -> "Session":
+    def compose(cls, overrides: List[str], require_data: bool = True, point: str = "",
+                probe: bool = True) -> "Session":
         from kdflow.launch.compose import compose_config
 
-        session = cls(compose_config(overrides), require_data, point)
+        session = cls(compose_config(overrides), require_data, point, probe)
         session.overrides = list(overrides)
         return session
 
@@ -284,8 +287,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             check_overrides(args.overrides)  # names the override Hydra cannot parse
             points = sweep_points(args.overrides)
-        # every point is composed and validated before any job starts
-        sessions = [Session.compose(p, require_data=not dry_run, point=name) for p, name in points]
+        # every point is composed and validated before any job starts; `status` only reads
+        # the jobs' records, so it needs neither the datasets' files nor the models probed
+        reads = args.verb == "status"
+        sessions = [Session.compose(p, require_data=not (dry_run or reads), point=name,
+                                    probe=not reads) for p, name in points]
         if args.cfg:
             from omegaconf import OmegaConf
 

@@ -1,9 +1,10 @@
 """A job's resolved, canonical description and its content address."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
 STAGES = ("teacher", "distill", "ablation")
@@ -19,7 +20,8 @@ class JobSpec:
     model:       the architecture this job trains.
     teacher:     the teacher architecture a distill job reads (None when the method needs none).
     teacher_job: the id of the job whose weights are the teacher.
-    method_cfg, dataset_cfg, recipe: resolved settings (plain JSON-able dicts).
+    method_cfg, dataset_cfg, recipe: resolved settings (plain JSON-able dicts), never changed
+                 once the spec exists: the id is computed once and kept.
     init_from:   ``"<job_id>@<global_step>"``: the job starts from that job's checkpoint at that
                  step instead of from scratch (a Population Based Training exploit). Part of the
                  id only when set, so the ids of jobs without it are unchanged.
@@ -38,11 +40,14 @@ class JobSpec:
     init_from: Optional[str] = None
     labels: Dict[str, str] = field(default_factory=dict, compare=False)
 
-    @property
+    @functools.cached_property
     def job_id(self) -> str:
-        """sha256 of the canonical JSON of the spec, labels (runtime-only) excluded; 16 hex."""
-        content = asdict(self)
-        content.pop("labels")
+        """sha256 of the canonical JSON of the spec, labels (runtime-only) excluded; 16 hex.
+
+        Computed on first access and kept (a 1,000-job status reads each id several times);
+        the fields are serialised as they are, without :func:`dataclasses.asdict`'s deep copy.
+        """
+        content = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "labels"}
         if content["init_from"] is None:
             content.pop("init_from")
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))

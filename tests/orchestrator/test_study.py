@@ -201,3 +201,57 @@ def test_cifar100_benchmark_trains_hsakd_with_nesterov_and_keeps_other_ids():
             assert old.job_id in before, j.title
             renamed[j.job_id] = old.job_id
     assert len(renamed) == len(hsakd)
+
+
+def test_job_id_is_the_hash_of_the_spec_and_kept_once_computed(study):
+    """The id is sha256 of the spec's canonical JSON without labels (and without init_from when
+    unset): the ids of finished studies stay the same however it is computed."""
+    import hashlib
+    import json
+
+    for job in expand_study(study).jobs:
+        content = dataclasses.asdict(job)
+        del content["labels"], content["init_from"]
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        assert job.job_id == hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        assert job.job_id is job.job_id  # computed once
+        donor = dataclasses.replace(job, init_from=f"{job.job_id}@7")
+        assert donor.job_id not in (job.job_id, dataclasses.replace(job).job_id)
+
+
+def test_status_expansion_skips_probing_and_keeps_the_ids(study, monkeypatch):
+    from kdflow.orchestrator import study as study_module
+
+    study["methods"]["fitnet"] = {"hint_layer": 9}  # resnet8 has no tap 9: probing refuses it
+    with pytest.raises(ConfigError, match="hint_layer"):
+        expand_study(study)
+    probed = {j.job_id for j in expand_study({**study, "methods": {"kd": {}}}).jobs}
+
+    def no_probe(*args):
+        raise AssertionError("probe=False must build no model")
+
+    monkeypatch.setattr(study_module, "_model_taps", no_probe)
+    graph = expand_study(study, probe=False)
+    assert any(j.method == "fitnet" for j in graph.jobs)
+    assert {j.job_id for j in expand_study({**study, "methods": {"kd": {}}}, probe=False).jobs} \
+        == probed
+
+
+def test_probing_runs_on_one_thread_and_restores_the_count(study, monkeypatch):
+    import torch
+
+    from kdflow.orchestrator import study as study_module
+
+    seen = []
+
+    def probe(model, shape):
+        seen.append(torch.get_num_threads())
+        return real_probe(model, shape)
+
+    real_probe = study_module.probe_taps
+    monkeypatch.setattr(study_module, "probe_taps", probe)
+    study_module._model_taps.cache_clear()
+    torch.set_num_threads(2)
+    expand_study(study)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2
