@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from kdflow.launch.launchers import StudyRun
 
 USAGE_EXAMPLES = """examples:
-  kdflow run                                   the demo study (digits; KD, FitNet, CRD)
+  kdflow run                                   the demo: cifar10_jpeg photos; vanilla, kd, fitnet,
+                                               crd, spectral_reg (configs/study/demo.yaml)
   kdflow run study=cifar100_baselines study.datasets.cifar100.root=/data/cifar
   kdflow run study.methods.kd.temperature=2 study.seeds=[0,1,2]
   kdflow status                                the jobs of the study and their states

@@ -62,3 +62,15 @@ def test_the_demo_is_a_subset_of_cifar10_quick(tmp_path: Path, capsys) -> None:
     demo = _planned_ids("demo", tmp_path, capsys)
     quick = _planned_ids("cifar10_quick", tmp_path, capsys)
     assert len(demo) == 16 and demo < quick
+
+
+def test_the_help_describes_the_demo_that_runs():
+    """`kdflow --help`'s line for the bare `kdflow run` names the demo's dataset and every
+    method it composes, so the help cannot go on describing a demo that was replaced."""
+    from kdflow.launch.cli import USAGE_EXAMPLES
+    from kdflow.launch.compose import compose_config
+
+    study = compose_config([]).study
+    line = USAGE_EXAMPLES[USAGE_EXAMPLES.index("kdflow run  "):USAGE_EXAMPLES.index("kdflow run study=")]
+    for name in (*study.datasets, *study.methods):
+        assert name in line, (name, line)
