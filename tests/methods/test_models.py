@@ -1,11 +1,12 @@
 """Model zoo: parameter counts against the published figures, tap shapes, gradients, registry."""
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision import models as tvm
 
 from kdflow.methods.errors import ConfigError
@@ -130,11 +131,47 @@ def test_gradients_reach_every_parameter(name: str) -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name, reference", [("resnet18", tvm.resnet18),
-                                             ("mobilenet_v2", tvm.mobilenet_v2)])
-def test_imagenet_models_load_torchvision_state_dicts(name: str, reference) -> None:
-    model = build_model(name, 1000)
-    model.load_state_dict(reference(weights=None).state_dict())
+#: The ImageNet wrappers, their torchvision models, and the torchvision modules whose outputs
+#: are the wrapper's feature stages (MobileNetV2: the last block of each stage).
+TORCHVISION: Dict[str, Tuple[Callable[..., nn.Module], Tuple[str, ...]]] = {
+    "resnet18": (tvm.resnet18, ("layer1", "layer2", "layer3", "layer4")),
+    "resnet34": (tvm.resnet34, ("layer1", "layer2", "layer3", "layer4")),
+    "resnet50": (tvm.resnet50, ("layer1", "layer2", "layer3", "layer4")),
+    "mobilenet_v2": (tvm.mobilenet_v2, ("features.3", "features.6", "features.13",
+                                        "features.17")),
+}
+
+
+def test_every_imagenet_model_is_compared_with_torchvision() -> None:
+    assert sorted(n for n in CLASSIFIERS if MODELS.get(n).input_size == 224) == sorted(TORCHVISION)
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION))
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_imagenet_models_compute_what_torchvision_does(name: str, mode: str) -> None:
+    """With torchvision's weights loaded, a wrapper gives torchvision's logits and stage
+    outputs bit for bit, in eval mode and in training mode (batch statistics, dropout), at
+    64 px, batch 2, float32."""
+    factory, stage_modules = TORCHVISION[name]
+    reference = factory(weights=None, num_classes=NUM_CLASSES).train(mode == "train")
+    model = build_model(name, NUM_CLASSES).train(mode == "train")
+    model.load_state_dict(reference.state_dict())
+    outputs: Dict[str, torch.Tensor] = {}
+    modules = dict(reference.named_modules())
+    for key in stage_modules:
+        modules[key].register_forward_hook(
+            lambda _m, _i, out, key=key: outputs.__setitem__(key, out))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.manual_seed(1)  # the same dropout mask for MobileNetV2's classifier in training
+        expected = reference(x)
+        torch.manual_seed(1)
+        feats = model.forward_features(x)
+        torch.manual_seed(1)
+        logits = model(x)
+    assert torch.equal(feats.logits, expected) and torch.equal(logits, expected)
+    for stage, key in zip(feats.stages, stage_modules):
+        assert torch.equal(stage, outputs[key]), key
 
 
 def test_default_lr_and_input_size() -> None:

@@ -7,6 +7,7 @@ from typing import Dict, List, Set, Tuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -380,3 +381,80 @@ def test_evaluation_uses_the_plain_student() -> None:
         assert torch.allclose(d.exported_model()(x), h, atol=1e-6)
     student_keys: Set[str] = {k for k in d.state_dict() if k.startswith("student.")}
     assert len(student_keys) == len(d.student.state_dict())  # blocks are not stored twice
+
+
+# ---- loss values ---------------------------------------------------------------------------
+
+def _cifar_resnet_stage(model: nn.Module, k: int, h: torch.Tensor) -> torch.Tensor:
+    """Stage k (1..3) of a CIFAR ResNet written out from its modules: stage 1 includes the
+    stem, stage 3 the pooling and the classifier."""
+    if k == 1:
+        h = F.relu(model.bn1(model.conv1(h)))
+    for block in getattr(model, f"layer{k}"):
+        h, _ = block(h)
+    return model.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)) if k == 3 else h
+
+
+def _reference_terms(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     phase: int, cfg: StableKDConfig) -> Dict[str, torch.Tensor]:
+    """methods.md 6.2 for a 3-block pair with equal boundary shapes (no adapters): with the
+    teacher's stage outputs t1, t2 and logits z_t, phase 0 trains S1(x) -> t1, S2(t1) -> t2 and
+    S3(t2) on CE + KD, phase 1 S2(S1(x)) -> t2 and S3(t2), phase 2 the whole student; each
+    feature term is feature_weight * MSE, and KD is T^2 * mean_i KL(p_t,i || p_s,i) at T.
+    Returns the terms in float64."""
+    t = teacher.forward_features(x)
+    t1, t2 = t.stages[0], t.stages[1]
+
+    def stage(k: int, h: torch.Tensor) -> torch.Tensor:
+        return _cifar_resnet_stage(student, k, h)
+
+    def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return ((a - b) ** 2).mean()
+
+    if phase == 0:
+        feat, logits = mse(stage(1, x), t1) + mse(stage(2, t1), t2), stage(3, t2)
+    elif phase == 1:
+        feat, logits = mse(stage(2, stage(1, x)), t2), stage(3, t2)
+    else:
+        feat, logits = None, student(x)
+    temp, logits = cfg.kd_temperature, logits.double()  # float64: KL is a small difference
+    p_t = torch.softmax(t.logits.double() / temp, dim=1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(logits / temp, dim=1))).sum(1).mean()
+    terms = {} if feat is None else {"loss_feat": cfg.feature_weight * feat.double()}
+    if cfg.ce_weight > 0:
+        terms["loss_ce"] = cfg.ce_weight * -torch.log_softmax(logits, 1)[range(len(y)), y].mean()
+    terms["loss_kd"] = cfg.kd_weight * temp ** 2 * kl
+    return terms
+
+
+LOSS_SETTINGS = [{}, {"kd_temperature": 1.0}, {"kd_temperature": 8.0, "feature_weight": 3.0},
+                 {"feature_weight": 0.25, "ce_weight": 0.0, "kd_weight": 2.0}]
+
+
+def test_loss_terms_match_the_formula_in_every_phase() -> None:
+    """Every term of every phase equals the formula computed here from the models' own
+    modules, for several temperatures and weights; the temperature and the feature weight
+    change the loss as the formula says (loss_feat scales with feature_weight)."""
+    student, teacher = build_model("resnet8", NUM_CLASSES), build_model("resnet14", NUM_CLASSES)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([3, 97, 0, 42])
+    got: Dict[Tuple[int, int], Dict[str, float]] = {}
+    for s, settings in enumerate(LOSS_SETTINGS):
+        cfg = parse_config(StableKDConfig, settings, FIELD)
+        d = StableKD(student, teacher, cfg, data_info()).train()
+        assert not d.in_adapters and not d.out_adapters
+        for phase in range(3):
+            d.set_phase(phase)
+            with torch.no_grad():
+                _, terms = d(x, y, torch.arange(4))
+                expected = _reference_terms(student, teacher, x, y, phase, cfg)
+            assert list(terms) == list(expected), (settings, phase)
+            for name in expected:
+                torch.testing.assert_close(terms[name].double(), expected[name], rtol=1e-4, atol=0,
+                                           msg=f"{settings} phase {phase} {name}")
+            got[s, phase] = {k: v.item() for k, v in terms.items()}
+    for phase in range(3):
+        kd = [got[s, phase]["loss_kd"] for s in range(3)]
+        assert len(set(kd)) == 3, (phase, kd)  # T = 4, 1 and 8 give three different losses
+    for phase in range(2):
+        assert got[2, phase]["loss_feat"] == pytest.approx(3 * got[0, phase]["loss_feat"])
+        assert got[3, phase]["loss_feat"] == pytest.approx(0.25 * got[0, phase]["loss_feat"])

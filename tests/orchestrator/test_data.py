@@ -1,8 +1,10 @@
 """The data layer: splits, deterministic resumable batches, augmentation, datasets' checks."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from datafiles import write_fake_cifar100, write_jpeg_tree
 from kdflow.methods.errors import ConfigError
 from kdflow.orchestrator.data import DATASETS, Batch, build_data, validate_dataset
 from kdflow.orchestrator.data.digits import DigitsConfig, load_digit_splits
+from kdflow.orchestrator.data.loaders import generator
 from kdflow.orchestrator.data.tensor_loaders import augment
 
 CPU = torch.device("cpu")
@@ -103,13 +106,66 @@ def test_fake_cifar100_loads_with_its_labels(tmp_path: Path) -> None:
         assert torch.equal(batch.y, data.info.labels[batch.index])
 
 
-def test_cifar_device_resident_matches_host_resident(tmp_path: Path) -> None:
-    write_fake_cifar100(tmp_path)
+def expected_mean() -> torch.Tensor:
+    """CIFAR-100's published per-channel mean, (3, 1, 1)."""
+    return torch.tensor([0.5071, 0.4867, 0.4408]).view(3, 1, 1)
+
+
+def expected_std() -> torch.Tensor:
+    """CIFAR-100's published per-channel standard deviation, (3, 1, 1)."""
+    return torch.tensor([0.2675, 0.2565, 0.2761]).view(3, 1, 1)
+
+
+def _reference_cifar_batches(pixels: np.ndarray, labels: list, batch_size: int, seed: int,
+                             epoch: int) -> list[Batch]:
+    """The train batches of ``epoch`` computed one image at a time from the raw pixels: the
+    epoch's permutation, then per step the crop offsets of the 4-pixel zero-padded image and
+    the flips (both drawn from the step's generator), then CIFAR-100 normalisation."""
+    images = torch.from_numpy(pixels).view(-1, 3, 32, 32)
+    mean, std = expected_mean(), expected_std()
+    order = torch.randperm(len(images), generator=generator(seed, epoch))
+    batches = []
+    for step in range(math.ceil(len(images) / batch_size)):
+        index = order[step * batch_size:(step + 1) * batch_size]
+        gen = generator(seed, epoch, step)
+        offsets = torch.randint(0, 9, (len(index), 2), generator=gen)
+        flips = torch.rand(len(index), generator=gen) < 0.5
+        xs = []
+        for i, (row, col), flip in zip(index.tolist(), offsets.tolist(), flips.tolist()):
+            padded = torch.zeros(3, 40, 40, dtype=torch.uint8)
+            padded[:, 4:36, 4:36] = images[i]
+            crop = padded[:, row:row + 32, col:col + 32]
+            crop = crop.flip(2) if flip else crop
+            xs.append((crop.float() / 255 - mean) / std)
+        batches.append(Batch(torch.stack(xs), torch.tensor(labels)[index], index))
+    return batches
+
+
+def test_cifar_resident_and_host_loaders_match_a_per_image_reference(tmp_path: Path) -> None:
+    """Both loaders (the split kept on the training device and augmented there, or kept on
+    the host and each batch moved) give the batches of an independent per-image computation;
+    on a GPU they also give each other's bits, so augmenting on the device changes nothing."""
+    written = write_fake_cifar100(tmp_path)
     device = torch.device("cuda") if torch.cuda.is_available() else CPU
-    runs = [build_data("cifar100", {"root": str(tmp_path), "device_resident": resident},
-                       "study.datasets.cifar100", 16, 7, device) for resident in (True, False)]
-    assert_same(list(runs[0].train.batches(2)), list(runs[1].train.batches(2)))
-    assert_same(list(runs[0].val.batches()), list(runs[1].val.batches()))
+    runs = {resident: build_data("cifar100", {"root": str(tmp_path), "device_resident": resident},
+                                 "study.datasets.cifar100", 16, 7, device)
+            for resident in (True, False)}
+    assert runs[True].train.loader.images.device.type == device.type  # where each split lives
+    assert runs[False].train.loader.images.device == CPU
+    expected = _reference_cifar_batches(written["train_data"], written["train"], 16, 7, 2)
+    val_x = torch.from_numpy(written["test_data"]).view(-1, 3, 32, 32).float() / 255
+    val_x = (val_x - expected_mean()) / expected_std()
+    for data in runs.values():
+        val = list(data.val.batches())
+        torch.testing.assert_close(torch.cat([b.x.cpu() for b in val]), val_x, rtol=0, atol=1e-6)
+        assert torch.cat([b.y.cpu() for b in val]).tolist() == written["test"]
+        got = [Batch(b.x.cpu(), b.y.cpu(), b.index.cpu()) for b in data.train.batches(2)]
+        assert [torch.equal(g.index, e.index) and torch.equal(g.y, e.y)
+                for g, e in zip(got, expected)] == [True] * len(expected)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g.x, e.x, rtol=0, atol=1e-6)
+    assert_same(list(runs[True].train.batches(2)), list(runs[False].train.batches(2)))
+    assert_same(list(runs[True].val.batches()), list(runs[False].val.batches()))
 
 
 def test_missing_cifar_root_names_the_field(tmp_path: Path) -> None:

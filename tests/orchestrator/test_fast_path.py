@@ -2,11 +2,13 @@
 the plain path."""
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, Set
 
 import pytest
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import kdflow.orchestrator.runner as runner
@@ -52,6 +54,26 @@ class DeferredGuard(LossGuard):
     def __init__(self, next_step: int, device: torch.device) -> None:
         super().__init__(next_step, device)
         self.eager = False
+
+
+@contextlib.contextmanager
+def training_step_layouts() -> Iterator[Set[tuple]]:
+    """Record, for every convolution run with autograd on while this is active (the training
+    step's forwards; evaluation runs under no_grad and the teacher in inference mode), the
+    dtype of its output and whether its input was laid out channels_last."""
+    seen: Set[tuple] = set()
+
+    def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d) and torch.is_grad_enabled():
+            seen.add((output.dtype,
+                      inputs[0].is_contiguous(memory_format=torch.channels_last)
+                      and not inputs[0].is_contiguous()))
+
+    handle = nn.modules.module.register_module_forward_hook(record)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def test_auto_switches_are_on_on_cuda_and_off_on_the_cpu() -> None:
@@ -163,6 +185,25 @@ def _plain_and_switched(study: Dict[str, Any], switches: Dict[str, Any], store: 
     return (plain, run_job(plain, store, QUIET)), (switched, run_job(switched, store, QUIET))
 
 
+def test_bf16_and_channels_last_each_reach_the_training_step(study, tmp_path) -> None:
+    """Each switch alone changes what the step's convolutions see: bf16 alone makes them
+    compute in bfloat16 on contiguous NCHW input; channels_last alone feeds them NHWC input
+    and leaves them in float32; the plain path has neither."""
+    study["methods"] = {"vanilla": {}}
+    study["student_recipe"].update(epochs=1, checkpoint_every_steps=1000)
+    store = JobStore(tmp_path)
+    seen: Dict[str, Set[tuple]] = {}
+    for name, switches in (("plain", {}), ("bf16", {"amp": "bf16"}),
+                           ("channels_last", {"channels_last": True})):
+        (job,) = expand_study({**study, "student_recipe": {**study["student_recipe"],
+                                                            **switches}}).jobs
+        with training_step_layouts() as seen[name]:
+            result = run_job(job, store, QUIET)
+        assert result["fast_path"]["bf16"] == (name == "bf16")
+    assert seen == {"plain": {(torch.float32, False)}, "bf16": {(torch.bfloat16, False)},
+                    "channels_last": {(torch.float32, True)}}
+
+
 def test_fast_switches_train_to_the_plain_paths_accuracy(study, tmp_path) -> None:
     """channels_last, the fused optimizer and bf16 autocast (all on, on the CPU) train the
     demo's student to the accuracy of the plain path, within the recipe's noise."""
@@ -170,8 +211,13 @@ def test_fast_switches_train_to_the_plain_paths_accuracy(study, tmp_path) -> Non
     study["datasets"]["synthetic"].update(num_train=512, num_val=256)
     study["teacher_recipe"].update(epochs=3, lr_milestones=[2])
     study["student_recipe"].update(epochs=3, lr_milestones=[2])
-    (_, a), (_, b) = _plain_and_switched(
-        study, {"amp": "bf16", "channels_last": True, "fused_optimizer": True}, JobStore(tmp_path))
+    with training_step_layouts() as seen:
+        (_, a), (_, b) = _plain_and_switched(
+            study, {"amp": "bf16", "channels_last": True, "fused_optimizer": True},
+            JobStore(tmp_path))
+    # the teacher's and the plain student's steps ran in float32 NCHW, the switched one's in
+    # bf16 on NHWC input
+    assert seen == {(torch.float32, False), (torch.bfloat16, True)}
     assert b["fast_path"] == {"bf16": True, "channels_last": True, "fused_optimizer": True,
                               "compile_mode": None}
     assert a["fast_path"]["bf16"] is False

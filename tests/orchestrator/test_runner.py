@@ -17,6 +17,7 @@ from kdflow.methods.models import build_model
 from kdflow.orchestrator.runner import RunOptions, run_job
 from kdflow.orchestrator.store import JobStore
 from kdflow.orchestrator.study import expand_study
+from test_fast_path import training_step_layouts
 
 QUIET = RunOptions(progress=False)
 
@@ -136,9 +137,15 @@ def test_bf16_autocast_and_channels_last_switches(study, tmp_path):
     (fast,) = expand_study(study).jobs
     assert fast.job_id != plain.job_id
     store = JobStore(tmp_path)
-    a, b = run_job(plain, store, QUIET), run_job(fast, store, QUIET)
+    with training_step_layouts() as plain_seen:
+        a = run_job(plain, store, QUIET)
+    with training_step_layouts() as fast_seen:
+        b = run_job(fast, store, QUIET)
     assert b["metrics"]["top1"] > 100.0 / 4
-    assert a["history"][0]["train/loss"] != b["history"][0]["train/loss"]  # bf16 took effect
+    # every convolution of the step ran in bf16 on NHWC input, none of the plain one did
+    assert plain_seen == {(torch.float32, False)}
+    assert fast_seen == {(torch.bfloat16, True)}
+    assert a["history"][0]["train/loss"] != b["history"][0]["train/loss"]
 
 
 def test_random_init_teacher_trains_nothing_and_calibrates_batchnorm(study, tmp_path):
