@@ -38,13 +38,13 @@ from kdflow.methods.config import parse_config
 from kdflow.methods.distillers import DISTILLERS, Distiller
 from kdflow.methods.tasks import SEGMENTATION
 from kdflow.orchestrator.atomic import atomic_write, remove_partial_writes, write_json
-from kdflow.orchestrator.checkpoint import (CheckpointRejected, checkpoint_path, init_checkpoint_path,
-                                     load_latest_checkpoint, read_sealed, save_checkpoint,
-                                     write_sealed)
+from kdflow.orchestrator.checkpoint import (CheckpointRejected, checkpoint_path,
+                                            init_checkpoint_path, load_latest_checkpoint,
+                                            read_sealed, save_checkpoint, write_sealed)
 from kdflow.orchestrator.data import Data, build_data, validate_dataset
 from kdflow.orchestrator.distributed import ALONE, DistEnv, Ranks, process_group
 from kdflow.orchestrator.fast_path import (FastPath, autocast, build_optimizer, resolve_fast_path,
-                                    step_forward)
+                                           step_forward)
 from kdflow.orchestrator.loss_guard import TOTAL, LossGuard, nonfinite_tensors, weights_fault
 from kdflow.orchestrator.metrics import TASK_METRICS, primary_metric
 from kdflow.orchestrator.progress import job_bar

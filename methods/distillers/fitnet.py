@@ -37,7 +37,7 @@ from torch import nn
 from kdflow.methods.config import require_non_negative, require_positive
 from kdflow.methods.distillers.base import DataInfo, Distiller, LossTerms, register_distiller
 from kdflow.methods.distillers.projection import (DIRECTIONS, make_projector, projection_loss,
-                                           require_choice)
+                                                  require_choice)
 from kdflow.methods.errors import ConfigError
 from kdflow.methods.features import Features, TapShapes
 

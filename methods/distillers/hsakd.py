@@ -17,7 +17,7 @@ from torch import nn
 
 from kdflow.methods.config import require_positive
 from kdflow.methods.distillers.base import (DataInfo, Distiller, LossTerms, TeacherRequest,
-                                     register_distiller)
+                                            register_distiller)
 from kdflow.methods.distillers.kd import check_same_classes, kd_loss
 from kdflow.methods.errors import ConfigError
 from kdflow.methods.features import TapShapes

@@ -27,12 +27,12 @@ from torch import nn
 
 from kdflow.methods.config import require_non_negative, require_positive
 from kdflow.methods.distillers.base import (DataInfo, Distiller, LossTerms, TeacherRequest,
-                                     register_distiller)
+                                            register_distiller)
 from kdflow.methods.distillers.kd import check_same_classes
 from kdflow.methods.distillers.label_noise import (fixed_code_map, random_code_map,
-                                            with_label_channel)
+                                                   with_label_channel)
 from kdflow.methods.distillers.segmentation_losses import (MAP_LOSSES, cross_entropy, cwd_loss,
-                                                    map_distillation_loss, supervised_loss)
+                                                           map_distillation_loss, supervised_loss)
 from kdflow.methods.errors import ConfigError
 from kdflow.methods.features import TapShapes
 from kdflow.methods.models.base import build_model

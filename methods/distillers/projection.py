@@ -45,7 +45,7 @@ from torch import nn
 
 from kdflow.methods.config import require_non_negative, require_positive
 from kdflow.methods.distillers.base import (DataInfo, Distiller, LossTerms, TeacherRequest,
-                                     register_distiller)
+                                            register_distiller)
 from kdflow.methods.distillers.segmentation_losses import supervised_loss
 from kdflow.methods.errors import ConfigError
 from kdflow.methods.features import Features, TapShapes

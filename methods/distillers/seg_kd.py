@@ -10,7 +10,7 @@ from kdflow.methods.config import require_non_negative, require_positive
 from kdflow.methods.distillers.base import Distiller, LossTerms, register_distiller
 from kdflow.methods.distillers.kd import check_same_classes
 from kdflow.methods.distillers.segmentation_losses import (MAP_LOSSES, map_distillation_loss,
-                                                    supervised_loss)
+                                                           supervised_loss)
 from kdflow.methods.errors import ConfigError
 from kdflow.methods.features import TapShapes
 from kdflow.methods.tasks import SEGMENTATION

@@ -52,7 +52,7 @@ from torchvision.models.segmentation.lraspp import LRASPPHead
 from kdflow.methods.features import Features
 from kdflow.methods.models.base import TappedModel, build_model, register_model
 from kdflow.methods.models.imagenet import (MOBILENET_STAGE_ENDS, TorchvisionMobileNetV2,
-                                     TorchvisionResNet)
+                                            TorchvisionResNet)
 from kdflow.methods.models.seg_heads import PSPHead
 from kdflow.methods.tasks import SEGMENTATION
 

@@ -24,8 +24,8 @@ import torch
 from kdflow.methods.errors import ConfigError
 from kdflow.orchestrator.data.beton import ImageSettings, beton_path
 from kdflow.orchestrator.data.checks import require_bool, require_folder
-from kdflow.orchestrator.data.download import (URL_SCHEMES, Archive, ChecksumMismatch, DownloadError,
-                                        fetch_archive)
+from kdflow.orchestrator.data.download import (URL_SCHEMES, Archive, ChecksumMismatch,
+                                               DownloadError, fetch_archive)
 from kdflow.orchestrator.data.errors import read_file
 from kdflow.orchestrator.data.fraction import TrainFraction
 from kdflow.orchestrator.data.loader_choice import LoaderChoice

@@ -29,7 +29,7 @@ from kdflow.orchestrator.data.loaders import Data
 from kdflow.orchestrator.data.registry import register_dataset
 from kdflow.orchestrator.data.scan import DataFile
 from kdflow.orchestrator.data.seg_loaders import (FileSource, Subset, pair_files, read_index_png,
-                                           seg_data)
+                                                  seg_data)
 from kdflow.orchestrator.data.seg_transforms import Normalise, validate_scale
 
 CITYSCAPES_CLASSES = 19

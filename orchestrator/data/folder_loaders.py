@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from kdflow.orchestrator.data.errors import DataError, collate_or_error, raise_errors, read_file
-from kdflow.orchestrator.data.loaders import (Batch, Shard, check_start_step, derive_seed, generator,
-                                       local_rows)
+from kdflow.orchestrator.data.loaders import (Batch, Shard, check_start_step, derive_seed,
+                                              generator, local_rows)
 
 Sample = tuple[torch.Tensor, int, int]
 

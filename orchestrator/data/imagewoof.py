@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kdflow.orchestrator.data.imagefolder import (IMAGENET_BETON, ImageFolderConfig, build_imagefolder,
-                                           build_imagefolder_ffcv, imagefolder_splits)
+from kdflow.orchestrator.data.imagefolder import (IMAGENET_BETON, ImageFolderConfig,
+                                                  build_imagefolder, build_imagefolder_ffcv,
+                                                  imagefolder_splits)
 from kdflow.orchestrator.data.prepare import register_source
 from kdflow.orchestrator.data.registry import register_dataset, register_loader
 

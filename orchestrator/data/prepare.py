@@ -18,8 +18,8 @@ import numpy as np
 
 from kdflow.methods.errors import ConfigError
 from kdflow.methods.registry import Registry
-from kdflow.orchestrator.data.beton import (SPLITS, ImageSettings, Manifest, beton_path, read_manifest,
-                                     write_manifest)
+from kdflow.orchestrator.data.beton import (SPLITS, ImageSettings, Manifest, beton_path,
+                                            read_manifest, write_manifest)
 from kdflow.orchestrator.data.checks import require_int
 from kdflow.orchestrator.data.errors import DataError, check_command
 

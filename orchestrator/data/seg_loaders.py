@@ -28,7 +28,7 @@ from kdflow.methods.distillers.base import DataInfo
 from kdflow.methods.tasks import SEGMENTATION
 from kdflow.orchestrator.data.errors import DataError, collate_or_error, raise_errors, read_file
 from kdflow.orchestrator.data.loaders import (Batch, Data, Shard, check_start_step, generator,
-                                       local_rows)
+                                              local_rows)
 from kdflow.orchestrator.data.scan import DataFile
 from kdflow.orchestrator.data.seg_transforms import Normalise, pad_collate, train_transform
 

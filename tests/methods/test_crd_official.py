@@ -17,7 +17,7 @@ import torch
 from kdflow.methods.config import config_record, parse_config
 from kdflow.methods.distillers.base import DataInfo
 from kdflow.methods.distillers.crd import (CRD, CRDConfig, sample_other_class,
-                                    sample_with_replacement)
+                                           sample_with_replacement)
 from kdflow.methods.errors import ConfigError
 from tiny_net import TinyNet
 

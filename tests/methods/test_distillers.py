@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from kdflow.methods.config import parse_config
 from kdflow.methods.distillers import DISTILLERS, DataInfo
 from kdflow.methods.distillers.crd import (NCE_EPS, CRDConfig, contrast_scores, crd_nce_loss,
-                                    momentum_update, sample_other_class)
+                                           momentum_update, sample_other_class)
 from kdflow.methods.distillers.fitnet import FitNet, FitNetConfig, HintRegressor, hint_loss
 from kdflow.methods.distillers.kd import KDConfig, kd_loss
 from kdflow.methods.distillers.vanilla import Vanilla

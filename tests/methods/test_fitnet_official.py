@@ -21,7 +21,7 @@ from torch import nn
 from kdflow.methods.config import config_record, parse_config
 from kdflow.methods.distillers.base import DataInfo
 from kdflow.methods.distillers.fitnet import (FitNet, FitNetConfig, HintRegressor, hint_index,
-                                       select_hint)
+                                              select_hint)
 from kdflow.methods.errors import ConfigError
 from kdflow.methods.features import TapShapes
 from kdflow.methods.models.base import build_model, count_parameters, probe_taps

@@ -5,7 +5,7 @@ import torch
 
 from kdflow.methods.distillers import DISTILLERS, DataInfo
 from kdflow.methods.distillers.label_noise import (fixed_code_map, fixed_codes, random_code_map,
-                                            with_label_channel)
+                                                   with_label_channel)
 from kdflow.methods.distillers.segmentation_losses import cwd_loss, pixel_kd_loss
 from kdflow.methods.config import parse_config
 from kdflow.methods.models import build_model

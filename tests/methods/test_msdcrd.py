@@ -14,8 +14,8 @@ from kdflow.methods.config import config_record, parse_config
 from kdflow.methods.distillers.base import DISTILLERS, DataInfo, TeacherRequest
 from kdflow.methods.distillers.kd import kd_loss
 from kdflow.methods.distillers.msdcrd import (MSDCRD, MSDCRDConfig, common_size, decouple,
-                                       feature_contrast, local_pairs, match_widths,
-                                       msdcrd_terms, sample_contrast, slide)
+                                              feature_contrast, local_pairs, match_widths,
+                                              msdcrd_terms, sample_contrast, slide)
 from kdflow.methods.errors import ConfigError
 from kdflow.methods.features import TapShapes
 from kdflow.methods.models.base import build_model, probe_taps

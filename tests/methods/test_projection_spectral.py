@@ -16,7 +16,7 @@ from torch import nn
 from kdflow.methods.config import parse_config
 from kdflow.methods.distillers.base import DISTILLERS, DataInfo, TeacherRequest
 from kdflow.methods.distillers.projection import (ProjectionConfig, ProjectionKD, check_stage,
-                                           linear_projection_decomposition, projection_loss)
+                                                  linear_projection_decomposition, projection_loss)
 from kdflow.methods.distillers.spectral import SpectralConfig, SpectralReg, spectral_penalty
 from kdflow.methods.errors import ConfigError
 from kdflow.methods.features import TapShapes

@@ -18,7 +18,7 @@ import torch
 from multiprocess import WORKER, WORLD, launch_ranks, wait_ranks
 from kdflow.orchestrator.data.loaders import local_rows
 from kdflow.orchestrator.distributed import (DistEnv, Ranks, detect_env, env_from_slurm,
-                                      env_from_torchrun, first_host)
+                                             env_from_torchrun, first_host)
 from kdflow.orchestrator.runner import JobInterrupted, RunOptions, run_job
 from kdflow.orchestrator.store import JobStore
 from kdflow.orchestrator.study import expand_study
@@ -96,7 +96,7 @@ COLLECTIVES = textwrap.dedent("""
     import torch.nn.functional as F
     from kdflow.orchestrator.data.loaders import local_rows
     from kdflow.orchestrator.distributed import (all_reduce_gradients, average_running_stats,
-                                          broadcast_from_main, detect_env, process_group)
+                                                 broadcast_from_main, detect_env, process_group)
     torch.set_num_threads(1)
     env = detect_env()
     torch.manual_seed(0)  # the same model and global batch on both ranks

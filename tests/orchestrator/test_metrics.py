@@ -4,8 +4,8 @@ import math
 import torch
 
 from kdflow.methods.tasks import IGNORE_INDEX
-from kdflow.orchestrator.metrics import (ClassificationMetrics, SegmentationMetrics, confusion_matrix,
-                                  mean_iou)
+from kdflow.orchestrator.metrics import (ClassificationMetrics, SegmentationMetrics,
+                                         confusion_matrix, mean_iou)
 
 
 def direct_miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:

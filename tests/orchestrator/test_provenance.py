@@ -13,8 +13,8 @@ from kdflow.orchestrator import provenance
 from kdflow.orchestrator.atomic import write_json
 from kdflow.orchestrator.checkpoint import SEAL_LENGTH, write_sealed
 from kdflow.orchestrator.provenance import (SOURCE_ROOT, closure_files, code_digest, code_files,
-                                     git_state, job_provenance, provenance_tags,
-                                     weights_fingerprint)
+                                            git_state, job_provenance, provenance_tags,
+                                            weights_fingerprint)
 from kdflow.orchestrator.staleness import CODE, NO_PROVENANCE, TEACHER, assess
 from kdflow.orchestrator.store import JobStore
 from kdflow.orchestrator.study import expand_study
