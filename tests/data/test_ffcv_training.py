@@ -6,6 +6,9 @@ from pathlib import Path
 
 from datafiles import write_jpeg_tree
 from kdflow.launch.cli import main
+from kdflow.orchestrator.runner import RunOptions, run_job
+from kdflow.orchestrator.store import JobStore
+from kdflow.orchestrator.study import expand_study
 
 
 def test_imagenet_study_runs_one_epoch_from_betons(tmp_path: Path, capsys) -> None:
@@ -31,3 +34,28 @@ def test_imagenet_study_runs_one_epoch_from_betons(tmp_path: Path, capsys) -> No
         assert len(result["history"]) == 1 and 0 <= result["metrics"]["top1"] <= 100
     report = (tmp_path / "out" / "reports" / "imagenet_baselines" / "report.md").read_text()
     assert "| KD |" in report and "resnet34 → resnet18 (imagefolder)" in report
+
+
+def test_students_learn_from_ffcv_batches(tmp_path: Path, study: dict) -> None:
+    """Jobs trained from .beton files learn: three colour-coded classes of smooth JPEGs
+    (chance 33.3 %), a CIFAR resnet14 teacher and resnet8 students, 4 epochs of 6 steps.
+    Measured on 2 cores in two runs: student alone 88.9 / 94.4 % top-1; last-epoch train loss
+    0.28-0.65 of the first for every job (teacher, student alone, KD)."""
+    data = tmp_path / "imagenet"
+    write_jpeg_tree(data, {"train": 16, "val": 6}, classes=("a", "b", "c"), size=(40, 40),
+                    smooth=True)
+    assert main(["data", "prepare", "imagefolder", f"data.root={data}"]) == 0
+    study["datasets"] = {"imagefolder": {"root": str(data), "loader": "ffcv", "image_size": 32,
+                                         "workers": 1}}
+    for recipe in ("teacher_recipe", "student_recipe"):
+        study[recipe].update(epochs=4, batch_size=8, lr_milestones=[], checkpoint_every_steps=100)
+    store = JobStore(tmp_path / "jobs")
+    jobs = expand_study(study).jobs
+    results = {job.title: run_job(job, store, RunOptions(progress=False)) for job in jobs}
+    assert len(results) == 3
+    assert all(store.spec(job.job_id).dataset_cfg["loader"] == "ffcv" for job in jobs)
+    for title, result in results.items():
+        losses = [h["train/loss"] for h in result["history"]]
+        assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], (title, losses)
+    alone = results["vanilla resnet8 imagefolder s0"]["metrics"]["top1"]
+    assert alone >= 2 * 100 / 3, alone
