@@ -5,7 +5,7 @@ import difflib
 import functools
 import re
 from pathlib import Path
-from typing import Any, List, Mapping, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import yaml
@@ -21,6 +21,8 @@ TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql"
                     "databricks")
 #: Top-level config groups that config.yaml's defaults do not list: ``search`` (kdflow tune).
 EXTRA_GROUPS = ("search",)
+#: The setting that lets cluster jobs write to a SQLite (or file) tracking store anyway.
+CLUSTER_FILE_STORE_OPT_IN = "tracking_sqlite_on_cluster"
 OVERRIDE_SYNTAX = ("write key=value (a list as key=[0,1], a text with spaces or brackets in "
                    "quotes: key='a b'; a setting the config lacks as +key=value)")
 
@@ -57,6 +59,7 @@ def compose_config(overrides: List[str]) -> DictConfig:
     check_top_level(settings)
     check_settings(settings)
     check_local_device(settings)
+    check_cluster_tracking(settings)
     return cfg
 
 
@@ -107,6 +110,49 @@ def check_local_device(cfg: Mapping[str, Any]) -> None:
                               "(launcher=local runs every job here)",
                               fix=f"set {field}.device=auto (a GPU when there is one, else the "
                                   "CPU) or cpu, or run on a GPU machine or with launcher=slurm")
+
+
+def cluster_launch(cfg: Mapping[str, Any]) -> Optional[str]:
+    """The setting that sends ``cfg``'s jobs or trials to other machines (``launcher=slurm``,
+    ``launcher.address=...`` of launcher=ray, ``search.ray_address=...`` of kdflow tune);
+    None when everything runs on this machine. The launcher's own settings are checked first,
+    so that their errors come before the tracking store's."""
+    from kdflow.launch.ray_config import parse_ray_settings
+    from kdflow.launch.slurm_config import parse_slurm_settings
+
+    launcher = cfg.get("launcher") or {}
+    address = (cfg.get("search") or {}).get("ray_address")
+    if launcher.get("name") == "slurm":
+        parse_slurm_settings(launcher)
+        return "launcher=slurm"
+    if launcher.get("name") == "ray" and parse_ray_settings(launcher).address:
+        return f"launcher.address={launcher['address']}"
+    return f"search.ray_address={address}" if address else None
+
+
+def check_cluster_tracking(cfg: Mapping[str, Any]) -> None:
+    """ConfigError (field ``tracking_uri``) when jobs run on cluster nodes (:func:`cluster_launch`)
+    and would track into a SQLite or file store, unless ``tracking_sqlite_on_cluster=true``:
+    such a store lives on the shared (network) file system, where SQLite is slow and its
+    locking unreliable. Nothing has been submitted when it is raised."""
+    from kdflow.orchestrator.tracking import is_file_store
+
+    opt_in = cfg.get(CLUSTER_FILE_STORE_OPT_IN, False)
+    if not isinstance(opt_in, bool):
+        raise ConfigError(CLUSTER_FILE_STORE_OPT_IN, f"must be true or false, got {opt_in!r}",
+                          allowed=[True, False])
+    where = cluster_launch(cfg)
+    uri = cfg.get("tracking_uri")
+    if where is None or opt_in or not is_file_store(uri):
+        return
+    store = "the embedded SQLite store <output_dir>/mlflow.db" if not uri else "a file store"
+    raise ConfigError("tracking_uri", f"is {store}, and {where} runs jobs on other nodes, which "
+                      "would write it over the shared file system (slow, and SQLite's locking "
+                      "breaks on network file systems)",
+                      fix="start a tracking server on a host the nodes reach: `kdflow server "
+                          "--host 0.0.0.0 --port 5000 output_dir=...` (or `mlflow server`), and "
+                          "pass tracking_uri=http://<that host>:5000; or, to keep the file "
+                          f"store anyway, pass {CLUSTER_FILE_STORE_OPT_IN}=true")
 
 
 def check_overrides(overrides: List[str]) -> None:

@@ -89,8 +89,10 @@ def sync_command(session: "Session") -> int:
 
 
 def server_command(session: "Session", host: str, port: int, workers: int) -> NoReturn:
-    """Replace this process with ``mlflow server`` on ``host:port`` over the study's store."""
-    from kdflow.orchestrator.tracking import redact
+    """Replace this process with ``mlflow server`` on ``host:port`` over the study's store,
+    first marking its experiments that have no kind as model training
+    (:func:`~orchestrator.tracking.mark_experiments`)."""
+    from kdflow.orchestrator.tracking import SQLITE_PREFIX, mark_experiments, redact
 
     uri = session.tracking_uri
     if not uri.startswith("sqlite:///"):
@@ -109,5 +111,10 @@ def server_command(session: "Session", host: str, port: int, workers: int) -> No
     if host not in LOOPBACK_HOSTS:
         print(f"kdflow: warning: --host {host} makes the server reachable from other machines; "
               "MLflow asks no password by default", file=sys.stderr)
+    if Path(uri[len(SQLITE_PREFIX):]).exists():
+        marked = mark_experiments(uri)
+        if marked:
+            print(f"marked {len(marked)} experiment(s) as model training, so that the UI "
+                  f"opens on their runs: {', '.join(marked)}", flush=True)
     print(f"serving {uri} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
     os.execvp(mlflow, command)

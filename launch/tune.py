@@ -8,6 +8,7 @@ needs is trained (or reused) before the search starts; trials never train a teac
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -37,6 +38,12 @@ if TYPE_CHECKING:
 METRICS = ("val/top1", "val/top5", "val/miou", "val/pixel_acc", "train/loss")
 MODES = ("max", "min")
 PARENT_RUN_FILE = "mlflow_parent_run_id"
+#: In a search's folder: what defines its trials (:class:`SearchRecord`).
+SEARCH_RECORD = "search.json"
+#: Search settings that do not change which trials a search runs: its name (the folder), how
+#: many trials (compared on its own: Tune cannot change it), and where and how they run.
+NOT_DEFINING = ("name", "num_samples", "max_concurrent", "cpus_per_trial", "gpus_per_trial",
+                "ray_address")
 TRIAL_FILE = "trial.json"
 DONOR_FILE = "state.pt"
 
@@ -228,6 +235,108 @@ SCHEDULERS: Dict[str, Callable[[SearchConfig, int, List[Param]], Any]] = {
     "asha": _asha, "fifo": _fifo, "pbt": _pbt}
 
 
+# --- the search's identity: a changed search is a new search --------------------------------
+
+def search_definition(search: SearchConfig, base: JobSpec) -> Dict[str, str]:
+    """What decides a search's trials, as flat ``name -> value`` text: every resolved setting
+    of the tuned job (``job.recipe.epochs``...) and the search's settings but
+    :data:`NOT_DEFINING` (``search.space.method.temperature.high``...)."""
+    from kdflow.orchestrator.tracking import flatten
+
+    job = {k: v for k, v in base.to_json().items() if k != "labels"}
+    settings = {k: v for k, v in dataclasses.asdict(search).items() if k not in NOT_DEFINING}
+    return flatten({"job": job, "search": settings})
+
+
+def fingerprint(definition: Mapping[str, str]) -> str:
+    """8 hex digits of sha256 over ``definition`` (its keys sorted)."""
+    text = json.dumps(dict(sorted(definition.items())), separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    """A search as made (``search.json`` in its folder): what defines its trials, how many it
+    runs, and the overrides of the command that made it."""
+
+    definition: Dict[str, str]
+    num_samples: int
+    overrides: List[str]
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`fingerprint` of the definition (the trial count left out)."""
+        return fingerprint(self.definition)
+
+    def write(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({**dataclasses.asdict(self), "fingerprint": self.fingerprint}, indent=1)
+        atomic_write(folder / SEARCH_RECORD, lambda f: f.write(text.encode()))
+
+    @staticmethod
+    def read(folder: Path) -> Optional["SearchRecord"]:
+        """The record in ``folder``; None when there is none."""
+        path = folder / SEARCH_RECORD
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        return SearchRecord(data["definition"], data["num_samples"], data["overrides"])
+
+
+def differences(old: Mapping[str, str], new: Mapping[str, str], count: int = 6) -> str:
+    """``job.recipe.epochs 4 -> 2, ...``: the first ``count`` settings that differ."""
+    keys = sorted(set(old) | set(new))
+    changed = [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in keys
+               if old.get(k) != new.get(k)]
+    more = f" and {len(changed) - count} more" if len(changed) > count else ""
+    return ", ".join(changed[:count]) + more
+
+
+def why_new(old: Optional[SearchRecord], new: SearchRecord, folder: Path) -> Optional[str]:
+    """Why the search ``new`` cannot continue the one in ``folder`` (whose record is ``old``);
+    None when it can (same definition, same number of trials)."""
+    if old is None:
+        return (f"{folder} holds a search with no recorded definition (made by an older "
+                "kdflow), so it may have tested other settings")
+    if old.fingerprint != new.fingerprint:
+        return (f"the search differs from the one in {folder}: "
+                f"{differences(old.definition, new.definition)}")
+    if old.num_samples != new.num_samples:
+        return (f"Ray Tune cannot change the number of trials of an existing search (it "
+                f"restores {folder.name} with its {old.num_samples}), and "
+                f"search.num_samples={new.num_samples} asks for {new.num_samples}")
+    return None
+
+
+def search_name(output_dir: str, study: str, name: str,
+                record: SearchRecord) -> Tuple[str, Optional[str]]:
+    """The name the search ``record`` runs under, and why it is not ``name`` (None when it is).
+
+    ``name`` when its folder is free or holds this very search; else ``<name>-<8 hex>`` of the
+    definition and trial count, so that the same command always finds the same search again.
+    The reason compares ``record`` with an earlier search of the same definition (another
+    trial count) if there is one, else with the search under ``name``.
+    """
+    folder = Path(output_dir) / "tune" / study / name
+    made = folder.exists() or (Path(output_dir) / "tune" / f"{study}-tune-{name}").exists()
+    why = why_new(SearchRecord.read(folder), record, folder) if made else None
+    if why is None:
+        return name, None
+    renamed = f"{name}-{fingerprint({**record.definition, 'num_samples': str(record.num_samples)})}"
+    same = _same_definition(folder, record, renamed)
+    return renamed, why if same is None else why_new(SearchRecord.read(same), record, same)
+
+
+def _same_definition(folder: Path, record: SearchRecord, skip: str) -> Optional[Path]:
+    """The folder of a search named ``<folder's name>-...`` but ``skip`` whose definition is
+    ``record``'s (so it differs in its trial count only); None when there is none."""
+    for sibling in sorted(folder.parent.glob(f"{folder.name}-*")):
+        other = SearchRecord.read(sibling)
+        if sibling.name != skip and other is not None and other.fingerprint == record.fingerprint:
+            return sibling
+    return None
+
+
 # --- the plan: everything validated before Ray starts ---------------------------------------
 
 @dataclass
@@ -236,6 +345,9 @@ class SearchPlan:
 
     overrides: the ``kdflow`` overrides of the command without the search ones (the best
     trial's ``kdflow run`` line starts from them, so it composes the same study).
+    name: the name the search runs under: ``search.name``, or a new name when a different
+    search (or the same with another number of trials) has that one (:func:`search_name`);
+    renamed: why it was renamed (None when it was not).
     """
 
     search: SearchConfig
@@ -245,16 +357,28 @@ class SearchPlan:
     output_dir: str
     tracking_uri: str
     overrides: List[str]
+    name: str = ""
+    renamed: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.search.name
+
+    @property
+    def record(self) -> SearchRecord:
+        """What this search is (written into its folder when it starts)."""
+        return SearchRecord(search_definition(self.search, self.base), self.search.num_samples,
+                            list(self.overrides))
 
     @property
     def experiment_name(self) -> str:
-        """The Tune experiment's and MLflow experiment's name: ``<study>-tune-<search>``."""
-        return f"{self.graph.study}-tune-{self.search.name}"
+        """The Tune experiment's and MLflow experiment's name: ``<study>-tune-<name>``."""
+        return f"{self.graph.study}-tune-{self.name}"
 
     @property
     def search_dir(self) -> Path:
-        """``<output_dir>/tune/<study>/<search>``: best.yaml, best.overrides, the parent run id."""
-        return Path(self.output_dir) / "tune" / self.graph.study / self.search.name
+        """``<output_dir>/tune/<study>/<name>``: search.json, best.yaml, best.overrides and
+        the parent run id."""
+        return Path(self.output_dir) / "tune" / self.graph.study / self.name
 
     @property
     def tune_path(self) -> Path:
@@ -281,8 +405,11 @@ def plan_search(session: "Session") -> SearchPlan:
     SEARCH_ALGS[search.search_alg].check(params)
     if search.scheduler == "pbt":
         check_pbt(params)
-    return SearchPlan(search, params, base, session.graph, session.output_dir,
+    plan = SearchPlan(search, params, base, session.graph, session.output_dir,
                       session.tracking_uri, session.overrides)
+    plan.name, plan.renamed = search_name(plan.output_dir, plan.graph.study, search.name,
+                                          plan.record)
+    return plan
 
 
 def _search_names() -> List[str]:
@@ -512,9 +639,13 @@ def _parent_run(plan: SearchPlan) -> str:
         _retry(lambda: client.update_run(run_id, status="RUNNING"), "update_run")
         return run_id
     experiment_id = ensure_experiment(plan.tracking_uri, plan.experiment_name)
-    run = _retry(lambda: client.create_run(experiment_id, run_name=f"tune {plan.search.name}", tags={
-        "kdflow.search": plan.search.name, "kdflow.base_job": plan.base.job_id}), "create_run")
-    params = flatten({k: v for k, v in dataclasses.asdict(plan.search).items() if k != "name"})
+    run = _retry(lambda: client.create_run(experiment_id, run_name=f"tune {plan.name}", tags={
+        "kdflow.search": plan.name, "kdflow.base_job": plan.base.job_id}), "create_run")
+    base = plan.base
+    params = flatten({
+        **{k: v for k, v in dataclasses.asdict(plan.search).items() if k != "name"},
+        "method": base.method, "teacher": base.teacher, "student": base.model,
+        "dataset": base.dataset, "seed": base.seed})
     for key, value in params.items():
         _retry(lambda: client.log_param(run.info.run_id, key, value[:6000]), "log_param")
     plan.search_dir.mkdir(parents=True, exist_ok=True)
@@ -597,8 +728,13 @@ def run_search(plan: SearchPlan) -> int:
 
     from kdflow.orchestrator.tracking import ensure_experiment
 
-    print(f"search {plan.search.name}: tuning {plan.base.title} (job {plan.base.job_id}), "
+    if plan.renamed:
+        print(f"{plan.renamed}; so this search is {plan.name}, a search of its own (trials "
+              "whose settings match a finished job reuse it; to name it, pass search.name=...)")
+    print(f"search {plan.name}: tuning {plan.base.title} (job {plan.base.job_id}), "
           f"{plan.expected_trials} trials, outputs in {plan.search_dir}")
+    if SearchRecord.read(plan.search_dir) is None:
+        plan.record.write(plan.search_dir)
     if not _train_teacher(plan):
         return 1
     ensure_experiment(plan.tracking_uri, plan.experiment_name)
@@ -614,10 +750,12 @@ def run_search(plan: SearchPlan) -> int:
     rows = trial_rows(grid, plan.search.metric, plan.search.mode)
     finished, errors = _saved_outcome(plan)
     complete = finished >= plan.expected_trials and not errors
-    MlflowClient(plan.tracking_uri).set_terminated(parent, status="FINISHED" if complete else "KILLED")
+    client = MlflowClient(plan.tracking_uri)
     print(top_table(rows, plan.search.metric))
     if rows:
         print(write_best(plan, rows[0]))
+        log_best(client, parent, plan, rows[0])
+    client.set_terminated(parent, status="FINISHED" if complete else "KILLED")
     if not complete:
         print(f"search incomplete: {finished} of {plan.expected_trials} trials finished, "
               f"{errors} failed; run the same command again to continue")
@@ -664,21 +802,29 @@ def top_table(rows: List[TrialRow], metric: str, count: int = 5) -> str:
     return "\n".join(lines)
 
 
-def write_best(plan: SearchPlan, best: TrialRow) -> str:
-    """Write ``best.yaml`` (the best trial) and ``best.overrides`` (a ``kdflow run`` line's
-    arguments, one per line, that give the study with the best settings); the line to run.
-
-    A best trial whose job starts from another's checkpoint (a PBT exploit) has a lineage the
-    overrides cannot give: they carry its settings only, ``best.yaml`` records its
-    ``init_from``, and the message says so."""
+def best_overrides(plan: SearchPlan, best: TrialRow) -> List[str]:
+    """The ``kdflow run`` overrides of the best trial: every override of the command that
+    made the search (the study, its recipes such as ``study.student_recipe.epochs``, the
+    output_dir...) but the search's own, then the trial's settings."""
     tuned = run_overrides(plan.search.method, best.settings)
     tuned_keys = {o.split("=", 1)[0] for o in tuned}
     kept = [o for o in plan.overrides
             if not o.lstrip("+~").startswith("search") and o.split("=", 1)[0] not in tuned_keys]
-    overrides = [*kept, *tuned]
+    return [*kept, *tuned]
+
+
+def write_best(plan: SearchPlan, best: TrialRow) -> str:
+    """Write ``best.yaml`` (the best trial) and ``best.overrides`` (a ``kdflow run`` line's
+    arguments, one per line, that give the study with the best settings); the line to run.
+
+    The overrides are checked to compose a study that holds the best trial's job; the message
+    warns when they do not. A best trial whose job starts from another's checkpoint (a PBT
+    exploit) has a lineage the overrides cannot give: they carry its settings only,
+    ``best.yaml`` records its ``init_from``, and the message says so."""
+    overrides = best_overrides(plan, best)
     plan.search_dir.mkdir(parents=True, exist_ok=True)
     init_from = _init_from(plan, best.job_id)
-    record = {"study": plan.graph.study, "search": plan.search.name, "trial": best.trial,
+    record = {"study": plan.graph.study, "search": plan.name, "trial": best.trial,
               "job_id": best.job_id, "init_from": init_from, "metric": plan.search.metric,
               "best": best.best, "settings": best.settings, "overrides": overrides}
     (plan.search_dir / "best.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
@@ -686,11 +832,39 @@ def write_best(plan: SearchPlan, best: TrialRow) -> str:
     path.write_text("\n".join(overrides) + "\n")
     lines = f"best settings written to {plan.search_dir / 'best.yaml'}; run them with:\n" \
             f"  kdflow run $(cat {path})"
+    trial = apply_settings(plan.base, best.settings)
+    if not reproduces(overrides, trial):
+        lines += f"\nwarning: these overrides do not give the best trial's job {trial.job_id}; " \
+                 "check best.yaml's settings against `kdflow run --cfg $(cat best.overrides)`"
     if init_from is None:
         return lines
     return lines + f"\nnote: the best trial descends from another via PBT (job {best.job_id} " \
                    f"starts from job {init_from}); this run trains its settings from scratch " \
                    "and does not reproduce that lineage"
+
+
+def log_best(client: Any, parent: str, plan: SearchPlan, best: TrialRow) -> None:
+    """Give the search's MLflow run the best trial: its metric (under the metric's own name,
+    e.g. ``val/top1``, so the runs table shows it beside the trials') and, as ``best.<setting>``
+    tags, its settings, trial and job (tags: a resumed search may find a better trial)."""
+    from kdflow.orchestrator.tracking import _retry
+
+    tags = {**{f"best.{k}": str(v) for k, v in best.settings.items()},
+            "best.trial": best.trial, "best.job_id": best.job_id}
+    _retry(lambda: client.log_metric(parent, plan.search.metric, best.best), "log_metric")
+    for key, value in tags.items():
+        _retry(lambda: client.set_tag(parent, key, value), "set_tag")
+
+
+def reproduces(overrides: List[str], job: JobSpec) -> bool:
+    """Whether ``kdflow run <overrides>`` composes a study that holds ``job`` (by its id)."""
+    from kdflow.launch.cli import Session
+
+    try:
+        graph = Session.compose(overrides, require_data=False).graph
+    except ConfigError:
+        return False
+    return job.job_id in {j.job_id for j in graph.jobs}
 
 
 def _init_from(plan: SearchPlan, job_id: str) -> Optional[str]:

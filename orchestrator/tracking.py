@@ -8,7 +8,9 @@ and exactly once, at the next epoch or through ``kdflow sync`` (:func:`sync_job`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import json
 import logging
 import os
 import random
@@ -29,7 +31,15 @@ T = TypeVar("T")
 
 #: The scheme of an embedded (file) SQLite store's URI.
 SQLITE_PREFIX = "sqlite:///"
-TAG_FIELDS = ("job_id", "stage", "method", "teacher", "student", "dataset", "seed")
+TAG_FIELDS = ("job_id", "stage", "method", "teacher", "student", "dataset", "seed", "settings")
+#: The experiment tag by which MLflow's UI decides what an experiment's link opens: without
+#: it, MLflow 3 may open the GenAI traces page ("No data"); with ``custom_model_development``
+#: it opens the runs table. Set on every experiment kdflow creates or uses.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+#: Metric names as sent to MLflow, where they differ from the job's history (``lr`` would
+#: come first in MLflow's charts, before the ``train/`` and ``val/`` sections).
+MLFLOW_METRIC_NAMES = {"lr": "train/lr"}
 #: A tag naming the outbox record that created a run, so that a ``create_run`` whose reply was
 #: lost is found again instead of making a second run.
 RUN_TOKEN_TAG = "kdflow.run_token"
@@ -136,6 +146,16 @@ def resolve_tracking_uri(tracking_uri: Optional[str], output_dir: Path | str) ->
     return SQLITE_PREFIX + str((Path(output_dir) / "mlflow.db").resolve())
 
 
+def is_file_store(tracking_uri: Optional[str]) -> bool:
+    """Whether ``tracking_uri`` keeps runs in files that every writer opens itself: null (the
+    embedded SQLite store), ``sqlite:``, ``file:`` or a folder path. Such a store on a network
+    file system shared by cluster nodes is slow and breaks under concurrent writers."""
+    if not tracking_uri:
+        return True
+    match = URI_SCHEME.match(tracking_uri)
+    return match is None or match.group(1).lower() in ("sqlite", "file")
+
+
 def unreachable(err: BaseException) -> bool:
     """Whether ``err`` (or an error it was raised from) says the server could not be reached:
     connection refused or reset, or no answer in time."""
@@ -179,22 +199,70 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> Dict[str, str]:
     return flat
 
 
+def default_method_settings(method: str) -> Dict[str, Any]:
+    """The settings of ``method``'s Config at their defaults, as a job spec records them;
+    empty for a method kdflow does not know (every setting then counts as chosen)."""
+    from kdflow.methods.config import config_record
+    from kdflow.methods.distillers import DISTILLERS
+
+    try:
+        config = DISTILLERS.get(method).Config
+    except (KeyError, ConfigError):
+        return {}
+    return json.loads(json.dumps(config_record(config())))
+
+
+def chosen_settings(spec: JobSpec) -> str:
+    """``setting=value, ...`` telling this job apart from others of its method: its ``variant``
+    label (an ablation's settings, a Tune trial's ``method.<setting>=...``) followed by every
+    other method setting that differs from the method's default. "" when all are at their
+    defaults."""
+    variant = spec.labels.get("variant") or ""
+    named = {key.rpartition(".")[2] for key in re.findall(r"(?:^|, )([\w.]+)=", variant)}
+    defaults = default_method_settings(spec.method)
+    chosen = [f"{key}={_short(value)}" for key, value in spec.method_cfg.items()
+              if key not in named and (key not in defaults or defaults[key] != value)]
+    return ", ".join(filter(None, [variant, *chosen]))
+
+
+def _short(value: Any) -> str:
+    """``value`` as a run name shows it: JSON for lists and mappings, else ``str``."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def run_name(spec: JobSpec) -> str:
+    """The MLflow run name: the job's title with its :func:`chosen_settings`, so that sweep
+    points and ablations differ, e.g. ``kd [temperature=8] resnet14->resnet8 digits s0``."""
+    settings = chosen_settings(spec)
+    labels = {**spec.labels, "variant": settings} if settings else spec.labels
+    return dataclasses.replace(spec, labels=labels).title
+
+
 def job_tags(spec: JobSpec) -> Dict[str, str]:
+    """The run's ``kdflow.*`` tags (``kdflow.settings``: :func:`chosen_settings`)."""
     values = {
         "job_id": spec.job_id, "stage": spec.stage, "method": spec.method,
         "teacher": spec.teacher or "", "student": spec.model, "dataset": spec.dataset,
-        "seed": str(spec.seed),
+        "seed": str(spec.seed), "settings": chosen_settings(spec),
     }
     return {f"kdflow.{key}": values[key] for key in TAG_FIELDS}
 
 
 def job_params(spec: JobSpec) -> Dict[str, str]:
+    """The run's params: ``method``, ``teacher``, ``student`` (and its old name ``model``),
+    ``dataset``, ``seed`` and every resolved setting (``method_cfg.*``, ``recipe.*``...)."""
     return flatten({
-        "stage": spec.stage, "method": spec.method, "model": spec.model,
+        "stage": spec.stage, "method": spec.method, "model": spec.model, "student": spec.model,
         "teacher": spec.teacher, "teacher_job": spec.teacher_job, "dataset": spec.dataset,
         "seed": spec.seed, "method_cfg": spec.method_cfg, "dataset_cfg": spec.dataset_cfg,
         "recipe": spec.recipe,
     })
+
+
+def mlflow_metrics(metrics: Mapping[str, float]) -> Dict[str, float]:
+    """``metrics`` (a job's epoch history entry) under their MLflow names
+    (:data:`MLFLOW_METRIC_NAMES`), as floats."""
+    return {MLFLOW_METRIC_NAMES.get(k, k): float(v) for k, v in metrics.items()}
 
 
 @contextlib.contextmanager
@@ -244,6 +312,21 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     return _ensure_experiment(mlflow_client(tracking_uri), name, artifact_location(tracking_uri))
 
 
+def mark_experiments(tracking_uri: str) -> List[str]:
+    """Mark every experiment of ``tracking_uri`` that has no kind yet (made before kdflow set
+    one) as a model-training experiment (:data:`EXPERIMENT_KIND_TAG`); their names."""
+    from mlflow.entities import ViewType
+
+    client = mlflow_client(tracking_uri)
+    experiments = _retry(lambda: client.search_experiments(view_type=ViewType.ALL),
+                         "search_experiments")
+    marked = [e for e in experiments if EXPERIMENT_KIND_TAG not in e.tags]
+    for experiment in marked:
+        _retry(lambda: client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                                 MODEL_TRAINING_KIND), "set_experiment_tag")
+    return [e.name for e in marked]
+
+
 def prepare_experiment(tracking_uri: str, name: str) -> None:
     """:func:`ensure_experiment`, or a warning if the store cannot be reached: the study runs
     anyway and its jobs keep what they could not send in their outboxes."""
@@ -256,12 +339,17 @@ def prepare_experiment(tracking_uri: str, name: str) -> None:
 
 
 def _ensure_experiment(client: Any, name: str, artifacts: Optional[str]) -> str:
+    """The id of experiment ``name``, created if needed; either way marked as a model-training
+    experiment (:data:`EXPERIMENT_KIND_TAG`) unless it already has a kind."""
     def get_or_create() -> str:
         experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        # fails if another process won: try again
-        return client.create_experiment(name, artifact_location=artifacts)
+        if experiment is None:  # fails if another process won: try again
+            return client.create_experiment(name, artifact_location=artifacts,
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                      MODEL_TRAINING_KIND)
+        return experiment.experiment_id
 
     return _retry(get_or_create, "create_experiment")
 
@@ -473,7 +561,7 @@ class JobTracker:
             elif not any(r["op"] == "create_run" for r in contents.records):
                 tags = {**job_tags(spec), RUN_TOKEN_TAG: uuid.uuid4().hex}
                 self.sender.append(contents, "create_run", experiment=experiment, tags=tags,
-                                   run_name=spec.title, time_ms=_now_ms())
+                                   run_name=run_name(spec), time_ms=_now_ms())
                 self.sender.append(contents, "params", params=job_params(spec))
         self._flush()
 
@@ -483,9 +571,9 @@ class JobTracker:
         return self.sender.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log ``metrics`` (name -> value) at ``step`` (the epoch's 0-based index)."""
-        self._record("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=step,
-                     time_ms=_now_ms())
+        """Log ``metrics`` (name -> value, under :func:`mlflow_metrics` names) at ``step``
+        (the epoch's 0-based index)."""
+        self._record("metrics", metrics=mlflow_metrics(metrics), step=step, time_ms=_now_ms())
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (name -> value, sent as strings; a later value replaces an earlier

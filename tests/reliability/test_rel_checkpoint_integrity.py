@@ -23,8 +23,9 @@ import pytest
 import torch
 from rel_checkpoint_jobs import QUIET, vanilla_job
 
-from kdflow.orchestrator.checkpoint import (REJECTED_SUFFIX, checkpoint_path, encode, init_checkpoint_path,
-                                     latest_checkpoint_path, read_sealed)
+from kdflow.orchestrator.checkpoint import (REJECTED_SUFFIX, checkpoint_path, encode,
+                                            init_checkpoint_path, latest_checkpoint_path,
+                                            read_sealed)
 from kdflow.orchestrator.runner import JobFailed, run_job
 from kdflow.orchestrator.spec import JobSpec
 from kdflow.orchestrator.status import status_table

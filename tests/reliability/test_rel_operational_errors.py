@@ -96,7 +96,8 @@ def _slurm_path(folder: Path, script: str) -> str:
 @pytest.mark.parametrize("verb", ["run", "status", "cancel"])
 def test_an_unreachable_slurm_cluster_is_one_line_and_exit_1(tmp_path, verb) -> None:
     env = {"PATH": _slurm_path(tmp_path / "bin", FAILING_COMMAND)}
-    done = _kdflow(verb, *SMOKE, "launcher=slurm", f"output_dir={tmp_path / 'out'}", env=env)
+    done = _kdflow(verb, *SMOKE, "launcher=slurm", "tracking_sqlite_on_cluster=true",
+                   f"output_dir={tmp_path / 'out'}", env=env)
     assert done.returncode == 1
     line = _one_error_line(done.stderr)
     assert "the SLURM cluster does not answer" in line and "Unable to contact" in line
@@ -137,9 +138,9 @@ def test_a_full_disk_while_the_report_is_written_keeps_the_previous_report(
     report = disk / "reports" / "smoke"
     before = {name: (report / name).read_bytes()
               for name in REPORT_FILES if (report / name).exists()}
-    assert set(before) == {"report.md", "report.csv", "accuracy.png", "curves.png"}
+    assert set(before) == {"report.md", "report.csv", "summary.csv", "accuracy.png", "curves.png"}
     stats = os.statvfs(disk)
-    room = len(before["report.md"]) + len(before["report.csv"]) + 16 * 1024  # no room for a plot
+    room = sum(len(before[n]) for n in ("report.md", "report.csv", "summary.csv")) + 16 * 1024
     (disk / "ballast").write_bytes(bytes(stats.f_bavail * stats.f_frsize - room))
     capsys.readouterr()
 
@@ -148,3 +149,36 @@ def test_a_full_disk_while_the_report_is_written_keeps_the_previous_report(
     assert "No space left on device (disk full) while writing" in line and str(report) in line
     assert {name: (report / name).read_bytes() for name in before} == before
     assert sorted(path.name for path in report.iterdir()) == sorted(before)  # no temporary left
+
+
+CLUSTER_LAUNCHES = [
+    ("run", ["launcher=slurm"], "launcher=slurm"),
+    ("run", ["launcher=slurm", "tracking_uri=file:/shared/mlruns"], "launcher=slurm"),
+    ("run", ["launcher=ray", "launcher.address=auto"], "launcher.address=auto"),
+    ("tune", ["search=kd", "search.ray_address=auto"], "search.ray_address=auto"),
+]
+
+
+@pytest.mark.parametrize("verb, launch, where", CLUSTER_LAUNCHES,
+                         ids=[" ".join(launch) for _, launch, _ in CLUSTER_LAUNCHES])
+def test_cluster_jobs_refuse_a_file_tracking_store_before_submitting(
+        tmp_path, monkeypatch, capsys, verb, launch, where) -> None:
+    called = tmp_path / "slurm-called"
+    monkeypatch.setenv("PATH", _slurm_path(tmp_path / "bin", f"#!/bin/sh\ntouch {called}\n"))
+    code = main([verb, *SMOKE, *launch, f"output_dir={tmp_path / 'out'}"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "Invalid setting `tracking_uri`" in line and where in line
+    assert "kdflow server" in line and "tracking_uri=http://" in line
+    assert "tracking_sqlite_on_cluster=true" in line
+    assert not called.exists() and not (tmp_path / "out").exists()  # nothing submitted or made
+
+
+@pytest.mark.parametrize("allowed", [
+    ["launcher=slurm", "tracking_sqlite_on_cluster=true"],
+    ["launcher=slurm", "tracking_uri=http://mlflow.cluster:5000"],
+    ["launcher=ray"],  # an embedded Ray on this machine
+])
+def test_a_server_or_the_opt_in_lets_cluster_jobs_track(allowed) -> None:
+    from kdflow.launch.compose import compose_config
+
+    assert compose_config([*SMOKE, *allowed]).launcher.name in ("slurm", "ray")

@@ -12,7 +12,7 @@ from typing import Any, Dict, List
 
 from kdflow.orchestrator.spec import JobSpec
 from kdflow.orchestrator.study import expand_study
-from kdflow.orchestrator.tracking import JobTracker, RUN_TOKEN_TAG
+from kdflow.orchestrator.tracking import MLFLOW_METRIC_NAMES, JobTracker, RUN_TOKEN_TAG
 from kdflow.orchestrator.tracking_outbox import Outbox
 from tests.mlflow_server import MlflowServer
 
@@ -100,7 +100,9 @@ def assert_nothing_lost(uri: str, root: Path, outcomes: List[Dict[str, Any]]) ->
         assert RUN_TOKEN_TAG in run.data.tags
         assert run.data.params["seed"] == str(outcome["spec"].seed)
         for name in epoch_metrics(0, 0):
-            points = sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
+            logged = MLFLOW_METRIC_NAMES.get(name, name)  # lr is train/lr in MLflow
+            points = sorted(client.get_metric_history(run.info.run_id, logged),
+                            key=lambda m: m.step)
             assert [(m.step, m.value) for m in points] == [
                 (epoch, epoch_metrics(outcome["job"], epoch)[name]) for epoch in range(EPOCHS)]
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["result.json"]

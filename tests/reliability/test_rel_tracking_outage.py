@@ -14,7 +14,8 @@ from kdflow.launch.cli import Session, main
 from kdflow.orchestrator.runner import RunOptions, run_job
 from kdflow.orchestrator.store import JobStore
 from kdflow.orchestrator.study import expand_study
-from kdflow.orchestrator.tracking import JobTracker, ensure_experiment, sync_job
+from kdflow.orchestrator.tracking import (MLFLOW_METRIC_NAMES, JobTracker, ensure_experiment,
+                                          sync_job)
 from kdflow.orchestrator.tracking_outbox import Outbox
 from tests.mlflow_server import MlflowServer
 
@@ -53,7 +54,8 @@ def assert_tracked_once(uri: str, experiment: str, run_id: str,
     names = [name for name in history[0] if name != "epoch"]
     assert {"train/loss", "val/top1", "lr"} <= set(names)
     for name in names:
-        points = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
+        logged = MLFLOW_METRIC_NAMES.get(name, name)  # lr is train/lr in MLflow
+        points = sorted(client.get_metric_history(run_id, logged), key=lambda m: m.step)
         assert [m.step for m in points] == list(range(len(history))), name
         assert [m.value for m in points] == [epoch[name] for epoch in history], name
     assert "result.json" in {a.path for a in client.list_artifacts(run_id)}

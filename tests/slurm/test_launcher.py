@@ -25,7 +25,8 @@ from kdflow.orchestrator.study import expand_study
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
-DEV = ["launcher=slurm_dev", "progress=false"]
+#: The SLURM dev cluster shares this machine's disk: its jobs may write the SQLite store.
+DEV = ["launcher=slurm_dev", "progress=false", "tracking_sqlite_on_cluster=true"]
 
 
 def kdflow(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -39,7 +40,8 @@ def jobs_by_title(output_dir: Path) -> Dict[str, str]:
 
 
 def dev_settings(**changes: Any):
-    launcher = OmegaConf.to_container(compose_config(["launcher=slurm_dev"]).launcher, resolve=True)
+    cfg = compose_config(["launcher=slurm_dev", "tracking_sqlite_on_cluster=true"])
+    launcher = OmegaConf.to_container(cfg.launcher, resolve=True)
     launcher.update(changes)
     return parse_slurm_settings(launcher)
 

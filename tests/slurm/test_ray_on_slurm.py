@@ -33,7 +33,7 @@ def run_on_ray_in_slurm(tmp_path: Path, command: str, timeout: float) -> str:
 
 def test_a_study_runs_on_ray_started_inside_a_slurm_job(tmp_path):
     text = run_on_ray_in_slurm(tmp_path, f"{sys.executable} -m launch.cli run study=smoke launcher=ray "
-                               f"launcher.address=auto output_dir={tmp_path / 'out'} progress=false", 400)
+                               f"launcher.address=auto tracking_sqlite_on_cluster=true output_dir={tmp_path / 'out'} progress=false", 400)
     assert "5 run, 0 skipped" in text and "| KD |" in text
     store = JobStore(tmp_path / "out" / "jobs")
     jobs = [p.name for p in store.root.iterdir()]
@@ -42,6 +42,7 @@ def test_a_study_runs_on_ray_started_inside_a_slurm_job(tmp_path):
 
 def test_a_tune_search_runs_on_ray_started_inside_a_slurm_job(tmp_path):
     search = (f"{sys.executable} -m launch.cli tune search=kd study=quick search.ray_address=auto "
+              f"tracking_sqlite_on_cluster=true "
               f"search.num_samples=2 study.student_recipe.epochs=2 study.student_recipe.lr_milestones=[1] "
               f"study.teacher_recipe.epochs=2 study.teacher_recipe.lr_milestones=[1] "
               f"output_dir={tmp_path / 'out'} progress=false")

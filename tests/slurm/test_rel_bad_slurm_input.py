@@ -17,7 +17,7 @@ from kdflow.launch.cli import main
 pytestmark = [pytest.mark.slurm, pytest.mark.reliability, pytest.mark.usefixtures("slurm_cluster")]
 
 # generated data, tiny models: validating the study costs well under a second
-SMALL = ["study=smoke", "launcher=slurm_dev", "progress=false"]
+SMALL = ["study=smoke", "launcher=slurm_dev", "progress=false", "tracking_sqlite_on_cluster=true"]
 
 ROWS = [
     # refused by SLURM's own check (sbatch --test-only), before any sbatch call

@@ -55,6 +55,16 @@ def test_asha_search_stops_some_trials_early_and_nests_runs_in_mlflow(searched):
     trial_metrics = db.execute("select count(*) from metrics where key='val/top1' and run_uuid "
                                "in (select run_uuid from tags where key='mlflow.parentRunId')")
     assert trial_metrics.fetchone()[0] == sum(epochs)
+    # the search's run shows the best trial: its val/top1 and its settings
+    (best,) = db.execute("select value from metrics where key='val/top1' and run_uuid=?",
+                         (parent,)).fetchone()
+    (top,) = db.execute("select max(value) from metrics where key='val/top1' and run_uuid "
+                        "in (select run_uuid from tags where key='mlflow.parentRunId')").fetchone()
+    assert best == pytest.approx(top)
+    tags = dict(db.execute("select key, value from tags where run_uuid=?", (parent,)).fetchall())
+    assert {"best.method.temperature", "best.method.kd_weight", "best.job_id"} <= set(tags)
+    params = dict(db.execute("select key, value from params where run_uuid=?", (parent,)))
+    assert (params["method"], params["student"], params["dataset"]) == ("kd", "resnet8", "digits")
 
 
 def test_best_settings_are_a_kdflow_run_line_that_reuses_the_trial(searched, capsys):
@@ -76,6 +86,36 @@ def test_running_the_same_search_again_reruns_no_trial(searched):
     assert "resuming the search" in again.stdout
     assert not FINISHED.findall(again.stdout)
     assert _attempts(out) == before
+
+
+def _new_search(stdout: str) -> str:
+    """The name a run printed its search under (``search kd-1a2b3c4d: tuning ...``)."""
+    return re.search(r"^search (\S+): tuning", stdout, re.M).group(1)
+
+
+def test_a_changed_search_and_more_trials_are_new_searches_not_the_old_one(searched, capsys):
+    out, _ = searched
+    old_best = out / "tune" / "quick" / "kd" / "best.overrides"
+    before = old_best.read_text()
+    two_epochs = ["search=kd", "study=quick", "search.num_samples=2", "progress=false",
+                  f"output_dir={out}"]  # quick's own 2 epochs, not the 4 of SEARCH
+    changed = _kdflow("tune", *two_epochs)
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert "job.recipe.epochs 4 -> 2" in changed.stdout and "resuming" not in changed.stdout
+    epochs = [int(e) for _, e in FINISHED.findall(changed.stdout)]
+    assert len(epochs) == 2 and max(epochs) <= 2  # its own trials, at its own epochs
+    assert old_best.read_text() == before and "study.student_recipe.epochs=4" in before
+    name = _new_search(changed.stdout)
+    folder = out / "tune" / "quick" / name
+    assert main(["run", "--dry-run", *(folder / "best.overrides").read_text().split()]) == 0
+    job_id = re.search(r"job_id: (\w+)", (folder / "best.yaml").read_text()).group(1)
+    assert re.search(rf"^{job_id}\s+distill\s+kd .* done ", capsys.readouterr().out, re.M)
+
+    more = _kdflow("tune", *two_epochs, "search.num_samples=3")  # Tune cannot add trials
+    assert more.returncode == 0, more.stdout + more.stderr
+    assert "cannot change the number of trials" in more.stdout
+    assert _new_search(more.stdout) not in (name, "kd")
+    assert len(FINISHED.findall(more.stdout)) == 3
 
 
 def test_interrupted_search_resumes_with_the_remaining_trials_only(tmp_path):
