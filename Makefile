@@ -7,7 +7,7 @@ STAMP := $(VENV)/.kdflow-installed
 FFCV_STAMP := $(VENV)/.kdflow-ffcv-installed
 DEPS := setup.cfg pyproject.toml constraints.txt
 
-.PHONY: demo test install ffcv bench clean
+.PHONY: demo test check install ffcv bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,18 @@ ffcv: $(FFCV_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/kdflow run
 
+# The complete suite (what CI runs): real SLURM, Ray, mlflow server, FFCV and the demo. Where
+# its time goes: bench/suite_time.py test-results/test.xml
 test: ffcv
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q --durations=20 --junitxml=test-results/test.xml tests
+
+# The fast tier, for an edit-test loop: no root, no services, no minutes of training (the
+# markers tests/conftest.py sets: slow, slurm, ray, services, ffcv); about 2 minutes on 2 cores.
+check: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" -n 2 --durations=10 --junitxml=test-results/check.xml tests
 
 bench: $(STAMP)
 	$(PY) bench/step.py
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache test-results

@@ -20,6 +20,7 @@ def _kdflow(*args: str, cwd=None) -> subprocess.CompletedProcess:
                           text=True, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow
 def test_smoke_study_runs_reports_and_reruns_as_skips(tmp_path):
     out = f"output_dir={tmp_path}"
     first = _kdflow("run", *SMOKE, out)
@@ -116,6 +117,7 @@ def test_benchmark_study_dry_run_without_data_and_clear_error_otherwise(tmp_path
     assert "`study.datasets.cifar100.root`" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_multirun_runs_one_study_per_point_and_shares_the_teacher(tmp_path):
     proc = _kdflow("run", "-m", *SMOKE, f"output_dir={tmp_path}", "study.methods.kd.temperature=2,8")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -128,6 +130,7 @@ def test_multirun_runs_one_study_per_point_and_shares_the_teacher(tmp_path):
     assert all((p / "report.md").exists() for p in reports.iterdir())
 
 
+@pytest.mark.slow
 def test_multirun_validates_every_point_before_running_any(tmp_path):
     proc = _kdflow("run", "-m", *SMOKE, f"output_dir={tmp_path}", "study.methods.kd.temperature=2,-1")
     assert proc.returncode == 2 and "study.methods.kd.temperature" in proc.stderr

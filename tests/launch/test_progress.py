@@ -16,6 +16,8 @@ import termios
 import time
 from typing import Dict, List
 
+import pytest
+
 from kdflow.launch.local import run_local
 from kdflow.orchestrator.progress import (BARS, LINES, OFF, StudyProgress, duration, eta_s,
                                           progress_style, short_name)
@@ -127,6 +129,7 @@ def _kdflow_run(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_kdflow_run_off_a_terminal_says_one_line_per_job_start_and_end(tmp_path):
     run = _kdflow_run("study=smoke", "launcher.workers=2", "~study.methods.fitnet",
                       "~study.methods.crd", f"output_dir={tmp_path}")
@@ -175,6 +178,7 @@ def _read_pty(command: List[str], env: Dict[str, str]) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_on_a_terminal_the_local_launcher_draws_bars_not_lines(study, tmp_path):
     study["methods"] = {"vanilla": {}}
     script = ("import json, sys; from kdflow.launch.local import run_local; "

@@ -56,6 +56,7 @@ def _copy_of_kdflow(root: Path) -> Path:
     return namespace
 
 
+@pytest.mark.slow
 def test_edited_kd_loss_makes_kd_jobs_stale_and_rerun_stale_reruns_exactly_them(tmp_path):
     source = _copy_of_kdflow(tmp_path / "src")
     out = tmp_path / "out"

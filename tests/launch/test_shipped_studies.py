@@ -12,6 +12,7 @@ STUDIES = sorted(p.stem for p in (Path(__file__).parents[2] / "configs" / "study
 
 
 @pytest.mark.parametrize("study", STUDIES)
+@pytest.mark.slow
 def test_shipped_study_plans(study: str, tmp_path: Path, capsys) -> None:
     code = main(["run", f"study={study}", f"output_dir={tmp_path}", f"data.root={tmp_path}/data",
                  "--dry-run"])
@@ -28,6 +29,7 @@ def test_shipped_study_plans(study: str, tmp_path: Path, capsys) -> None:
     # 2 pairs x (plain + LAD teacher); student alone (shared by both pairs) + 2 x (CWD, LAD)
     ("cityscapes_lad", "9 jobs (4 teacher, 5 distill)"),
 ])
+@pytest.mark.slow
 def test_segmentation_studies_plan_their_jobs(study: str, plan: str, tmp_path: Path,
                                               capsys) -> None:
     assert main(["run", f"study={study}", f"output_dir={tmp_path}", "--dry-run"]) == 0

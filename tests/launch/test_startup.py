@@ -50,6 +50,7 @@ def test_bad_arguments_are_refused_without_importing_torch():
     assert (code, torch_imported) == (2, False) and "--no-such-flag" in err
 
 
+@pytest.mark.slow
 def test_packages_import_without_torch_and_exports_still_load():
     assert not _imports("import kdflow")
     assert not _imports("import kdflow.methods")

@@ -136,6 +136,7 @@ COLLECTIVES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_collectives_average_gradients_by_share_and_agree_on_state(tmp_path):
     wait_ranks(launch_ranks(COLLECTIVES, str(tmp_path)))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
@@ -185,6 +186,7 @@ ONE_STEP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_one_step_on_two_ranks_has_the_gradient_of_the_whole_batch(tmp_path):
     wait_ranks(launch_ranks(ONE_STEP, str(tmp_path)))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
@@ -296,6 +298,7 @@ def two_process_run(digits_kd, tmp_path_factory):
     return store, _outcomes(root), root
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_job_and_agree_before_any_broadcast(digits_kd, two_process_run):
     _, job, _ = digits_kd
     store, (rank0, rank1), folder = two_process_run
@@ -314,6 +317,7 @@ def test_two_processes_train_the_job_and_agree_before_any_broadcast(digits_kd, t
     assert all(torch.equal(exported[k], own0["state"][f"student.{k}"]) for k in exported)
 
 
+@pytest.mark.slow
 def test_a_repeated_two_process_run_is_bit_identical(digits_kd, two_process_run, tmp_path):
     _, job, _ = digits_kd
     first_store, (first, _), first_folder = two_process_run
@@ -328,6 +332,7 @@ def test_a_repeated_two_process_run_is_bit_identical(digits_kd, two_process_run,
         assert all(torch.equal(mine["state"][k], before["state"][k]) for k in mine["state"])
 
 
+@pytest.mark.slow
 def test_signal_to_one_rank_stops_both_at_one_step_and_the_job_resumes(
         digits_kd, two_process_run, tmp_path):
     _, job, _ = digits_kd

@@ -148,6 +148,7 @@ def _host_reads_per_job(study: Dict[str, Any], num_train: int, tmp_path) -> Dict
     return counts
 
 
+@pytest.mark.slow
 def test_a_training_step_reads_nothing_back_to_the_host(study, tmp_path, monkeypatch) -> None:
     """With the GPU's deferred loss guard, a job of 4 steps and one of 8 steps per epoch read
     values back to the host equally often: no read belongs to a step (only to the epoch's end,
@@ -204,6 +205,7 @@ def test_bf16_and_channels_last_each_reach_the_training_step(study, tmp_path) ->
                     "channels_last": {(torch.float32, True)}}
 
 
+@pytest.mark.slow
 def test_fast_switches_train_to_the_plain_paths_accuracy(study, tmp_path) -> None:
     """channels_last, the fused optimizer and bf16 autocast (all on, on the CPU) train the
     demo's student to the accuracy of the plain path, within the recipe's noise."""
@@ -226,6 +228,7 @@ def test_fast_switches_train_to_the_plain_paths_accuracy(study, tmp_path) -> Non
     assert b["metrics"]["top1"] > 100.0 / 4
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_the_eager_step(study, tmp_path) -> None:
     """``compile: default`` (torch.compile of the forward and loss) gives the eager path's
     losses and weights, up to floating-point reassociation."""
@@ -242,6 +245,7 @@ def test_compiled_step_matches_the_eager_step(study, tmp_path) -> None:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_cuda_graph_step_wrapper_runs_and_matches_eager() -> None:
     """The ``reduce-overhead`` path (CUDA graphs on a GPU; on the CPU inductor skips the graphs
     but the step-boundary marking around each call still runs) gives the eager step's loss."""

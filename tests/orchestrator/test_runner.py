@@ -28,6 +28,7 @@ def _jobs(study):
     return teacher, [j for j in graph.jobs if j.stage == "distill"]
 
 
+@pytest.mark.slow
 def test_teacher_then_students_train_and_finished_jobs_are_skipped(study, tmp_path):
     study["methods"] = {"vanilla": {}, "kd": {}, "fitnet": {}, "crd": {"num_negatives": 32}}
     study["datasets"]["synthetic"].update(num_train=256)
@@ -70,6 +71,7 @@ WORKER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("method", ["kd", "crd"])
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(study, tmp_path, method):
     study["datasets"]["synthetic"].update(num_train=960)
     study["methods"] = {method: {"num_negatives": 64} if method == "crd" else {}}
@@ -108,6 +110,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(study, tmp_path, met
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_marks_interrupted(study, tmp_path):
     study["datasets"]["synthetic"].update(num_train=960)
     study["student_recipe"] = {**study["student_recipe"], "epochs": 20,
@@ -128,6 +131,7 @@ def test_sigterm_checkpoints_and_marks_interrupted(study, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_channels_last_switches(study, tmp_path):
     study["methods"] = {"vanilla": {}}
     study["datasets"]["synthetic"].update(num_train=256)

@@ -84,6 +84,7 @@ def background_only_miou(job) -> float:
     return 100.0 * float((labelled == 0).float().mean()) / len(labelled.unique())
 
 
+@pytest.mark.slow
 def test_a_segmentation_study_runs_and_reports_miou_and_predictions(tmp_path):
     study = seg_study(vanilla={}, seg_kd={}, lad={},
                       inverted_projection={"teacher_model": "resnet8",

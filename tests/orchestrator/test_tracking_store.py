@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from kdflow.orchestrator.tracking import ensure_experiment, mlflow_client, resolve_tracking_uri
 
 
+@pytest.mark.slow
 def test_embedded_store_artifacts_live_beside_the_database(tmp_path: Path) -> None:
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()

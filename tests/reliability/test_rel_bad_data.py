@@ -47,6 +47,7 @@ def failed_teacher(study: Dict[str, Any], store: JobStore) -> str:
 
 
 @pytest.mark.parametrize("split,workers", [("train", 1), ("val", 0)])
+@pytest.mark.slow
 def test_truncated_jpeg_fails_the_job_naming_the_file(study, tmp_path: Path, split: str,
                                                       workers: int) -> None:
     """In a DataLoader worker while training, or in this process while evaluating."""
@@ -68,6 +69,7 @@ def test_corrupt_cifar_pickle_fails_the_job_naming_the_file(study, tmp_path: Pat
     assert_one_line_naming(error, bad, "cifar100")
 
 
+@pytest.mark.slow
 def test_data_prepare_names_the_corrupt_pickle(tmp_path: Path, capsys) -> None:
     write_fake_cifar100(tmp_path)
     bad = truncate(tmp_path / "cifar-100-python" / "train")
@@ -102,6 +104,7 @@ def test_truncated_voc_mask_in_a_worker_is_named(tmp_path: Path) -> None:
     assert_one_line_naming(f"DataError: {err.value}", bad, "voc")
 
 
+@pytest.mark.slow
 def test_local_launcher_prints_the_one_line(tmp_path: Path, capsys) -> None:
     """Through `kdflow run`: the jobs reading the tree fail with the line, the students of the
     teacher are blocked, no traceback is printed."""

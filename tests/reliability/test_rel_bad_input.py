@@ -195,6 +195,7 @@ def one_error_line(stderr: str) -> str:
 
 
 @pytest.mark.parametrize("bad", ROWS, ids=[r.id for r in ROWS])
+@pytest.mark.slow
 def test_bad_input_exits_2_naming_the_field_and_writes_nothing(bad, inputs, tmp_path, capsys):
     out = tmp_path / "outputs"
     data_files = {name: files_under(inputs[name]) for name in ("cifar", "tree")}
@@ -228,6 +229,7 @@ def test_the_table_covers_every_kind_of_bad_input():
     (["run", "=5"], "=5"),
     (["data", "prepare", "mnist"], "dataset"),
 ])
+@pytest.mark.slow
 def test_the_console_script_prints_one_line_and_exits_2(argv, field, tmp_path):
     """The installed ``kdflow`` script, as a user runs it: exit status 2, one error line plus
     the line saying nothing started (or was written), nothing else on stderr."""

@@ -233,6 +233,7 @@ def _segmentation_study() -> Dict[str, Any]:
             "teacher_recipe": dict(SEG_RECIPE), "student_recipe": dict(SEG_RECIPE)}
 
 
+@pytest.mark.slow
 def test_every_methods_checkpoint_loads_weights_only_and_resumes(study, tmp_path) -> None:
     """Everything a checkpoint holds (weights, buffers such as CRD's memory bank and StableKD's
     phase, SGD state, step and poly schedules, RNG state, progress) passes the weights-only

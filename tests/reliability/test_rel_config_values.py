@@ -196,7 +196,9 @@ def test_cuda_without_a_gpu_is_refused_for_the_local_launcher(no_gpu, override, 
 
 @pytest.mark.parametrize("launcher", ["slurm", "ray"])
 def test_cuda_is_not_checked_for_launchers_that_run_jobs_elsewhere(no_gpu, launcher):
-    compose_config([f"launcher={launcher}", "study.student_recipe.device=cuda"])
+    # a tracking server, as a cluster launch needs (the SQLite store is refused there)
+    compose_config([f"launcher={launcher}", "study.student_recipe.device=cuda",
+                    "tracking_uri=http://127.0.0.1:5000"])
 
 
 def test_cuda_with_a_gpu_is_accepted(monkeypatch):

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import pytest
 import torch
 from multiprocess import REPO
 from rel_checkpoint_jobs import QUIET, checkpoint_steps, saved_steps, vanilla_job
@@ -138,6 +139,7 @@ def _expected_resume(kill: Dict[str, Any], present: Optional[int]) -> Optional[i
     return present
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_resumes_from_last_complete_checkpoint(study, tmp_path):
     job = vanilla_job(study, EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY)
     reference = JobStore(tmp_path / "reference" / "jobs")

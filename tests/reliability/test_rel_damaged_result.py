@@ -104,6 +104,7 @@ def _kdflow(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_status_report_and_run_say_so_in_one_line_instead_of_a_traceback(tmp_path) -> None:
     common = ["study=smoke", "progress=false", "launcher.workers=2", f"output_dir={tmp_path}"]
     assert _kdflow("run", *common).returncode == 0

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+import pytest
 from rel_checkpoint_jobs import QUIET
 from rel_workers import has_checkpoint, wait_for, worker_of
 
@@ -47,6 +48,7 @@ def _kill_teacher_worker(jobs: Path, teacher: str, student: str, seen: Dict[str,
     victim.send_signal(signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_sigkilled_worker_fails_its_job_alone_and_the_study_goes_on(study, tmp_path, capsys):
     graph = expand_study(_long_study(study))
     ids = {job.title: job.job_id for job in graph.jobs}

@@ -155,6 +155,7 @@ def _kdflow(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_a_diverging_teacher_fails_its_students_are_blocked_and_the_study_goes_on(tmp_path, capsys):
     """smoke study: the trained teacher (which diverges) with KD's student, and a randomly
     initialised teacher (no training, so no divergence) with a projection-KD student, plus the

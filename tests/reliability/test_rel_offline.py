@@ -111,6 +111,7 @@ def test_the_guard_refuses_and_logs_a_connection(offline):
     assert len(attempts(offline)) == 1
 
 
+@pytest.mark.slow
 def test_a_study_finishes_with_the_network_refused(offline, tmp_path):
     out = tmp_path / "outputs"
     proc = python(offline, "-m", "kdflow.launch.cli", "run", *SMALL_KD, "progress=false",
@@ -123,6 +124,7 @@ def test_a_study_finishes_with_the_network_refused(offline, tmp_path):
     assert list(Path(offline["TORCH_HOME"]).rglob("*")) == []
 
 
+@pytest.mark.slow
 def test_every_registered_model_builds_without_weights_or_network(offline):
     proc = python(offline, "-c", "import torch; torch.set_num_threads(1)\n"
                   "from kdflow.methods.models import MODELS, build_model\n"

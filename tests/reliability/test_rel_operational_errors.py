@@ -61,6 +61,7 @@ def _one_error_line(stderr: str) -> str:
 
 @pytest.mark.parametrize("verb", ["run", "status"])
 @pytest.mark.parametrize("below", [False, True])
+@pytest.mark.slow
 def test_an_output_dir_that_is_a_file_is_refused_with_exit_2(tmp_path, verb, below) -> None:
     blocker = tmp_path / "outputs"
     blocker.write_text("not a folder")
@@ -72,6 +73,7 @@ def test_an_output_dir_that_is_a_file_is_refused_with_exit_2(tmp_path, verb, bel
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.slow
 def test_a_read_only_output_dir_is_refused_with_exit_2(tmp_path, mounts) -> None:
     output_dir = tmp_path / "readonly"
     _mount_tmpfs(output_dir, "ro,size=1m")
@@ -94,6 +96,7 @@ def _slurm_path(folder: Path, script: str) -> str:
 
 
 @pytest.mark.parametrize("verb", ["run", "status", "cancel"])
+@pytest.mark.slow
 def test_an_unreachable_slurm_cluster_is_one_line_and_exit_1(tmp_path, verb) -> None:
     env = {"PATH": _slurm_path(tmp_path / "bin", FAILING_COMMAND)}
     done = _kdflow(verb, *SMOKE, "launcher=slurm", "tracking_sqlite_on_cluster=true",
@@ -105,6 +108,7 @@ def test_an_unreachable_slurm_cluster_is_one_line_and_exit_1(tmp_path, verb) -> 
     assert not list(tmp_path.glob("out/jobs/*"))  # nothing was submitted or recorded
 
 
+@pytest.mark.slow
 def test_a_hanging_slurm_controller_is_given_up_within_the_ping_timeout(tmp_path,
                                                                          monkeypatch) -> None:
     monkeypatch.setenv("PATH", _slurm_path(tmp_path / "bin", HANGING_COMMAND))

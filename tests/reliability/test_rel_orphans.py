@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import List
 
+import pytest
+
 RUN = ["study=smoke", "progress=false", "launcher.workers=2", "~study.methods.fitnet",
        "~study.methods.crd", "study.teacher_recipe.epochs=40", "study.teacher_recipe.lr_milestones=[30]",
        "study.teacher_recipe.checkpoint_every_steps=2"]
@@ -49,6 +51,7 @@ def _wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_killed_kdflow_run_stops_its_workers_and_the_next_run_resumes(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "kdflow.launch.cli", "run", *RUN, f"output_dir={tmp_path}"]
     main = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -53,6 +53,7 @@ def _unreachable_slurm(folder: Path) -> str:
 
 
 @pytest.mark.parametrize("launcher", ["local", "slurm"])
+@pytest.mark.slow
 def test_a_password_in_the_tracking_uri_is_refused_and_never_shown_or_stored(
         tmp_path, launcher) -> None:
     uri = f"http://alice:{PASSWORD}@127.0.0.1:{_closed_port()}/"
@@ -66,6 +67,7 @@ def test_a_password_in_the_tracking_uri_is_refused_and_never_shown_or_stored(
     assert not out.exists() or not _files_holding(out, PASSWORD)
 
 
+@pytest.mark.slow
 def test_credentials_from_mlflow_environment_stay_out_of_output_and_job_folders(tmp_path) -> None:
     """The supported way: MLflow's variables. With the server down the study still runs, and
     neither its output nor anything in output_dir holds the password."""
@@ -128,6 +130,7 @@ def test_malformed_tracking_uris_are_refused_naming_the_field_and_a_fix(uri: str
     assert refused.value.fix and PASSWORD not in str(refused.value)
 
 
+@pytest.mark.slow
 def test_a_malformed_tracking_uri_stops_the_command_with_exit_2(tmp_path) -> None:
     done = _kdflow("run", *SMOKE, f"output_dir={tmp_path}", "tracking_uri=http//oops", env={})
     assert done.returncode == 2 and "Invalid setting `tracking_uri`" in done.stderr

@@ -48,6 +48,7 @@ def _stop_when_checkpointed(job_dir: Path, errors: List[BaseException]) -> None:
         errors.append(err)
 
 
+@pytest.mark.slow
 def test_a_job_resumed_alone_in_process_ends_bit_identical(graph: JobGraph, tmp_path) -> None:
     first, second = (job.job_id for job in graph.jobs)
     reference = run_local(graph, str(tmp_path / "reference"), QUIET, workers=WORKERS)

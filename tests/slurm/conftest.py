@@ -33,13 +33,6 @@ HERE = Path(__file__).resolve().parent
 START_TIMEOUT_S = 900
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "slurm: needs a real SLURM cluster (scripts/slurm-dev-cluster.sh; root + apt)",
-    )
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     # every test collected from tests/slurm/ carries the marker, whether or not its module says so
     for item in items:
