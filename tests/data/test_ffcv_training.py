@@ -38,9 +38,11 @@ def test_imagenet_study_runs_one_epoch_from_betons(tmp_path: Path, capsys) -> No
 
 def test_students_learn_from_ffcv_batches(tmp_path: Path, study: dict) -> None:
     """Jobs trained from .beton files learn: three colour-coded classes of smooth JPEGs
-    (chance 33.3 %), a CIFAR resnet14 teacher and resnet8 students, 4 epochs of 6 steps.
-    Measured on 2 cores in two runs: student alone 88.9 / 94.4 % top-1; last-epoch train loss
-    0.28-0.65 of the first for every job (teacher, student alone, KD)."""
+    (chance 33.3 %), a CIFAR resnet14 teacher and resnet8 students, 6 epochs of 6 steps.
+
+    FFCV's random crops are not seeded, so runs differ; measured in four runs on 2 cores:
+    top-1 66.7-100 % for every job (student alone 88.9-100 %); the lowest train loss of the
+    last three epochs 0.14-0.48 of the first epoch's. The bounds leave room below both."""
     data = tmp_path / "imagenet"
     write_jpeg_tree(data, {"train": 16, "val": 6}, classes=("a", "b", "c"), size=(40, 40),
                     smooth=True)
@@ -48,7 +50,7 @@ def test_students_learn_from_ffcv_batches(tmp_path: Path, study: dict) -> None:
     study["datasets"] = {"imagefolder": {"root": str(data), "loader": "ffcv", "image_size": 32,
                                          "workers": 1}}
     for recipe in ("teacher_recipe", "student_recipe"):
-        study[recipe].update(epochs=4, batch_size=8, lr_milestones=[], checkpoint_every_steps=100)
+        study[recipe].update(epochs=6, batch_size=8, lr_milestones=[], checkpoint_every_steps=100)
     store = JobStore(tmp_path / "jobs")
     jobs = expand_study(study).jobs
     results = {job.title: run_job(job, store, RunOptions(progress=False)) for job in jobs}
@@ -56,6 +58,5 @@ def test_students_learn_from_ffcv_batches(tmp_path: Path, study: dict) -> None:
     assert all(store.spec(job.job_id).dataset_cfg["loader"] == "ffcv" for job in jobs)
     for title, result in results.items():
         losses = [h["train/loss"] for h in result["history"]]
-        assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], (title, losses)
-    alone = results["vanilla resnet8 imagefolder s0"]["metrics"]["top1"]
-    assert alone >= 2 * 100 / 3, alone
+        assert len(losses) == 6 and min(losses[3:]) < 0.6 * losses[0], (title, losses)
+        assert result["metrics"]["top1"] > 50.0, (title, result["metrics"])
