@@ -16,7 +16,7 @@ import shutil
 import sys
 import threading
 import time
-from typing import IO, Any, Callable, Dict, Optional, Sequence
+from typing import IO, Any, Callable, Dict, Optional, Sequence, Set
 
 BARS, LINES, OFF = "bars", "lines", "off"
 #: Seconds between two study summary lines in ``lines`` style.
@@ -130,7 +130,7 @@ class StudyProgress:
         self.clock = clock
         self.begun = clock()
         self.skipped = skipped
-        self.running: Dict[str, float] = {}
+        self.running: Set[str] = set()
         self.ends: Dict[str, int] = {ending: 0 for ending in ENDINGS}
         self.lock = threading.Lock()
         self.bar = self._study_bar() if style == BARS else None
@@ -152,7 +152,7 @@ class StudyProgress:
 
     def started(self, job_id: str) -> None:
         with self.lock:
-            self.running[job_id] = self.clock()
+            self.running.add(job_id)
             number = self.skipped + sum(self.ends.values()) + len(self.running)
             self._say(f"start  job {number} of {self.total}: {self.titles[job_id]}")
             self._refresh_bar(0)
@@ -160,7 +160,7 @@ class StudyProgress:
     def ended(self, job_id: str, status: str, detail: str = "") -> None:
         """Count ``job_id`` as ended with ``status`` (one of :data:`ENDINGS`)."""
         with self.lock:
-            self.running.pop(job_id, None)
+            self.running.discard(job_id)
             self.ends[status] += 1
             self._say(f"{status:<6} {self.titles[job_id]}" + (f": {detail}" if detail else ""))
             self._refresh_bar(1)
