@@ -56,7 +56,8 @@ NAMESPACE = "kdflow."
 CLOSURE_SCOPE = ("kdflow.methods", "kdflow.orchestrator.data")
 #: The training step every job runs: in every digest, not closed over its imports.
 TRAINING_STEP = tuple(f"kdflow.orchestrator.{name}" for name in (
-    "runner", "recipe", "fast_path", "loss_guard", "distributed", "metrics"))
+    "runner", "training", "evaluation", "recipe", "fast_path", "loss_guard", "distributed",
+    "metrics"))
 #: The distribution whose version is recorded (setup.cfg's ``name``).
 DISTRIBUTION = "kdflow"
 #: Seconds a ``git`` call may take before it is given up (the commit is then not recorded).

@@ -22,12 +22,13 @@ RECORDING_WORKER = textwrap.dedent("""
     import hashlib, json, sys, torch
     torch.set_num_threads(1)
     import kdflow.orchestrator.runner as runner
+    import kdflow.orchestrator.training as training
     from kdflow.orchestrator.distributed import detect_env
     from kdflow.orchestrator.metrics import ClassificationMetrics
     root, job_id, out, rank = sys.argv[1:5]
     seen = {"train": [], "eval": [], "weights": None}
 
-    build_data = runner.build_data
+    build_data = training.build_data
     def recording_build_data(*args, **kwargs):
         data = build_data(*args, **kwargs)
         batches = data.train.batches
@@ -37,7 +38,7 @@ RECORDING_WORKER = textwrap.dedent("""
                 yield batch
         data.train.batches = recorded
         return data
-    runner.build_data = recording_build_data
+    training.build_data = recording_build_data
 
     update, result = ClassificationMetrics.update, ClassificationMetrics.result
     def recording_update(self, logits, y):
@@ -49,14 +50,14 @@ RECORDING_WORKER = textwrap.dedent("""
         return result(self, counts)
     ClassificationMetrics.update, ClassificationMetrics.result = recording_update, recording_result
 
-    require_finite_result = runner._require_finite_result
+    require_finite_result = training._require_finite_result
     def recording_finite_result(metrics, weights, ranks, where):
         digest = hashlib.sha256()
         for name in sorted(weights):
             digest.update(name.encode() + weights[name].cpu().numpy().tobytes())
         seen["weights"] = digest.hexdigest()
         return require_finite_result(metrics, weights, ranks, where)
-    runner._require_finite_result = recording_finite_result
+    training._require_finite_result = recording_finite_result
 
     outcome = {"result": runner.run_job_in_store(
         root, job_id, runner.RunOptions(progress=False, distributed=detect_env())), **seen}

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-import kdflow.orchestrator.runner as runner
+import kdflow.orchestrator.training as training
 from kdflow.methods.config import parse_config
 from kdflow.methods.errors import ConfigError
 from kdflow.orchestrator.checkpoint import read_sealed
@@ -153,7 +153,7 @@ def test_a_training_step_reads_nothing_back_to_the_host(study, tmp_path, monkeyp
     """With the GPU's deferred loss guard, a job of 4 steps and one of 8 steps per epoch read
     values back to the host equally often: no read belongs to a step (only to the epoch's end,
     the evaluation and the checkpoint)."""
-    monkeypatch.setattr(runner, "LossGuard", DeferredGuard)
+    monkeypatch.setattr(training, "LossGuard", DeferredGuard)
     study["methods"] = {"vanilla": {}, "kd": {}, "crd": {"num_negatives": 32}, "msdcrd": {},
                         "hsakd": {}, "stablekd": {}}
     for recipe in ("teacher_recipe", "student_recipe"):

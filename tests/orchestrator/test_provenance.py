@@ -100,7 +100,7 @@ def test_editing_kd_changes_only_the_digests_of_jobs_that_use_it(jobs, source):
     after = {m: code_digest(job, source) for m, job in by_method.items()}
     assert {m for m in after if after[m] != before[m]} == {"kd", "crd"}
 
-    _edit(source / "orchestrator" / "runner.py", "SIGNAL_CHECK_EVERY = 8", "SIGNAL_CHECK_EVERY = 9")
+    _edit(source / "orchestrator" / "training.py", "SIGNAL_CHECK_EVERY = 8", "SIGNAL_CHECK_EVERY = 9")
     changed = {m: code_digest(job, source) for m, job in by_method.items()}
     assert all(changed[m] != after[m] for m in after)
 

@@ -17,7 +17,7 @@ from typing import Dict
 import pytest
 import torch
 
-import kdflow.orchestrator.runner as runner
+import kdflow.orchestrator.training as training
 from kdflow.launch.cli import main
 from kdflow.methods.config import parse_config
 from kdflow.methods.distillers import DISTILLERS
@@ -137,7 +137,7 @@ def test_checked_only_before_checkpoints_the_first_bad_step_is_still_the_one_rep
             super().__init__(next_step, device)
             self.eager = False
 
-    monkeypatch.setattr(runner, "LossGuard", DeferredGuard)
+    monkeypatch.setattr(training, "LossGuard", DeferredGuard)
     store = JobStore(tmp_path / "deferred" / "jobs")
     with pytest.raises(JobFailed) as deferred:
         run_job(eager, store, RunOptions(progress=False))
