@@ -47,6 +47,7 @@ class JobState:
     scheduler_ids: the scheduler ids the job has run under (a requeued SLURM job keeps its id);
     resumed_step: the global step of the checkpoint the latest run started from (None: from
     scratch).
+    pack: while the job runs in a pack (:mod:`orchestrator.pack`), the pack's id; else None.
     notes: faults the job survived, oldest first, one sentence each (e.g. a damaged checkpoint
     that was set aside and which one was used instead).
     """
@@ -60,6 +61,7 @@ class JobState:
     epoch: int = 0
     resumed_step: Optional[int] = None
     notes: List[str] = field(default_factory=list)
+    pack: Optional[str] = None
     updated: float = 0.0
 
 

@@ -16,6 +16,44 @@ from kdflow.methods.tasks import CLASSIFICATION
 LossTerms = Dict[str, torch.Tensor]
 
 
+class TeacherMemo:
+    """The frozen teacher's outputs for the batch a pack of jobs is on, shared by its members.
+
+    A pack (``orchestrator.pack``) runs jobs of one teacher job on the same batches; it calls
+    :meth:`begin` with each batch's input tensor, and the first member that asks for a teacher
+    output of that tensor computes it, the others get the same tensors back: one teacher
+    forward per batch instead of one per member. Outputs of any other tensor (a member's own
+    augmentation, LAD's label channel) are computed and not kept. The teacher is in eval mode
+    and its outputs are detached copies, so the shared tensors are exactly what each member
+    would have computed (on the CPU: bit for bit).
+
+    computed / reused: outputs computed for a batch / handed out again (over the memo's life).
+    """
+
+    def __init__(self) -> None:
+        self.batch: torch.Tensor | None = None
+        self.outputs: Dict[Tuple[str, str], Any] = {}
+        self.computed = 0
+        self.reused = 0
+
+    def begin(self, x: torch.Tensor | None) -> None:
+        """Forget the last batch's outputs; keep those of input ``x`` from now (None: none)."""
+        self.batch = x
+        self.outputs = {}
+
+    @torch.compiler.disable
+    def get(self, key: Tuple[str, str], x: torch.Tensor, compute: Callable[[], Any]) -> Any:
+        """``compute()`` (the teacher's output ``key`` for input ``x``), computed once per batch."""
+        if x is not self.batch:
+            return compute()
+        if key in self.outputs:
+            self.reused += 1
+        else:
+            self.outputs[key] = compute()
+            self.computed += 1
+        return self.outputs[key]
+
+
 @dataclass(frozen=True)
 class TeacherRequest:
     """The teacher a method needs, as a teacher job the study graph must hold.
@@ -121,6 +159,7 @@ class Distiller(nn.Module):
         self.student = student
         self.teacher = teacher
         self.cfg = cfg
+        self.teacher_memo: TeacherMemo | None = None  # set by a pack (TeacherMemo)
         if teacher is not None:
             for p in teacher.parameters():
                 p.requires_grad_(False)
@@ -137,12 +176,25 @@ class Distiller(nn.Module):
         teacher_ids = {id(p) for p in self.teacher.parameters()} if self.teacher is not None else set()
         return [p for p in self.parameters() if id(p) not in teacher_ids]
 
+    def shared_teacher(self, name: str, x: torch.Tensor, compute: Callable[[], Any]) -> Any:
+        """``compute()``, a teacher output called ``name`` that depends on the batch input ``x``
+        alone: computed once per batch for all the members of a pack (:class:`TeacherMemo`),
+        or simply computed for a job run alone. The result must not be modified in place."""
+        if self.teacher_memo is None:
+            return compute()
+        return self.teacher_memo.get((type(self.teacher).__qualname__, name), x, compute)
+
     def teacher_features(self, x: torch.Tensor) -> Features:
-        """The teacher's taps for ``x``, computed without autograd and safe to use as targets."""
+        """The teacher's taps for ``x``, computed without autograd and safe to use as targets
+        (shared within a pack: :meth:`shared_teacher`)."""
         assert self.teacher is not None
-        with torch.inference_mode():
-            feats = self.teacher.forward_features(x)
-        return feats.detached()
+
+        def compute() -> Features:
+            with torch.inference_mode():
+                feats = self.teacher.forward_features(x)
+            return feats.detached()
+
+        return self.shared_teacher("features", x, compute)
 
     @classmethod
     def check_taps(cls, cfg: Any, teacher: TapShapes | None, student: TapShapes) -> None:

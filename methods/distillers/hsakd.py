@@ -225,7 +225,8 @@ class HSAKD(Distiller):
                 index: torch.Tensor) -> Tuple[torch.Tensor, LossTerms]:
         """x: (B, C, H, W), y: (B,), index unused -> ((B, N) unrotated student logits, terms)."""
         rotated = rotate_batch(x)
-        logits_t, aux_t = self.teacher_outputs(rotated)
+        logits_t, aux_t = self.shared_teacher("rotated_with_aux", x,
+                                              lambda: self.teacher_outputs(rotated))
         feats = self.student.forward_features(rotated)
         aux_s = self.heads(feats.stages)
         terms = hsakd_student_loss(feats.logits, aux_s, logits_t, aux_t, y,

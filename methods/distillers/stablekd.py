@@ -396,8 +396,8 @@ class StableKD(Distiller):
         """
         n = self.schedule.num_blocks
         groups = self.schedule.partitions[self._phase]
-        keep = {g[0] - 1 for g in groups if g[0] > 1} | {g[-1] for g in groups}
-        target = self.teacher_activations(x, keep)
+        every = set(range(1, n + 1))  # one set for every phase, so a pack shares it
+        target = self.shared_teacher(f"blocks/{n}", x, lambda: self.teacher_activations(x, every))
         losses = []
         for group in groups:
             first, last = group[0], group[-1]
