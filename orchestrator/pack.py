@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from kdflow.methods.config import parse_config
+from kdflow.methods.errors import ConfigError
 from kdflow.methods.distillers.base import TeacherMemo
 from kdflow.orchestrator.data.loaders import Batch
 from kdflow.orchestrator.distributed import ALONE
@@ -49,6 +50,18 @@ from kdflow.orchestrator.training import JobTraining, RunOptions, interrupted
 DEFAULT_PACK = 8
 #: How a member's run ended: its ``result.json`` or the error that ended it.
 Outcome = Union[Dict[str, Any], BaseException]
+
+
+def parse_pack_size(value: Any, field: str = "launcher.pack") -> int:
+    """A launcher's ``pack`` setting: how many jobs at most share one teacher forward (1:
+    every job alone); null means :data:`DEFAULT_PACK`. ConfigError naming ``field`` else."""
+    if value is None:
+        return DEFAULT_PACK
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(field, f"must be a positive integer or null, got {value!r}",
+                          fix=f"set {field}=1 to run every job alone, or {field}={DEFAULT_PACK} "
+                              "to let up to that many jobs share a teacher forward")
+    return value
 
 
 def pack_key(spec: JobSpec) -> Optional[Tuple[Any, ...]]:

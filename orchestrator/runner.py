@@ -131,16 +131,16 @@ def end_job(spec: JobSpec, store: JobStore, tracker: Optional[JobTracker], ranks
     :class:`JobInterrupted`) or failed with ``error``; its MLflow run ends the same way."""
     if error is None:
         if ranks.is_main:
-            store.update_state(spec.job_id, status="done", pack=None,
+            store.update_state(spec.job_id, status="done",
                                last_metric=result["metrics"][primary_metric(result["task"])])
         status = "FINISHED"
     elif isinstance(error, JobInterrupted):
         if ranks.is_main:
-            store.update_state(spec.job_id, status="interrupted", pack=None)
+            store.update_state(spec.job_id, status="interrupted")
         status = "KILLED"
     else:
         if ranks.is_main:
-            store.update_state(spec.job_id, status="failed", pack=None,
+            store.update_state(spec.job_id, status="failed",
                                error=f"{type(error).__name__}: {error}")
         status = "FAILED"
     if tracker:

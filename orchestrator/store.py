@@ -47,7 +47,7 @@ class JobState:
     scheduler_ids: the scheduler ids the job has run under (a requeued SLURM job keeps its id);
     resumed_step: the global step of the checkpoint the latest run started from (None: from
     scratch).
-    pack: while the job runs in a pack (:mod:`orchestrator.pack`), the pack's id; else None.
+    pack: the id of the pack (:mod:`orchestrator.pack`) its latest run ran in; None: alone.
     notes: faults the job survived, oldest first, one sentence each (e.g. a damaged checkpoint
     that was set aside and which one was used instead).
     """

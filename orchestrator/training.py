@@ -36,7 +36,8 @@ from kdflow.orchestrator.data.loaders import Batch
 from kdflow.orchestrator.distributed import ALONE, DistEnv, Ranks
 from kdflow.orchestrator.evaluation import (VAL_SAMPLES, calibrate_batchnorm, evaluate,
                                             save_val_samples)
-from kdflow.orchestrator.fast_path import build_optimizer, resolve_fast_path, step_forward
+from kdflow.orchestrator.fast_path import (FastPath, build_optimizer, resolve_fast_path,
+                                           step_forward)
 from kdflow.orchestrator.loss_guard import TOTAL, LossGuard, nonfinite_tensors, weights_fault
 from kdflow.orchestrator.metrics import primary_metric
 from kdflow.orchestrator.progress import job_bar
@@ -223,6 +224,45 @@ def _trained_modules(distiller: Distiller) -> List[nn.Module]:
     return [m for m in distiller.modules() if m not in frozen]
 
 
+class TrainStep:
+    """The training step itself, as every job and ``bench/step.py`` run it: the forward
+    (:func:`orchestrator.fast_path.step_forward`), zero_grad, backward, the gradients averaged
+    over ``ranks``, the loss record (:class:`orchestrator.loss_guard.LossGuard`) and the
+    optimizer step. ``optimizer`` is built from the recipe over the distiller's learnable
+    parameters; ``guard`` watches the losses from global step ``next_step``."""
+
+    def __init__(self, distiller: Distiller, recipe: Recipe, fast: FastPath,
+                 device: torch.device, ranks: Ranks = ALONE) -> None:
+        self.distiller, self.recipe, self.ranks = distiller, recipe, ranks
+        self.optimizer = build_optimizer(distiller.learnable_parameters(), recipe, fast)
+        self.forward = step_forward(distiller, device, fast)
+        self.device = device
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.guard = LossGuard(0, device)
+
+    def watch_from(self, next_step: int) -> None:
+        """Start a new loss record at global step ``next_step`` (after a restore)."""
+        self.guard = LossGuard(next_step, self.device)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, global_size: int,
+                 received: List[int], read_signals: bool) -> Tuple[Dict[str, torch.Tensor], List[int]]:
+        """One step on this rank's slice ``x`` (B, C, H, W), ``y``, ``index`` (B,) of a global
+        batch of ``global_size`` samples. Returns the loss terms and their sum (``loss``), each
+        summed over the global batch's samples (device scalars), and the preemption signals
+        the ranks received (read when ``read_signals``; alone: ``received``)."""
+        _, loss, terms = self.forward(x, y, index)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        rows = y.shape[0]  # samples: a segmentation batch's losses are per-pixel means
+        sums, signals = self.ranks.reduce_step(
+            self.params, {name: value.detach().float() * rows
+                          for name, value in {TOTAL: loss, **terms}.items()},
+            share=rows / global_size, received=received, read_signals=read_signals)
+        self.guard.observe(sums)  # summed over the ranks: every rank sees the same record
+        self.optimizer.step()
+        return sums, signals
+
+
 class JobTraining:
     """One job's training as small steps that a solo run (:func:`train_alone`) and a pack
     (:mod:`orchestrator.pack`) drive alike: :meth:`restore`, then per epoch
@@ -253,8 +293,8 @@ class JobTraining:
         self.provenance = job_provenance(spec, device, teacher_weights) if ranks.is_main else {}
         if fast.channels_last:
             distiller.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(distiller.learnable_parameters(), recipe, fast)
-        self.forward = step_forward(distiller, device, fast)
+        self.train_step = TrainStep(distiller, recipe, fast, device, ranks)
+        self.optimizer = self.train_step.optimizer
         if tracker:
             tracker.set_tags({"kdflow.device": device.type,
                               **{f"kdflow.fast_path.{k}": v for k, v in fast.record().items()},
@@ -263,11 +303,13 @@ class JobTraining:
         self.schedule = _schedule(self.optimizer, recipe, self.steps_per_epoch)
         self.progress = _Progress()
         self.primary = primary_metric(self.data.info.task)
-        self.guard = LossGuard(0, device)
-        self.params: List[torch.Tensor] = []
         self.saved_step: Optional[int] = None
         self.bar: Any = None
         self.want_bar = bar
+
+    @property
+    def guard(self) -> LossGuard:
+        return self.train_step.guard
 
     @property
     def job_id(self) -> str:
@@ -306,8 +348,7 @@ class JobTraining:
         if ranks.is_main:
             store.update_state(spec.job_id, resumed_step=self.progress.global_step if checkpoint else None)
         ranks.share_state(_trainable_state(self.distiller).values())
-        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.guard = LossGuard(self.progress.global_step, self.device)
+        self.train_step.watch_from(self.progress.global_step)
         if self.want_bar and self.options.progress and ranks.is_main:
             self.bar = job_bar(spec.title, self.recipe.epochs * self.steps_per_epoch,
                                self.progress.epoch * self.steps_per_epoch + self.progress.step,
@@ -332,19 +373,11 @@ class JobTraining:
         x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
         global_size = min(recipe.batch_size,
                           self.data.info.num_samples - progress.step * recipe.batch_size)
-        _, loss, terms = self.forward(x, y, batch.index.to(device, non_blocking=True))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        rows = y.shape[0]  # samples: a segmentation batch's losses are per-pixel means
         after = progress.global_step + 1
         checkpoint_due = after % recipe.checkpoint_every_steps == 0
-        sums, signals = self.ranks.reduce_step(
-            self.params, {name: value.detach().float() * rows
-                          for name, value in {TOTAL: loss, **terms}.items()},
-            share=rows / global_size, received=received,
+        sums, signals = self.train_step(
+            x, y, batch.index.to(device, non_blocking=True), global_size, received,
             read_signals=checkpoint_due or after % SIGNAL_CHECK_EVERY == 0)
-        self.guard.observe(sums)  # summed over the ranks: every rank sees the same record
-        self.optimizer.step()
         if recipe.lr_schedule == "poly":
             self.schedule.step()
         for name, value in sums.items():
