@@ -179,6 +179,7 @@ def _print_lines(text: str) -> None:
 def _plan(session: Session) -> int:
     from collections import Counter
 
+    from kdflow.orchestrator.pack import pack_savings
     from kdflow.orchestrator.rerun import prepare_rerun
     from kdflow.orchestrator.status import status_table
 
@@ -187,6 +188,9 @@ def _plan(session: Session) -> int:
     print(f"plan for study {session.graph.study}: {len(session.graph.jobs)} jobs ("
           + ", ".join(f"{n} {stage}" for stage, n in stages.items())
           + f"); {todo} to run, {len(session.graph.jobs) - todo} already done")
+    size = getattr(session.launcher, "pack", 1)
+    unfinished = [job for job in session.graph.jobs if not session.store.is_done(job.job_id)]
+    print(f"{pack_savings(unfinished, size).render()} (launcher.pack={size})")
     _print_lines(prepare_rerun(session.rerun, session.graph, session.store, dry_run=True))
     print(status_table(session.graph, session.store))
     print("dry run: nothing was started.")

@@ -89,19 +89,22 @@ class LocalLauncher(ForegroundLauncher):
     """Runs the graph on this machine with ``workers`` processes (null: one per core)."""
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        unknown = set(settings) - {"name", "workers"}
+        unknown = set(settings) - {"name", "workers", "pack"}
         if unknown:
             raise ConfigError(f"launcher.{sorted(unknown)[0]}", "unknown setting of the local launcher",
-                              allowed=["workers"])
+                              allowed=["workers", "pack"])
         self.workers = settings.get("workers")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
             raise ConfigError("launcher.workers", f"must be a positive integer or null, got {self.workers!r}",
                               fix="set launcher.workers=2, or null for one per core")
+        from kdflow.orchestrator.pack import parse_pack_size
+
+        self.pack = parse_pack_size(settings.get("pack"))
 
     def run_graph(self, study: StudyRun) -> "Summary":
         from kdflow.launch.local import run_local
 
-        return run_local(study.graph, study.output_dir, study.options, self.workers)
+        return run_local(study.graph, study.output_dir, study.options, self.workers, self.pack)
 
 
 @LAUNCHERS.register("slurm")
@@ -110,8 +113,10 @@ class SlurmLauncher:
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         from kdflow.launch.slurm_config import parse_slurm_settings
+        from kdflow.orchestrator.pack import parse_pack_size
 
         self.settings = parse_slurm_settings(settings)
+        self.pack = parse_pack_size(settings.get("pack"))
 
     def run(self, study: StudyRun) -> int:
         from kdflow.launch.slurm import submit_study, wait_for_study
@@ -158,8 +163,10 @@ class RayLauncher(ForegroundLauncher):
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         from kdflow.launch.ray_config import parse_ray_settings
+        from kdflow.orchestrator.pack import parse_pack_size
 
         self.settings = parse_ray_settings(settings)
+        self.pack = parse_pack_size(settings.get("pack"))
 
     def run_graph(self, study: StudyRun) -> "Summary":
         from kdflow.launch.ray_engine import run_ray

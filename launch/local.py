@@ -24,8 +24,9 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Dict, List, Optional
 
+from kdflow.orchestrator.pack import DEFAULT_PACK, Outcome, form_packs, run_pack_in_store
 from kdflow.orchestrator.progress import BARS, StudyProgress, progress_style, result_text
-from kdflow.orchestrator.runner import JobInterrupted, RunOptions, run_job_in_store
+from kdflow.orchestrator.runner import JobInterrupted, RunOptions
 from kdflow.orchestrator.store import JobStore
 from kdflow.orchestrator.study import JobGraph
 
@@ -89,16 +90,23 @@ def job_threads(workers: int) -> int:
     return max(1, default_workers() // workers)
 
 
-def run_and_report(output_dir: str, job_id: str, options: RunOptions) -> JobEnd:
-    """Run job ``job_id`` of the store at ``output_dir`` and say how it ended (the runner
-    records the same in the job's state)."""
-    try:
-        run_job_in_store(output_dir, job_id, options)
-    except JobInterrupted as err:
-        return JobEnd("interrupted", str(err))
-    except Exception as err:
-        return JobEnd("failed", f"{type(err).__name__}: {err}")
+def job_end(outcome: Outcome) -> JobEnd:
+    """A job's :class:`JobEnd` from its outcome in a pack: a result is ``done``."""
+    if isinstance(outcome, JobInterrupted):
+        return JobEnd("interrupted", str(outcome))
+    if isinstance(outcome, BaseException):
+        return JobEnd("failed", f"{type(outcome).__name__}: {outcome}")
     return JobEnd("done")
+
+
+def run_and_report(output_dir: str, job_ids: List[str], options: RunOptions) -> Dict[str, JobEnd]:
+    """Run the pack of jobs ``job_ids`` (one job: alone) of the store at ``output_dir`` and say
+    how each ended (the runner records the same in each job's state)."""
+    try:
+        outcomes = run_pack_in_store(output_dir, job_ids, options)
+    except Exception as err:
+        return {job_id: JobEnd("failed", f"{type(err).__name__}: {err}") for job_id in job_ids}
+    return {job_id: job_end(outcome) for job_id, outcome in outcomes.items()}
 
 
 def _stop_with_parent(parent: int) -> None:
@@ -115,17 +123,18 @@ def _stop_with_parent(parent: int) -> None:
 
 
 def _worker_main(conn: Connection, parent: int) -> None:
-    """A worker process: runs the jobs ``(output_dir, job_id, options)`` that ``parent`` sends
-    over ``conn``, one at a time, answering each with its :class:`JobEnd`; ends when ``parent``
-    closes ``conn`` or dies. Ctrl-C is the launcher's to handle (a job's run catches it)."""
+    """A worker process: runs the packs ``(output_dir, job_ids, options)`` that ``parent``
+    sends over ``conn``, one at a time, answering each with its jobs' :class:`JobEnd`; ends
+    when ``parent`` closes ``conn`` or dies. Ctrl-C is the launcher's to handle (a job's run
+    catches it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _stop_with_parent(parent)
     while True:
         try:
-            output_dir, job_id, options = conn.recv()
+            output_dir, job_ids, options = conn.recv()
         except EOFError:
             return
-        ended = run_and_report(output_dir, job_id, options)
+        ended = run_and_report(output_dir, job_ids, options)
         try:
             conn.send(ended)
         except OSError:  # nobody left to tell
@@ -136,12 +145,12 @@ def _worker_main(conn: Connection, parent: int) -> None:
 
 @dataclass
 class _Worker:
-    """A worker process, the launcher's end of its pipe, its progress bar row and its job."""
+    """A worker process, the launcher's end of its pipe, its progress bar row and its pack."""
 
     process: multiprocessing.process.BaseProcess
     conn: Connection
     slot: int
-    job_id: Optional[str] = None
+    job_ids: List[str] = field(default_factory=list)
 
 
 class _Pool:
@@ -158,13 +167,17 @@ class _Pool:
     def has_room(self) -> bool:
         return bool(self.idle or self.free_slots)
 
-    def start(self, job_id: str) -> None:
-        """Run ``job_id`` on an idle worker, or on a new one in a free slot."""
+    def free(self) -> int:
+        """How many more packs can start now."""
+        return len(self.idle) + len(self.free_slots)
+
+    def start(self, job_ids: List[str]) -> None:
+        """Run the pack ``job_ids`` on an idle worker, or on a new one in a free slot."""
         worker = self._take_worker()
-        worker.job_id = job_id
+        worker.job_ids = job_ids
         self.busy.append(worker)
         try:
-            worker.conn.send((self.output_dir, job_id,
+            worker.conn.send((self.output_dir, job_ids,
                               replace(self.options, progress_position=worker.slot + 1)))
         except OSError:  # it died since: collect() reports the death
             pass
@@ -187,13 +200,14 @@ class _Pool:
         return _Worker(process, conn, slot)
 
     def collect(self) -> List[tuple[str, JobEnd]]:
-        """Wait until a running job ends; each ended job with how it ended."""
+        """Wait until a running pack ends; each job of the ended packs with how it ended."""
         ready = set(wait([w.conn for w in self.busy] + [w.process.sentinel for w in self.busy]))
         ended = [w for w in self.busy if w.conn in ready or w.process.sentinel in ready]
-        return [(w.job_id, self._end_of(w)) for w in ended]
+        return [item for w in ended for item in self._end_of(w).items()]
 
-    def _end_of(self, worker: _Worker) -> JobEnd:
-        """The end ``worker`` reported for its job or, if it died first, its job failed."""
+    def _end_of(self, worker: _Worker) -> Dict[str, JobEnd]:
+        """The ends ``worker`` reported for its pack's jobs or, if it died first, how its
+        death ended each."""
         self.busy.remove(worker)
         try:
             ended = worker.conn.recv()
@@ -205,16 +219,23 @@ class _Pool:
             self._retire(worker)
         return ended
 
-    def _died(self, worker: _Worker) -> JobEnd:
-        """Record in the store how ``worker``'s death ended its job (done if it got as far as
-        its result), and return that."""
+    def _died(self, worker: _Worker) -> Dict[str, JobEnd]:
+        """Record in the store how ``worker``'s death ended each job of its pack (done if it
+        got as far as its result, else failed with the death's reason), and return that."""
         worker.process.join()
-        if self.store.is_done(worker.job_id):
-            self.store.update_state(worker.job_id, status="done")
-            return JobEnd("done")
         why = death_reason(worker.process.exitcode)
-        self.store.update_state(worker.job_id, status="failed", error=why)
-        return JobEnd("failed", why)
+        ends = {}
+        for job_id in worker.job_ids:
+            if self.store.is_done(job_id):
+                self.store.update_state(job_id, status="done")
+                ends[job_id] = JobEnd("done")
+            elif self.store.state(job_id).status in ("failed", "interrupted"):
+                state = self.store.state(job_id)  # it ended before the worker died
+                ends[job_id] = JobEnd(state.status, state.error)
+            else:
+                self.store.update_state(job_id, status="failed", error=why)
+                ends[job_id] = JobEnd("failed", why)
+        return ends
 
     def _retire(self, worker: _Worker) -> None:
         worker.conn.close()
@@ -237,15 +258,17 @@ class _Pool:
 
 
 def run_local(graph: JobGraph, output_dir: str, options: RunOptions,
-              workers: Optional[int] = None) -> Summary:
+              workers: Optional[int] = None, pack: int = DEFAULT_PACK) -> Summary:
     """Run every unfinished job of ``graph``; a job starts once the jobs it needs are done.
 
     ``workers`` processes run jobs side by side (default: one per core), every job with an
     equal share of the cores as torch threads (:func:`job_threads`, unless ``options.threads``
-    says otherwise); with one worker, or one job to run, jobs run in this process. A failed
-    job (a dead worker's too) marks the jobs that need it ``blocked`` and the rest of the
-    study goes on. ``options.progress`` turns the study's progress on (bars on a terminal,
-    lines elsewhere: :func:`progress_style`).
+    says otherwise); with one worker, or one job to run, jobs run in this process. Ready
+    distillation jobs of one teacher and batch stream run as packs of up to ``pack`` jobs
+    (:mod:`orchestrator.pack`; 1: every job alone), split so no worker idles while a pack
+    could be shared. A failed job (a dead worker's too) marks the jobs that need it
+    ``blocked`` and the rest of the study goes on. ``options.progress`` turns the study's
+    progress on (bars on a terminal, lines elsewhere: :func:`progress_style`).
     """
     started = time.time()
     store = JobStore(os.path.join(output_dir, "jobs"))
@@ -263,11 +286,13 @@ def run_local(graph: JobGraph, output_dir: str, options: RunOptions,
                       progress=style == BARS, progress_position=1)
     workers = max(1, min(workers, len(pending) or 1))
     finished = set(summary.skipped)
+    specs = {job.job_id: job for job in graph.jobs}
     titles = {job.job_id: job.title for job in graph.jobs}
     progress = StudyProgress(graph.study, titles, style, skipped=len(summary.skipped))
 
-    def ready() -> List[str]:
-        return [j for j, needs in pending.items() if all(n in finished for n in needs)]
+    def ready_packs(slots: int) -> List[List[str]]:
+        ready = [specs[j] for j, needs in pending.items() if all(n in finished for n in needs)]
+        return [[s.job_id for s in p] for p in form_packs(ready, pack, slots)]
 
     def block_dependents(job_id: str, why: str) -> None:
         for other, needs in list(pending.items()):
@@ -292,36 +317,41 @@ def run_local(graph: JobGraph, output_dir: str, options: RunOptions,
             block_dependents(job_id, f"needs job {job_id} ({titles[job_id]}), which failed: "
                                      f"{ended.error}")
 
-    def start(job_id: str) -> None:
-        del pending[job_id]
-        progress.started(job_id)
+    def start(job_ids: List[str]) -> None:
+        for job_id in job_ids:
+            del pending[job_id]
+            progress.started(job_id)
 
     try:
         if workers == 1:
-            while (todo := ready()) and not summary.interrupted:
+            while (todo := ready_packs(1)) and not summary.interrupted:
                 start(todo[0])
-                settle(todo[0], run_and_report(output_dir, todo[0], options))
+                for job_id, ended in run_and_report(output_dir, todo[0], options).items():
+                    settle(job_id, ended)
         else:
-            _run_pool(_Pool(workers, output_dir, options, store), ready, start, settle, summary)
+            _run_pool(_Pool(workers, output_dir, options, store), ready_packs, start, settle,
+                      summary)
     finally:
         progress.close()
     summary.wall_time_s = time.time() - started
     return summary
 
 
-def _run_pool(pool: _Pool, ready: Callable[[], List[str]], start: Callable[[str], None],
-              settle: Callable[[str, JobEnd], None], summary: Summary) -> None:
-    """Start ready jobs on ``pool`` while it has room (``start`` takes each off the pending
-    ones) and settle each as it ends, until none runs. After Ctrl-C (or a job's interruption)
-    no job starts, and running ones checkpoint and stop."""
+def _run_pool(pool: _Pool, ready: Callable[[int], List[List[str]]],
+              start: Callable[[List[str]], None], settle: Callable[[str, JobEnd], None],
+              summary: Summary) -> None:
+    """Start ready packs on ``pool`` while it has room (``ready(free workers)`` forms them,
+    ``start`` takes their jobs off the pending ones) and settle each job as it ends, until none
+    runs. After Ctrl-C (or a job's interruption) nothing starts, and running jobs checkpoint
+    and stop."""
     stopping = False
     try:
         while True:
-            for job_id in ready():
+            for job_ids in ready(pool.free()):
                 if stopping or summary.interrupted or not pool.has_room():
                     break
-                start(job_id)
-                pool.start(job_id)
+                start(job_ids)
+                pool.start(job_ids)
             if not pool.busy:
                 break
             try:

@@ -48,6 +48,8 @@ from kdflow.orchestrator.training import JobTraining, RunOptions, interrupted
 
 #: The pack size of a launcher that states none: at most this many jobs share one teacher.
 DEFAULT_PACK = 8
+#: The share of a GPU's free memory (when a pack starts) its members may take.
+GPU_MEMORY_SHARE = 0.8
 #: How a member's run ended: its ``result.json`` or the error that ended it.
 Outcome = Union[Dict[str, Any], BaseException]
 
@@ -110,36 +112,34 @@ def pack_id(job_ids: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class PackSavings:
-    """What packing a set of jobs saves: ``packs`` of more than one job hold ``packed`` jobs,
-    and ``forwards_saved`` teacher forwards over a whole run (per batch, a pack of k saves k-1;
-    an image's teacher forward counted once per epoch)."""
+    """What packing a set of jobs saves: ``packs`` of more than one job hold ``packed`` of the
+    ``jobs``; a job with a teacher runs one teacher forward over the training set per epoch
+    (``passes_alone`` such passes in all when every job runs alone), and a pack of k runs one
+    for all k, saving ``passes_saved``."""
 
     jobs: int
     packs: int
     packed: int
-    forwards_saved: int
-    forwards_alone: int
+    passes_saved: int
+    passes_alone: int
 
     def render(self) -> str:
-        share = self.forwards_saved / max(self.forwards_alone, 1)
+        share = self.passes_saved / max(self.passes_alone, 1)
         return (f"packs: {self.packed} of {self.jobs} jobs run in {self.packs} packs sharing a "
-                f"teacher forward; {self.forwards_saved:,} of {self.forwards_alone:,} teacher "
-                f"forwards (image-epochs) saved ({share:.0%})")
+                f"teacher forward; {self.passes_saved:,} of {self.passes_alone:,} teacher passes "
+                f"over the training set saved ({share:.0%})")
 
 
-def pack_savings(specs: Sequence[JobSpec], size: int,
-                 images: Callable[[JobSpec], int]) -> PackSavings:
-    """:class:`PackSavings` of running ``specs`` in packs of ``size``; ``images(spec)``: the
-    training images of a job's dataset (one teacher forward per image and epoch)."""
+def pack_savings(specs: Sequence[JobSpec], size: int) -> PackSavings:
+    """:class:`PackSavings` of running ``specs`` in packs of at most ``size``."""
     packs = [p for p in form_packs(specs, size) if len(p) > 1]
-    teacher_jobs = [s for s in specs if pack_key(s) is not None]
 
-    def forwards(spec: JobSpec) -> int:
-        return images(spec) * int(spec.recipe.get("epochs", 0))
+    def passes(spec: JobSpec) -> int:
+        return int(spec.recipe.get("epochs", 0))
 
     return PackSavings(jobs=len(specs), packs=len(packs), packed=sum(len(p) for p in packs),
-                       forwards_saved=sum(forwards(p[0]) * (len(p) - 1) for p in packs),
-                       forwards_alone=sum(forwards(s) for s in teacher_jobs))
+                       passes_saved=sum(passes(p[0]) * (len(p) - 1) for p in packs),
+                       passes_alone=sum(passes(s) for s in specs if pack_key(s) is not None))
 
 
 @dataclass
@@ -224,29 +224,40 @@ def run_pack(specs: Sequence[JobSpec], store: JobStore,
     if len(keys) != 1 or None in keys:
         raise ValueError("a pack's jobs must share one teacher job, dataset, seed and batch "
                          f"stream; got {len(keys)} different ones")
-    pack = _Pack(store)
     name = pack_id([spec.job_id for spec in specs])
+    ends: Dict[str, Outcome] = {}
     with torch_threads(options.threads), contextlib.ExitStack() as locks:
         for spec in sorted(specs, key=lambda s: s.job_id):
             locks.enter_context(store.lock(spec))
         with preemption_flag() as received:
-            memo = TeacherMemo()
-            _start_members(pack, specs, options, name, memo)
-            try:
-                _lockstep(pack, memo, received, options)
-            except BaseException as err:
-                for member in pack.live:
-                    pack.end(member, err)
-                raise
-    return {spec.job_id: pack.ends[spec.job_id] for spec in specs}
+            waiting = list(specs)
+            while waiting and not received:  # a wave: the members the device's memory holds
+                pack = _Pack(store)
+                memo = TeacherMemo()
+                waiting = _start_members(pack, waiting, options, name, memo)
+                try:
+                    _lockstep(pack, memo, received, options)
+                except BaseException as err:
+                    for member in pack.live:
+                        pack.end(member, err)
+                    raise
+                ends.update(pack.ends)
+            for spec in waiting:  # a signal before their wave began: nothing of theirs ran
+                ends[spec.job_id] = interrupted(received, received, 0)
+    return {spec.job_id: ends[spec.job_id] for spec in specs}
 
 
 def _start_members(pack: _Pack, specs: Sequence[JobSpec], options: RunOptions, name: str,
-                   memo: TeacherMemo) -> None:
+                   memo: TeacherMemo) -> List[JobSpec]:
     """Begin each job (skip the done ones), build and restore its training; the first builds
-    the data every member then shares."""
+    the data every member then shares. On a GPU, members start while the device's free memory
+    holds one more (:func:`member_bytes`); the jobs left waiting are returned, for a later
+    wave."""
     data = None
-    for spec in specs:
+    room: Optional[int] = None
+    for index, spec in enumerate(specs):
+        if room is not None and len(pack.members) >= room:
+            return list(specs[index:])
         try:
             done, tracker = begin_job(spec, pack.store, options, ALONE, pack=name)
         except Exception as err:
@@ -267,6 +278,58 @@ def _start_members(pack: _Pack, specs: Sequence[JobSpec], options: RunOptions, n
         cuda = training.device.type == "cuda"
         pack.members.append(_Member(training, torch.get_rng_state(),
                                     torch.cuda.get_rng_state(training.device) if cuda else None))
+        if room is None:
+            room = members_room(training)
+    return []
+
+
+def members_room(first: JobTraining) -> Optional[int]:
+    """How many members a pack whose ``first`` member has just started may hold: on a GPU,
+    that one and as many more as ``GPU_MEMORY_SHARE`` of the free memory holds
+    (:func:`member_bytes`); on the CPU no limit (None)."""
+    if first.device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(first.device)
+    return 1 + int(free * GPU_MEMORY_SHARE) // member_bytes(first)
+
+
+def member_bytes(training: JobTraining) -> int:
+    """An estimate, in bytes, of the device memory one more member of ``training``'s kind
+    takes: its trainable weights three times (weights, gradients, SGD momentum), its own
+    teacher copy, and twice the activations of its student over a batch (kept for backward,
+    and their gradients), from the outputs of the student's modules for one image."""
+    distiller = training.distiller
+    learnable = sum(p.numel() * p.element_size() for p in distiller.learnable_parameters())
+    teacher = 0 if distiller.teacher is None else sum(
+        t.numel() * t.element_size()
+        for t in [*distiller.teacher.parameters(), *distiller.teacher.buffers()])
+    per_image = activation_bytes(distiller.student, training.data.info.input_shape,
+                                 training.device)
+    return 3 * learnable + teacher + 2 * per_image * training.recipe.batch_size
+
+
+@torch.no_grad()
+def activation_bytes(model: torch.nn.Module, input_shape: Tuple[int, int, int],
+                     device: torch.device) -> int:
+    """Bytes of the outputs of every module of ``model`` for one (C, H, W) image of zeros, in
+    eval mode (no statistic changes, no random draw), the mode restored afterwards."""
+    total = 0
+
+    def count(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    was_training = model.training
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return total
 
 
 def _lockstep(pack: _Pack, memo: TeacherMemo, received: List[int], options: RunOptions) -> None:

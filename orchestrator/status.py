@@ -19,7 +19,9 @@ class SchedulerView(Protocol):
 def status_table(graph: JobGraph, store: JobStore,
                  views: Optional[Mapping[str, SchedulerView]] = None) -> str:
     """One line per job: id, what it trains, state, attempts, epochs done, last val top-1 and
-    ``yes`` under ``stale`` for a finished job that is stale (:mod:`orchestrator.staleness`).
+    ``yes`` under ``stale`` for a finished job that is stale (:mod:`orchestrator.staleness`);
+    while jobs run in packs (:mod:`orchestrator.pack`), a ``pack`` column names each running
+    job's pack.
 
     With ``views`` (a scheduler's account of each job), the state comes from there and a
     ``scheduler`` column shows the job's scheduler id; notes (why a job is blocked, failed or
@@ -30,8 +32,12 @@ def status_table(graph: JobGraph, store: JobStore,
     width = max([len("job title")] + [len(job.title) for job in graph.jobs])
     sched = 14 if views is not None else 0
     sched_head = f"  {'scheduler':{sched}}" if sched else ""
-    header = (f"{'job':16}  {'stage':8}  {'job title':{width}}  {'state':11}{sched_head}  "
-              f"{'tries':>5}  {'epoch':>5}  {'metric':>6}  stale")
+    packs = {job.job_id: state.pack for job in graph.jobs
+             if (state := store.state(job.job_id)).pack and state.status == "running"}
+    pack_width = len("pack-00000000") if packs else 0
+    pack_head = f"  {'pack':{pack_width}}" if pack_width else ""
+    header = (f"{'job':16}  {'stage':8}  {'job title':{width}}  {'state':11}{sched_head}"
+              f"{pack_head}  {'tries':>5}  {'epoch':>5}  {'metric':>6}  stale")
     lines = [header, "-" * len(header)]
     notes = []
     counts: dict[str, int] = {}
@@ -44,6 +50,8 @@ def status_table(graph: JobGraph, store: JobStore,
         counts[status] = counts.get(status, 0) + 1
         metric = "" if state.last_metric is None else f"{state.last_metric:6.2f}"
         sched_col = f"  {(view.scheduler_id if view else ''):{sched}}" if sched else ""
+        in_pack = packs.get(job.job_id, "") if status == "running" else ""
+        sched_col += f"  {in_pack:{pack_width}}" if pack_width else ""
         stale = staleness.stale.get(job.job_id)
         stale_col = "yes" if stale else ""
         lines.append(f"{job.job_id:16}  {job.stage:8}  {job.title:{width}}  {status:11}{sched_col}  "

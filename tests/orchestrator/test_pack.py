@@ -75,15 +75,15 @@ def test_jobs_with_another_batch_stream_do_not_share_a_pack(study):
         run_pack([kd, kd16], JobStore("/nonexistent"), QUIET)
 
 
-def test_savings_count_the_teacher_forwards_a_pack_does_not_repeat(study):
+def test_savings_count_the_teacher_passes_a_pack_does_not_repeat(study):
     graph = _graph(study, {"kd": {}, "fitnet": {}, "crd": {"num_negatives": 32}})
     jobs = [j for j in graph.jobs if j.stage != "teacher"]
-    savings = pack_savings(jobs, 8, images=lambda spec: 100)
+    savings = pack_savings(jobs, 8)
     epochs = study["student_recipe"]["epochs"]
-    assert (savings.packs, savings.packed) == (1, 3)
-    assert savings.forwards_saved == 2 * 100 * epochs
-    assert savings.forwards_alone == 3 * 100 * epochs
-    assert "3 of 4 jobs run in 1 packs" in savings.render()
+    assert (savings.packs, savings.packed, savings.jobs) == (1, 3, 4)
+    assert (savings.passes_saved, savings.passes_alone) == (2 * epochs, 3 * epochs)
+    assert "3 of 4 jobs run in 1 packs" in savings.render() and "(67%)" in savings.render()
+    assert pack_savings(jobs, 1).passes_saved == 0
 
 
 @pytest.mark.slow
@@ -234,5 +234,45 @@ def test_members_resumed_at_different_steps_join_the_stream_where_they_stand(stu
     shutil.copy(first_ckpt, packed.checkpoint_dir(ahead.job_id) / first_ckpt.name)
     ends = run_pack(students, packed, QUIET)
     assert packed.state(ahead.job_id).resumed_step == 7
+    for spec in students:
+        assert _same_numbers(ends[spec.job_id], solo[spec.job_id]), spec.method
+
+
+def test_activation_bytes_count_every_module_output_and_change_nothing():
+    from torch import nn
+
+    from kdflow.orchestrator.pack import activation_bytes
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    got = activation_bytes(model, (3, 8, 8), torch.device("cpu"))
+    conv = 4 * 8 * 8 * 4  # float32 bytes of one image's map
+    assert got == 3 * conv + conv + 10 * 4 + 10 * 4  # conv, bn, relu, flatten, linear, the whole
+    assert model.training and torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_a_pack_larger_than_its_room_runs_in_waves_with_the_solo_results(study, tmp_path,
+                                                                         monkeypatch):
+    """On a GPU a pack holds as many members as the free memory does (members_room); the rest
+    run in a later wave. Here the room is set to 2 for a pack of 3."""
+    import kdflow.orchestrator.pack as pack_module
+
+    graph = _graph(study, {"kd": {}, "fitnet": {}, "crd": {"num_negatives": 32}})
+    teacher, students = _teacher_and_students(graph)
+    alone, packed = JobStore(tmp_path / "alone"), JobStore(tmp_path / "packed")
+    run_job(teacher, alone, QUIET)
+    _same_store_with_teacher(alone, packed, teacher)
+    solo = {s.job_id: run_job(s, alone, QUIET) for s in students}
+    memos: List[TeacherMemo] = []
+    init = TeacherMemo.__init__
+    monkeypatch.setattr(TeacherMemo, "__init__", lambda self: (init(self), memos.append(self))[0])
+    monkeypatch.setattr(pack_module, "members_room", lambda first: 2)
+    ends = run_pack(students, packed, QUIET)
+    assert len(memos) == 2 and memos[0].reused > 0 and memos[1].reused == 0  # waves of 2 and 1
     for spec in students:
         assert _same_numbers(ends[spec.job_id], solo[spec.job_id]), spec.method
