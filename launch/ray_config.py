@@ -7,6 +7,7 @@ from typing import Any, Dict, Mapping, Optional
 from kdflow.methods.config import parse_config, require_non_negative, require_positive
 from kdflow.methods.errors import ConfigError
 from kdflow.launch.stages import check_stages, stage_resources
+from kdflow.orchestrator.pack import parse_pack_size
 
 
 @dataclass
@@ -36,12 +37,16 @@ class RaySettings:
     resources: defaults for every job; stages.<teacher|distill|ablation>: overrides per stage.
     retries: how many times a job is run again, from its last checkpoint, after it fails or its
              worker process dies, before it counts as failed for good.
+    pack: at most this many distillation jobs of one teacher and batch stream run as one Ray
+          task, sharing each batch's load and teacher forward (:mod:`orchestrator.pack`);
+          1: every job alone; null: :data:`orchestrator.pack.DEFAULT_PACK`.
     """
 
     name: str = "ray"
     address: Optional[str] = None
     num_cpus: Optional[int] = None
     retries: int = 1
+    pack: Optional[int] = None
     resources: Dict[str, Any] = field(default_factory=dict)
     stages: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
@@ -57,7 +62,13 @@ class RaySettings:
             raise ConfigError("retries", f"must be an integer, got {self.retries!r}",
                               fix="set retries to a whole number >= 0, e.g. retries=1")
         require_non_negative("retries", self.retries)
+        parse_pack_size(self.pack, "pack")
         check_stages(RayResources, self.resources, self.stages)
+
+    @property
+    def pack_size(self) -> int:
+        """How many jobs one Ray task runs at most (``pack``, null read as the default)."""
+        return parse_pack_size(self.pack, "pack")
 
     def stage_resources(self, stage: str) -> RayResources:
         """The resources of the jobs of ``stage``: ``resources`` updated by ``stages.<stage>``."""

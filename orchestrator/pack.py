@@ -220,6 +220,8 @@ def run_pack(specs: Sequence[JobSpec], store: JobStore,
             return {specs[0].job_id: run_job(specs[0], store, options)}
         except Exception as err:
             return {specs[0].job_id: err}
+    if options.distributed is not None and options.distributed.world_size > 1:
+        raise ValueError("a pack runs in one process: run a multi-process job alone (pack: 1)")
     keys = {pack_key(spec) for spec in specs}
     if len(keys) != 1 or None in keys:
         raise ValueError("a pack's jobs must share one teacher job, dataset, seed and batch "
