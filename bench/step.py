@@ -4,7 +4,7 @@ What is measured, in one run on one device: images per second of training steps,
 loading included, for each case (teacher -> student at one input size and batch size), each
 method and each implementation:
 
-- ``kdflow``: the job runner's step (``orchestrator.fast_path``) with the recipe's speed
+- ``kdflow``: the job's own step (``orchestrator.training.TrainStep``) with the recipe's speed
   switches at ``auto`` (on a GPU: bf16 autocast, channels_last, fused SGD; the teacher under
   ``inference_mode``; no host synchronisation), fed by kdflow's in-memory loader holding the
   whole uint8 training set on the device and augmenting there (``device_resident``);
@@ -70,10 +70,10 @@ from kdflow.methods.distillers.stablekd import (RecompositionSchedule, StableKDC
 from kdflow.methods.models import build_model  # noqa: E402
 from kdflow.methods.models.blocks import default_num_blocks  # noqa: E402
 from kdflow.orchestrator.data.tensor_loaders import TensorTrainLoader  # noqa: E402
-from kdflow.orchestrator.fast_path import (build_optimizer, resolve_fast_path,  # noqa: E402
-                                    step_forward)
-from kdflow.orchestrator.loss_guard import LossGuard  # noqa: E402
+from kdflow.orchestrator.fast_path import resolve_fast_path  # noqa: E402
+from kdflow.orchestrator.loss_guard import TOTAL  # noqa: E402
 from kdflow.orchestrator.recipe import Recipe  # noqa: E402
+from kdflow.orchestrator.training import TrainStep  # noqa: E402
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
@@ -293,9 +293,10 @@ Step = Callable[[], torch.Tensor]
 
 def kdflow_step(distiller: Distiller, case: Case, data: CaseData, device: torch.device,
                 switches: Dict[str, Any]) -> Step:
-    """The runner's step (forward, loss sum, zero_grad, backward, loss guard, SGD step, device
-    sums of the terms) over kdflow's device-resident loader, with the recipe's speed
-    ``switches`` (those not given at their defaults: ``auto``, not compiled)."""
+    """The job's own step (:class:`orchestrator.training.TrainStep`: forward, zero_grad,
+    backward, loss sums, loss guard, SGD step), plus the device sums of the terms a job keeps,
+    over kdflow's device-resident loader, with the recipe's speed ``switches`` (those not given
+    at their defaults: ``auto``, not compiled). Returns the step's mean loss (device scalar)."""
     recipe = parse_config(Recipe, {"lr": LR, **switches}, "bench.recipe")
     fast = resolve_fast_path(recipe, device)
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2)
@@ -307,10 +308,8 @@ def kdflow_step(distiller: Distiller, case: Case, data: CaseData, device: torch.
                                hflip=True, resident=True, channels_last=fast.channels_last)
     if fast.channels_last:
         distiller.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(distiller.learnable_parameters(), recipe, fast)
-    forward = step_forward(distiller, device, fast)
-    guard = LossGuard(0, device)
-    guard.eager = False  # the GPU's behaviour: the record is read before checkpoints only
+    train_step = TrainStep(distiller, recipe, fast, device)
+    train_step.guard.eager = False  # as on a GPU: the record is read before checkpoints only
     sums: Dict[str, torch.Tensor] = {}
 
     def epochs():
@@ -323,16 +322,11 @@ def kdflow_step(distiller: Distiller, case: Case, data: CaseData, device: torch.
 
     def step() -> torch.Tensor:
         batch = next(batches)
-        _, loss, terms = forward(batch.x, batch.y, batch.index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         rows = batch.y.shape[0]
-        values = {name: v.detach().float() * rows for name, v in {"loss": loss, **terms}.items()}
-        guard.observe(values)
-        optimizer.step()
+        values, _ = train_step(batch.x, batch.y, batch.index, rows, [], read_signals=False)
         for name, v in values.items():
             sums[name] = sums.get(name, 0) + v
-        return loss.detach()
+        return values[TOTAL] / rows
 
     return step
 
