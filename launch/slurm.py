@@ -1,7 +1,10 @@
 """The slurm launcher: submits a study's whole job graph up front as submitit job arrays.
 
-One array per (dependency level, stage, resources), chained with ``afterok``; a re-run
-submits only jobs that are neither done nor already queued or running. The terminal may close
+One array per (dependency level, stage, resources), chained with ``afterok``; each task of an
+array runs one pack of distillation jobs that share a teacher and a batch stream (``pack``
+jobs at most, :mod:`orchestrator.pack`) or one job alone, and every job of a pack records that
+task's SLURM id as its own. A re-run submits only jobs that are neither done nor already
+queued or running. The terminal may close
 once ``submit_study`` returns: SLURM does the waiting. ``reconcile`` joins the job store with
 ``squeue``/``sacct`` for ``kdflow status``; ``cancel_study`` takes a study off the queue.
 """
@@ -26,12 +29,20 @@ from kdflow.orchestrator.study import JobGraph
 
 @dataclass
 class SubmittedArray:
-    """One sbatch call: its SLURM job id, stage, size and what it waits for."""
+    """One sbatch call: its SLURM job id, stage, how many jobs it runs in how many array tasks
+    (fewer tasks than jobs: packs), and what it waits for."""
 
     scheduler_id: str
     stage: str
     jobs: int
+    tasks: int
     dependency: str
+
+    def render(self) -> str:
+        after = f", after {self.dependency}" if self.dependency else ""
+        packed = (f", packed into {self.tasks} task{'' if self.tasks == 1 else 's'}"
+                  if self.tasks < self.jobs else "")
+        return f"array {self.scheduler_id}: {self.jobs} {self.stage} jobs{after}{packed}"
 
 
 @dataclass
@@ -53,9 +64,7 @@ class Submission:
                  f"({self.already_done} already done, {self.in_flight} already queued or running"
                  + (f", {self.resubmitted_stuck} stuck on a failed dependency resubmitted"
                     if self.resubmitted_stuck else "") + f") in {self.seconds:.1f} s"]
-        for array in self.arrays:
-            after = f", after {array.dependency}" if array.dependency else ""
-            lines.append(f"  array {array.scheduler_id}: {array.jobs} {array.stage} jobs{after}")
+        lines.extend(f"  {array.render()}" for array in self.arrays)
         return "\n".join(lines)
 
 
@@ -119,7 +128,7 @@ def submit_study(graph: JobGraph, output_dir: str, options: RunOptions, settings
     flying = in_flight(graph, store, live)
     done = {job.job_id for job in graph.jobs if store.is_done(job.job_id)}
     todo = {job.job_id for job in graph.jobs} - done - set(flying)
-    plan = plan_arrays(graph, todo, flying, settings.stage_resources)
+    plan = plan_arrays(graph, todo, flying, settings.stage_resources, settings.pack)
     check_resources(plan, settings, queue)  # before the store holds anything of this study
     if on_accepted is not None:
         on_accepted()
@@ -140,11 +149,13 @@ def submit_study(graph: JobGraph, output_dir: str, options: RunOptions, settings
             **array.resources.executor_parameters(), array_parallelism=settings.array_parallelism,
             job_name=f"{settings.job_name}-{graph.study}-{array.stage}", setup=list(settings.setup),
             stderr_to_stdout=True, additional_parameters=extra)
-        jobs = executor.map_array(task, array.job_ids)
-        for job_id, job in zip(array.job_ids, jobs):
-            store.record_submission(job_id, job.job_id)
+        jobs = executor.map_array(task, array.tasks)
+        for job_ids, job in zip(array.tasks, jobs):
+            for job_id in job_ids:
+                store.record_submission(job_id, job.job_id)
         array_ids.append(jobs[0].job_id.split("_")[0])
-        submission.arrays.append(SubmittedArray(array_ids[-1], array.stage, len(jobs), dependency))
+        submission.arrays.append(SubmittedArray(array_ids[-1], array.stage, len(array.job_ids),
+                                                len(jobs), dependency))
     submission.seconds = time.time() - started
     return submission
 
@@ -194,7 +205,8 @@ def reconcile(graph: JobGraph, store: JobStore, queue: SlurmQueue) -> Dict[str, 
 
 
 def cancel_study(graph: JobGraph, store: JobStore, queue: Optional[SlurmQueue] = None) -> List[str]:
-    """Cancel the study's queued and running jobs; returns the scheduler ids cancelled.
+    """Cancel the study's queued and running jobs; returns the scheduler ids cancelled (one per
+    array task: the jobs of a pack share it).
 
     Running jobs checkpoint on SLURM's SIGTERM (their state becomes ``interrupted``); queued
     ones are marked ``cancelled``. Done jobs are untouched; ``kdflow run`` submits the rest again.
@@ -211,7 +223,7 @@ def cancel_study(graph: JobGraph, store: JobStore, queue: Optional[SlurmQueue] =
     for job_id, scheduler_id in targets.items():
         if live[scheduler_id].state == "PENDING":
             store.update_state(job_id, status="cancelled", error="cancelled by kdflow cancel")
-    return sorted(targets.values())
+    return sorted(set(targets.values()))
 
 
 ACTIVE = ("queued", "running", "requeued")

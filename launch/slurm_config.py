@@ -9,6 +9,7 @@ from kdflow.methods.config import parse_config, require_one_line, require_positi
 from kdflow.methods.errors import ConfigError
 from kdflow.launch.stages import check_stages, stage_resources
 from kdflow.orchestrator.data.checks import require_bool, require_int
+from kdflow.orchestrator.pack import parse_pack_size
 
 #: sbatch flags kdflow sets itself: ``additional`` may not set them too. Flag -> the typed
 #: setting that sets it, or None for those kdflow sets for its arrays, logs and dependencies.
@@ -133,6 +134,10 @@ class SlurmSettings:
     retries: how many times a failed job is run again (from its last checkpoint) before it
              counts as failed for good. max_requeues: how many preemptions / time-outs a job
              survives. wait: stay and show progress until every job has ended.
+    pack:    how many distillation jobs of one teacher and batch stream one array task runs
+             together (:mod:`orchestrator.pack`); null: DEFAULT_PACK, 1: one job per task.
+             Once validated it holds the size. Arrays of multi-process jobs run one job per
+             task whatever it says (:func:`launch.slurm_plan.task_pack_size`).
     python, setup: the interpreter command on the nodes and the lines run before it are shell
              code the user writes, run as written; every other value reaches sbatch quoted, and
              none may hold a line break (it would end the #SBATCH line it is written on).
@@ -144,6 +149,7 @@ class SlurmSettings:
     poll_s: float = 10.0
     retries: int = 1
     max_requeues: int = 3
+    pack: Optional[int] = None
     array_parallelism: int = 256
     job_name: str = "kdflow"
     python: Optional[str] = None
@@ -165,11 +171,21 @@ class SlurmSettings:
         require_int("retries", self.retries, 0)
         require_int("max_requeues", self.max_requeues, 0)
         require_int("array_parallelism", self.array_parallelism, 1)
+        self.pack = _pack_size(self.pack)
         check_stages(Resources, self.resources, self.stages)
 
     def stage_resources(self, stage: str) -> Resources:
         """The resources of the jobs of ``stage``: ``resources`` updated by ``stages.<stage>``."""
         return stage_resources(Resources, self.resources, self.stages, stage)
+
+
+def _pack_size(value: Any) -> int:
+    """The ``pack`` setting as a size (:func:`parse_pack_size`); its ConfigError names the field
+    ``pack``, which :func:`parse_config` puts under ``launcher``."""
+    try:
+        return parse_pack_size(value, "launcher.pack")
+    except ConfigError as err:
+        raise ConfigError("pack", err.problem, err.allowed, err.fix) from None
 
 
 def parse_slurm_settings(launcher: Mapping[str, Any]) -> SlurmSettings:

@@ -1,31 +1,44 @@
-"""What one SLURM array task runs: a kdflow job from the job store, with retries and requeue.
+"""What one SLURM array task runs: a pack of kdflow jobs (or one job) from the job store, with
+retries and requeue.
+
+A task runs the jobs it is given with :func:`orchestrator.pack.run_pack`: jobs of one teacher
+and batch stream in lockstep, one job simply alone. Every job of the task records the task's
+SLURM id as its own.
 
 The task is a submitit ``Checkpointable``: when SLURM signals SIGUSR2 (the time limit is near,
-or ``scancel --signal=USR2``), the runner writes a checkpoint and stops, and the task hands the
-signal back to submitit, which requeues the same task; the requeued run resumes from that
-checkpoint. SIGTERM (``scancel``, ``scontrol requeue``, preemption) also checkpoints first;
-SLURM decides whether the job runs again.
+or ``scancel --signal=USR2``), the runner checkpoints every job of the pack at the same step and
+stops, and the task hands the signal back to submitit, which requeues the same task; the
+requeued run resumes the whole pack from those checkpoints. SIGTERM (``scancel``,
+``scontrol requeue``, preemption) also checkpoints first; SLURM decides whether the job runs
+again.
 
-A job that fails is run again (resuming from its checkpoint) up to ``retries`` times. A job
-that fails for good, or whose needed jobs are not done, records why in the store and the
-task still exits 0: ``afterok`` then only orders the stages, the store says which jobs
-succeeded, and a failure blocks exactly the jobs that need the failed one.
+A job that fails is run again (resuming from its checkpoint) up to ``retries`` times, with the
+other failed jobs of its pack; the jobs of the pack that are done are not run again. A job that
+fails for good, or whose needed jobs are not done, records why in the store and the task still
+exits 0: ``afterok`` then only orders the stages, the store says which jobs succeeded, and a
+failure blocks exactly the jobs that need the failed one.
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from submitit.helpers import Checkpointable
 
 from kdflow.orchestrator.distributed import DistEnv, detect_env
 from kdflow.orchestrator.metrics import headline
-from kdflow.orchestrator.runner import JobInterrupted, RunOptions, run_job
+from kdflow.orchestrator.pack import Outcome, run_pack
+from kdflow.orchestrator.runner import JobInterrupted, RunOptions
+from kdflow.orchestrator.spec import JobSpec
 from kdflow.orchestrator.store import JobStore
 
 log = logging.getLogger("kdflow.slurm")
+
+#: What a task reports for one of its jobs: ``job_id``, ``status`` (done, failed, blocked) and
+#: the headline ``metric`` or the ``error``.
+TaskReport = Dict[str, Any]
 
 
 def current_scheduler_id(environ: Dict[str, str] = os.environ) -> Optional[str]:
@@ -44,25 +57,33 @@ def task_threads(environ: Dict[str, str] = os.environ) -> Optional[int]:
 
 
 class StoreTask(Checkpointable):
-    """Runs the job ``job_id`` of the store at ``output_dir`` (called as ``task(job_id)``)."""
+    """Runs the jobs ``job_ids`` (one pack) of the store at ``output_dir`` (called as
+    ``task(job_ids)``); returns a :data:`TaskReport` per job, in that order."""
 
     def __init__(self, output_dir: str, options: RunOptions, retries: int) -> None:
         self.output_dir = output_dir
         self.options = options
         self.retries = retries
 
-    def __call__(self, job_id: str) -> Dict[str, Any]:
+    def __call__(self, job_ids: Sequence[str]) -> List[TaskReport]:
         store = JobStore(os.path.join(self.output_dir, "jobs"))
         dist = detect_env()
         main = dist is None or dist.is_main
-        if main:
-            self._record_scheduler_id(store, job_id)
-        blocked = self._blocked_by(store, job_id)
-        if blocked:
+        reports: Dict[str, TaskReport] = {}
+        runnable = []
+        for job_id in job_ids:
+            if main:
+                self._record_scheduler_id(store, job_id)
+            blocked = self._blocked_by(store, job_id)
+            if blocked is None:
+                runnable.append(store.spec(job_id))
+                continue
             if main:
                 store.update_state(job_id, status="blocked", error=blocked)
-            return {"job_id": job_id, "status": "blocked", "error": blocked}
-        return self._run_with_retries(store, job_id, dist)
+            reports[job_id] = {"job_id": job_id, "status": "blocked", "error": blocked}
+        if runnable:
+            reports.update(self._run_with_retries(store, runnable, dist))
+        return [reports[job_id] for job_id in job_ids]
 
     def _record_scheduler_id(self, store: JobStore, job_id: str) -> None:
         scheduler_id = current_scheduler_id()
@@ -79,25 +100,59 @@ class StoreTask(Checkpointable):
                 return f"needs job {need} ({store.spec(need).title}), which is {state.status}{why}"
         return None
 
-    def _run_with_retries(self, store: JobStore, job_id: str,
-                          dist: Optional[DistEnv]) -> Dict[str, Any]:
+    def _run_with_retries(self, store: JobStore, specs: List[JobSpec],
+                          dist: Optional[DistEnv]) -> Dict[str, TaskReport]:
+        """Run the pack ``specs``, then its failed jobs again (from their checkpoints) until
+        they succeed or have had ``retries`` more attempts; a preemption raises
+        :class:`JobInterrupted` (after handing SIGUSR2 back to submitit) once every job is
+        checkpointed."""
         options = RunOptions(**{**self.options.__dict__, "distributed": dist,
                                 "threads": task_threads()})
-        spec = store.spec(job_id)
+        reports: Dict[str, TaskReport] = {}
+        errors: Dict[str, str] = {}
+        pending = specs
         for attempt in range(self.retries + 1):
-            try:
-                result = run_job(spec, store, options)
-                return {"job_id": job_id, "status": "done", "metric": headline(result)}
-            except JobInterrupted as interrupted:
-                if interrupted.signum == signal.SIGUSR2:
-                    # submitit's handler (restored once the runner returned) checkpoints this
-                    # task's call and requeues it with `scontrol requeue`, then exits
-                    os.kill(os.getpid(), signal.SIGUSR2)
-                raise
-            except Exception as err:  # a failed run: retry from the checkpoint, or give up
-                log.exception("job %s failed (attempt %d of %d)", job_id, attempt + 1, self.retries + 1)
-                error = f"{type(err).__name__}: {err}"
-        if dist is None or dist.is_main:
-            store.update_state(job_id, status="failed",
-                               error=f"{error} (after {self.retries + 1} attempts)")
-        return {"job_id": job_id, "status": "failed", "error": error}
+            outcomes = self._run_pack(pending, store, options)
+            _raise_if_interrupted(outcomes)
+            for spec in pending:
+                outcome = outcomes[spec.job_id]
+                if isinstance(outcome, BaseException):
+                    log.error("job %s failed (attempt %d of %d)", spec.job_id, attempt + 1,
+                              self.retries + 1, exc_info=outcome)
+                    errors[spec.job_id] = f"{type(outcome).__name__}: {outcome}"
+                else:
+                    reports[spec.job_id] = {"job_id": spec.job_id, "status": "done",
+                                            "metric": headline(outcome)}
+            pending = [spec for spec in pending if spec.job_id not in reports]
+            if not pending:
+                break
+        for spec in pending:
+            error = errors[spec.job_id]
+            if dist is None or dist.is_main:
+                store.update_state(spec.job_id, status="failed",
+                                   error=f"{error} (after {self.retries + 1} attempts)")
+            reports[spec.job_id] = {"job_id": spec.job_id, "status": "failed", "error": error}
+        return reports
+
+    @staticmethod
+    def _run_pack(specs: List[JobSpec], store: JobStore,
+                  options: RunOptions) -> Dict[str, Outcome]:
+        """:func:`run_pack` of ``specs``; an error of the pack as a whole (not of one member)
+        becomes every member's outcome."""
+        try:
+            return run_pack(specs, store, options)
+        except Exception as err:
+            return {spec.job_id: err for spec in specs}
+
+
+def _raise_if_interrupted(outcomes: Dict[str, Outcome]) -> None:
+    """Raise the :class:`JobInterrupted` of a pack that a preemption signal stopped (every
+    member then has its checkpoint on disk); on SIGUSR2 first hand the signal back to
+    submitit, whose handler (restored once the runner returned) checkpoints this task's call
+    and requeues it with ``scontrol requeue``, then exits."""
+    stopped = [o for o in outcomes.values() if isinstance(o, JobInterrupted)]
+    if not stopped:
+        return
+    if stopped[0].signum == signal.SIGUSR2:
+        os.kill(os.getpid(), signal.SIGUSR2)
+    raise stopped[0]

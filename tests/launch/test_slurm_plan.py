@@ -144,3 +144,15 @@ def test_reconcile_joins_the_store_with_squeue_and_sacct(study, tmp_path):
     assert queue.asked == [["7_3"]]  # sacct only for the jobs squeue no longer shows
     assert "OUT_OF_MEMORY" in views[lost].note and "resubmits" in views[lost].note
     assert views[queued].note == "Dependency" and "non-finite" in views[failed].note
+
+
+def test_a_packed_array_asks_for_a_job_s_time_limit_per_job_in_its_largest_task(study):
+    graph = _graph(study, seeds=[0, 1, 2], methods={"vanilla": {}, "kd": {}, "fitnet": {}})
+    todo = {job.job_id for job in graph.jobs}
+    settings = parse_slurm_settings({"resources": {"time_min": 30}})
+    plan = plan_arrays(graph, todo, {}, settings.stage_resources, pack=settings.pack)
+    by_stage = {(a.stage, len(a.job_ids)): a for a in plan}
+    packed = by_stage[("distill", 6)]
+    assert sorted(map(len, packed.tasks)) == [2, 2, 2] and packed.resources.time_min == 60
+    assert by_stage[("distill", 3)].resources.time_min == 30  # the students alone: one job a task
+    assert settings.stage_resources("distill").time_min == 30  # the settings are unchanged
