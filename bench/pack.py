@@ -5,9 +5,10 @@ each pack size K (``--ks``, default 1, 2, 4, 8): the wall time of K distillation
 pair run as one pack (``orchestrator.pack.run_pack``: one batch load and one teacher forward
 per batch shared by the members) against the same K jobs run one after another
 (``orchestrator.runner.run_job`` each), from the same trained teacher job, at the same torch
-thread count. The K jobs are the first K of ``MEMBERS``: distinct methods of one teacher and
-seed (KD, FitNet, CRD, MSDCRD, StableKD) and method-setting variants (KD at T = 2 and 8,
-MSDCRD + KD), so they share one ``pack_key``. Wall times are whole job runs: building the
+thread count. The K jobs are the first K of the ``--mix`` (``MIXES``), jobs of one teacher and
+seed that share one ``pack_key``: ``methods``, distinct methods (KD, FitNet, CRD, MSDCRD,
+StableKD) and method-setting variants (KD at T = 2 and 8, MSDCRD + KD); ``kd-sweep``, KD and a
+sweep of its temperature. Wall times are whole job runs: building the
 data and the networks, every epoch's evaluation and checkpoint, ``model.pt`` and
 ``result.json``.
 
@@ -27,6 +28,7 @@ packed (at the largest K's member-images/s) and sequential (at K = 1's). A markd
 printed and written next to the JSON record.
 
     python bench/pack.py                    # CPU, both pairs, ~10-15 min on 2 idle cores
+    python bench/pack.py --mix kd-sweep --pairs resnet32x4->resnet8x4 --ks 8
     python bench/pack.py --small            # toy sizes (CI; about a minute on 2 idle cores)
     python bench/pack.py --device cuda      # the same on a GPU, with more training images
 """
@@ -109,12 +111,20 @@ class Member:
                                                 for k, v in self.ablated)
 
 
-#: The jobs of a pack of K: the first K (distinct methods first, then setting variants).
-MEMBERS: Tuple[Member, ...] = (
-    Member("kd"), Member("fitnet"), Member("crd"), Member("msdcrd"), Member("stablekd"),
-    Member("kd", (("temperature", 2.0),)), Member("kd", (("temperature", 8.0),)),
-    Member("msdcrd", (("kd_weight", 1.0),)),
-)
+#: The jobs of a pack of K, by ``--mix``: the first K of the mix. ``methods``: distinct methods
+#: first, then setting variants (StableKD runs its own teacher forward, over its blocks);
+#: ``kd-sweep``: KD and a temperature ablation, the members all reading one teacher forward.
+MIXES: Dict[str, Tuple[Member, ...]] = {
+    "methods": (
+        Member("kd"), Member("fitnet"), Member("crd"), Member("msdcrd"), Member("stablekd"),
+        Member("kd", (("temperature", 2.0),)), Member("kd", (("temperature", 8.0),)),
+        Member("msdcrd", (("kd_weight", 1.0),)),
+    ),
+    "kd-sweep": (Member("kd"),) + tuple(Member("kd", (("temperature", t),))
+                                        for t in (1.0, 2.0, 3.0, 5.0, 6.0, 8.0, 10.0)),
+}
+#: The most members a mix has.
+MAX_MEMBERS = max(len(mix) for mix in MIXES.values())
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,12 @@ class Settings:
     val_images: int
     threads: int
     forward_reps: int
+    mix: str = "methods"
+
+    @property
+    def members(self) -> Tuple[Member, ...]:
+        """The jobs of the largest pack, in order (a pack of K runs the first K)."""
+        return MIXES[self.mix]
 
     @property
     def steps_per_epoch(self) -> int:
@@ -198,6 +214,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default: bench/results/pack-<device>-<date>[.cpu].json); "
                         "the markdown table goes next to it (.md)")
+    p.add_argument("--mix", choices=sorted(MIXES), default="methods",
+                   help="the pack's jobs: distinct methods (default) or a KD temperature sweep")
     p.add_argument("--small", action="store_true",
                    help="CI run: 8 training and 8 validation images, batch 8, 1 epoch "
                         "(explicit flags win)")
@@ -209,9 +227,9 @@ def _ints(text: str, flag: str) -> List[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise SystemExit(f"{flag}: integers, comma-separated, got {text!r}") from None
-    bad = [v for v in values if not 1 <= v <= len(MEMBERS)]
+    bad = [v for v in values if not 1 <= v <= MAX_MEMBERS]
     if bad or not values:
-        raise SystemExit(f"{flag}: each between 1 and {len(MEMBERS)}, got {text!r}")
+        raise SystemExit(f"{flag}: each between 1 and {MAX_MEMBERS}, got {text!r}")
     return values
 
 
@@ -243,19 +261,20 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         batch_size=pick(args.batch_size, 8, 64, 64),
         train_images=pick(args.train_images, 8, 640, 10_000),
         val_images=pick(args.val_images, 8, 200, 2_000),
-        threads=args.threads or os.cpu_count() or 1,
+        threads=args.threads or os.cpu_count() or 1, mix=args.mix,
         forward_reps=2 if args.small else 50 if gpu else 10)
 
 
 def study(pair: Pair, s: Settings) -> Dict[str, Any]:
     """The study whose jobs are measured: ``pair`` on synthetic CIFAR-100-shaped data, every
-    method of ``MEMBERS`` with its variants as ablations, one seed, a 1-epoch teacher."""
+    method of ``s.members`` with its variants as ablations, one seed, a 1-epoch teacher."""
     recipe = {"epochs": s.epochs, "batch_size": s.batch_size, "lr_milestones": [],
               "checkpoint_every_steps": 10 ** 9, "device": s.device}
-    methods: Dict[str, Dict[str, Any]] = {m.method: {} for m in MEMBERS}
-    methods["crd"] = {"num_negatives": s.crd_negatives}
+    methods: Dict[str, Dict[str, Any]] = {m.method: {} for m in s.members}
+    if "crd" in methods:
+        methods["crd"] = {"num_negatives": s.crd_negatives}
     ablations: Dict[str, Dict[str, List[Any]]] = {}
-    for m in MEMBERS:
+    for m in s.members:
         for key, value in m.ablated:
             ablations.setdefault(m.method, {}).setdefault(key, []).append(value)
     return {
@@ -271,11 +290,11 @@ def study(pair: Pair, s: Settings) -> Dict[str, Any]:
 
 
 def plan(pair: Pair, s: Settings) -> Tuple[JobSpec, List[JobSpec]]:
-    """The pair's teacher job and the jobs of ``MEMBERS``, in that order; they share one
+    """The pair's teacher job and the jobs of ``s.members``, in that order; they share one
     ``pack_key``."""
     graph = expand_study(study(pair, s))
     teacher = next(j for j in graph.jobs if j.stage == "teacher")
-    members = [next(j for j in graph.jobs if m.matches(j)) for m in MEMBERS]
+    members = [next(j for j in graph.jobs if m.matches(j)) for m in s.members]
     keys = {pack_key(j) for j in members}
     if len(keys) != 1 or None in keys:
         raise RuntimeError(f"{pair.name}: the members do not form one pack ({len(keys)} keys)")
@@ -363,7 +382,7 @@ def measure_pair(pair: Pair, s: Settings, work: Path,
                                                              trained), options)
         equal, diff = compare(alone, packed)
         images = k * s.epochs * s.train_images
-        rows.append(Row(pair=pair.name, k=k, members=[m.label for m in MEMBERS[:k]],
+        rows.append(Row(pair=pair.name, k=k, members=[m.label for m in s.members[:k]],
                         images=images, sequential_s=seq_s, packed_s=pack_s,
                         speedup=seq_s / pack_s, sequential_images_per_s=images / seq_s,
                         packed_images_per_s=images / pack_s, equal=equal,
@@ -447,7 +466,7 @@ def markdown(rows: List[Row], timings: List[PairTiming], projections: List[Dict[
                      f"{r.speedup:.2f} | {r.sequential_images_per_s:,.0f} | "
                      f"{r.packed_images_per_s:,.0f} | "
                      f"{'yes' if r.equal else f'NO (max diff {r.max_metric_diff:.3g})'} |")
-    lines += ["", "members, in order: " + ", ".join(m.label for m in MEMBERS), "",
+    lines += ["", "members, in order: " + ", ".join(m.label for m in s.members), "",
               "| pair | teacher job s | teacher fwd ms/batch | share of a solo KD job's s/step |",
               "|---|---:|---:|---:|"]
     for t in timings:
@@ -513,7 +532,7 @@ def run(args: argparse.Namespace, s: Settings, work: Path) -> int:
         "load_avg_1m_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "settings": {**asdict(s), "pairs": [p.name for p in s.pairs],
                      "crd_negatives": s.crd_negatives},
-        "members": [m.label for m in MEMBERS],
+        "members": [m.label for m in s.members],
         "rows": [asdict(r) for r in rows],
         "pairs": [asdict(t) for t in timings],
         "equal": all(r.equal for r in rows),
