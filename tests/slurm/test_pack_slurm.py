@@ -188,10 +188,10 @@ def _all_past_an_epoch(store: JobStore, jobs: List[JobSpec]) -> bool:
 @CLUSTER
 def test_a_preempted_pack_checkpoints_together_and_resumes_to_the_solo_results(study,
                                                                                  tmp_path):
-    # 24 steps per epoch, 3 epochs: about 4 s per epoch for the pack of three, and 8 s in which
+    # 24 steps per epoch, 4 epochs: about 4 s per epoch for the pack of three, and 12 s in which
     # to signal it once it has finished its first
     graph = _graph(study, {"kd": {}, "fitnet": {}, "crd": {"num_negatives": 32}}, num_train=768,
-                   epochs=3)
+                   epochs=4)
     teacher, students = _split(graph)
     jobs = list(students.values())
     output = tmp_path / "slurm"
