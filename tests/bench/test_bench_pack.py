@@ -32,14 +32,15 @@ def bench() -> ModuleType:
     return load_bench()
 
 
-def test_the_members_are_distinct_jobs_of_one_pack_per_pair(bench) -> None:
-    s = bench.resolve_settings(bench.parse_args(["--small"]))
+@pytest.mark.parametrize("mix", ["methods", "kd-sweep"])
+def test_the_members_are_distinct_jobs_of_one_pack_per_pair(bench, mix) -> None:
+    s = bench.resolve_settings(bench.parse_args(["--small", "--mix", mix]))
     for pair in bench.PAIRS:
         teacher, members = bench.plan(pair, s)
         assert teacher.stage == "teacher" and teacher.model == pair.teacher
-        assert len({m.job_id for m in members}) == len(bench.MEMBERS) == 8
+        assert len({m.job_id for m in members}) == len(bench.MIXES[mix]) == 8
         assert {m.teacher_job for m in members} == {teacher.job_id}
-        assert [m.method for m in members] == [m.method for m in bench.MEMBERS]
+        assert [m.method for m in members] == [m.method for m in bench.MIXES[mix]]
         assert len({bench.pack_key(m) for m in members}) == 1
 
 
