@@ -53,6 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.step import device_name  # noqa: E402
 from kdflow.methods.models import build_model  # noqa: E402
 from kdflow.orchestrator.pack import pack_key, run_pack  # noqa: E402
 from kdflow.orchestrator.runner import RunOptions, run_job  # noqa: E402
@@ -425,22 +426,6 @@ def target(rows: List[Row]) -> Dict[str, Any]:
         if r.k == TARGET_K:
             out[r.pair] = {"speedup": r.speedup, "met": r.speedup >= TARGET_SPEEDUP}
     return out
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({os.cpu_count()} logical CPUs)"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def default_out(device: torch.device, day: str) -> Path:

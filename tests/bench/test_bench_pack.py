@@ -7,29 +7,18 @@ and is sane.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-PACK_PY = Path(__file__).resolve().parents[2] / "bench" / "pack.py"
-
-
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("kdflow_bench_pack", PACK_PY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    return load_bench()
+    return load_script("pack")
 
 
 @pytest.mark.parametrize("mix", ["methods", "kd-sweep"])

@@ -5,30 +5,19 @@ No timing targets here (they live in bench/results/): only that each row ran and
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-STEP_PY = Path(__file__).resolve().parents[2] / "bench" / "step.py"
-
-
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("kdflow_bench_step", STEP_PY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    return load_bench()
+    return load_script("step")
 
 
 def test_small_run_measures_every_case_method_and_implementation(bench, tmp_path: Path,

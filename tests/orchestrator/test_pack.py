@@ -5,7 +5,8 @@ import itertools
 import os
 import shutil
 import signal
-from typing import Any, Dict, List
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
@@ -33,10 +34,29 @@ def _teacher_and_students(graph):
     return teacher, [j for j in graph.jobs if j.stage == "distill" and j.teacher_job]
 
 
-def _same_store_with_teacher(source: JobStore, target: JobStore, teacher) -> None:
-    target.add(teacher)
-    shutil.copytree(source.job_dir(teacher.job_id), target.job_dir(teacher.job_id),
+def _stores(tmp_path: Path, teacher, solo_jobs) -> Tuple[JobStore, JobStore, Dict[str, Any]]:
+    """Two job stores holding the same trained ``teacher`` job: ``alone``, where each of
+    ``solo_jobs`` has been run alone (their results by id), and a fresh ``packed`` one."""
+    alone, packed = JobStore(tmp_path / "alone"), JobStore(tmp_path / "packed")
+    run_job(teacher, alone, QUIET)
+    packed.add(teacher)
+    shutil.copytree(alone.job_dir(teacher.job_id), packed.job_dir(teacher.job_id),
                     dirs_exist_ok=True)
+    return alone, packed, {s.job_id: run_job(s, alone, QUIET) for s in solo_jobs}
+
+
+@pytest.fixture
+def memos(monkeypatch) -> List[TeacherMemo]:
+    """Every TeacherMemo the test's packs create, in order."""
+    made: List[TeacherMemo] = []
+    init = TeacherMemo.__init__
+
+    def recorded(self: TeacherMemo) -> None:
+        init(self)
+        made.append(self)
+
+    monkeypatch.setattr(TeacherMemo, "__init__", recorded)
+    return made
 
 
 def _weights(store: JobStore, job_id: str) -> Dict[str, torch.Tensor]:
@@ -87,23 +107,12 @@ def test_savings_count_the_teacher_passes_a_pack_does_not_repeat(study):
 
 
 @pytest.mark.slow
-def test_packed_jobs_equal_the_same_jobs_run_alone_bit_for_bit(study, tmp_path, monkeypatch):
+def test_packed_jobs_equal_the_same_jobs_run_alone_bit_for_bit(study, tmp_path, memos):
     graph = _graph(study, PACKED, checkpoint_every_steps=3)
     teacher, students = _teacher_and_students(graph)
     assert len(students) == len(PACKED) and len({pack_key(s) for s in students}) == 1
-    alone, packed = JobStore(tmp_path / "alone"), JobStore(tmp_path / "packed")
-    run_job(teacher, alone, QUIET)
-    _same_store_with_teacher(alone, packed, teacher)
-    solo = {s.job_id: run_job(s, alone, QUIET) for s in students}
+    alone, packed, solo = _stores(tmp_path, teacher, students)
 
-    memos: List[TeacherMemo] = []
-    init = TeacherMemo.__init__
-
-    def recorded(self: TeacherMemo) -> None:
-        init(self)
-        memos.append(self)
-
-    monkeypatch.setattr(TeacherMemo, "__init__", recorded)
     torch.manual_seed(123)  # the pack must not depend on the process's RNG state
     ends = run_pack(students, packed, QUIET)
     for spec in students:
@@ -136,13 +145,10 @@ def test_a_failing_member_fails_alone_and_the_others_finish_as_alone(study, tmp_
     graph = _graph(study, {"kd": {}, "fitnet": {}, "msdcrd": {}, "crd": {"num_negatives": 32}},
                    checkpoint_every_steps=3)
     teacher, students = _teacher_and_students(graph)
-    alone, packed = JobStore(tmp_path / "alone"), JobStore(tmp_path / "packed")
-    run_job(teacher, alone, QUIET)
-    _same_store_with_teacher(alone, packed, teacher)
     healthy = [s for s in students if s.method in ("kd", "crd")]
     poisoned = next(s for s in students if s.method == "fitnet")
     broken = next(s for s in students if s.method == "msdcrd")
-    solo = {s.job_id: run_job(s, alone, QUIET) for s in healthy}
+    alone, packed, solo = _stores(tmp_path, teacher, healthy)
 
     calls = {"fitnet": 0, "msdcrd": 0}
     fitnet_forward, msdcrd_forward = FitNet.forward, MSDCRD.forward
@@ -186,10 +192,7 @@ def test_an_interrupted_pack_checkpoints_together_and_resumes_to_the_solo_result
     graph = _graph(study, {"kd": {}, "crd": {"num_negatives": 32}, "stablekd": {}},
                    checkpoint_every_steps=100)
     teacher, students = _teacher_and_students(graph)
-    alone, packed = JobStore(tmp_path / "alone"), JobStore(tmp_path / "packed")
-    run_job(teacher, alone, QUIET)
-    _same_store_with_teacher(alone, packed, teacher)
-    solo = {s.job_id: run_job(s, alone, QUIET) for s in students}
+    alone, packed, solo = _stores(tmp_path, teacher, students)
 
     real_step = JobTraining.step
     steps = itertools.count(1)
@@ -223,10 +226,7 @@ def test_members_resumed_at_different_steps_join_the_stream_where_they_stand(stu
     it would alone."""
     graph = _graph(study, {"kd": {}, "fitnet": {}}, checkpoint_every_steps=7)
     teacher, students = _teacher_and_students(graph)
-    alone, packed = JobStore(tmp_path / "alone"), JobStore(tmp_path / "packed")
-    run_job(teacher, alone, QUIET)
-    _same_store_with_teacher(alone, packed, teacher)
-    solo = {s.job_id: run_job(s, alone, QUIET) for s in students}
+    alone, packed, solo = _stores(tmp_path, teacher, students)
     ahead = students[0]
     packed.add(ahead)
     first_ckpt = alone.checkpoint_dir(ahead.job_id) / "step-000000007.pt"
@@ -257,20 +257,14 @@ def test_activation_bytes_count_every_module_output_and_change_nothing():
 
 @pytest.mark.slow
 def test_a_pack_larger_than_its_room_runs_in_waves_with_the_solo_results(study, tmp_path,
-                                                                         monkeypatch):
+                                                                         monkeypatch, memos):
     """On a GPU a pack holds as many members as the free memory does (members_room); the rest
     run in a later wave. Here the room is set to 2 for a pack of 3."""
     import kdflow.orchestrator.pack as pack_module
 
     graph = _graph(study, {"kd": {}, "fitnet": {}, "crd": {"num_negatives": 32}})
     teacher, students = _teacher_and_students(graph)
-    alone, packed = JobStore(tmp_path / "alone"), JobStore(tmp_path / "packed")
-    run_job(teacher, alone, QUIET)
-    _same_store_with_teacher(alone, packed, teacher)
-    solo = {s.job_id: run_job(s, alone, QUIET) for s in students}
-    memos: List[TeacherMemo] = []
-    init = TeacherMemo.__init__
-    monkeypatch.setattr(TeacherMemo, "__init__", lambda self: (init(self), memos.append(self))[0])
+    alone, packed, solo = _stores(tmp_path, teacher, students)
     monkeypatch.setattr(pack_module, "members_room", lambda first: 2)
     ends = run_pack(students, packed, QUIET)
     assert len(memos) == 2 and memos[0].reused > 0 and memos[1].reused == 0  # waves of 2 and 1
